@@ -1,0 +1,124 @@
+//! Builds the shared handles once (config snapshot, pools, cancel keys, credentials, the
+//! shutdown token and task tracker), starts the listener and the pool upkeep, and turns
+//! signals into a drain (SIGTERM) or a fast exit (SIGINT).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::Pools;
+use crate::config::Config;
+use crate::frontend::auth::Verifiers;
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::listener::accept_loop;
+
+/// How often idle server connections are checked for expiry and min_pool_size is topped up.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The state every task shares. Built once; nothing in it is process-global.
+pub struct App {
+    pub config: Arc<Config>,
+    pub pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    pub verifiers: Verifiers,
+    /// Fired when the proxy stops accepting; sessions close at their next safe point.
+    pub shutdown: CancellationToken,
+    /// Every client session, so a drain can wait for them.
+    pub tracker: TaskTracker,
+    /// Connected clients, for max_client_connections.
+    pub clients: AtomicUsize,
+}
+
+/// A started proxy.
+pub struct Running {
+    pub app: Arc<App>,
+    pub local_addr: SocketAddr,
+}
+
+/// How the proxy was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: stop accepting, let transactions finish, up to shutdown_timeout.
+    Drain,
+    /// SIGINT: exit now; the servers roll back whatever was open.
+    Fast,
+}
+
+impl App {
+    /// Binds the listener and starts serving.
+    pub async fn start(config: Config) -> std::io::Result<Running> {
+        let listener = TcpListener::bind(config.proxy.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let app = Arc::new(Self {
+            pools: Pools::build(&config),
+            verifiers: Verifiers::build(&config),
+            config: Arc::new(config),
+            cancels: Arc::new(CancelRegistry::default()),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            clients: AtomicUsize::new(0),
+        });
+        tokio::spawn(accept_loop(Arc::clone(&app), listener));
+        tokio::spawn(upkeep(Arc::clone(&app)));
+        tracing::info!(listen = %local_addr, "pgrouter is accepting clients");
+        Ok(Running { app, local_addr })
+    }
+}
+
+impl Running {
+    /// Drains: stops accepting, lets every session reach a safe point, and waits up to
+    /// `shutdown_timeout`. Returns whether every session ended in time.
+    pub async fn drain(&self) -> bool {
+        let app = &self.app;
+        app.shutdown.cancel();
+        app.tracker.close();
+        let limit = app.config.proxy.shutdown_timeout;
+        tracing::info!(clients = app.tracker.len(), timeout = ?limit, "draining");
+        let done = tokio::time::timeout(limit, app.tracker.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(
+                clients = app.tracker.len(),
+                "shutdown_timeout reached with clients still connected"
+            );
+        }
+        done
+    }
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP is logged: config reload is not implemented yet, and
+/// the default action (terminate) would be a nasty surprise.
+pub async fn wait_for_stop() -> std::io::Result<Stop> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(Stop::Drain),
+            _ = int.recv() => return Ok(Stop::Fast),
+            _ = hup.recv() => tracing::warn!("SIGHUP received, but config reload is not implemented yet; the running config is unchanged"),
+        }
+    }
+}
+
+/// Expires idle server connections and keeps min_pool_size, for every pool.
+async fn upkeep(app: Arc<App>) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for pool in app.pools.all() {
+            pool.maintain().await;
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! A pool of server connections for one (database, user, server).
+//!
+//! A semaphore with `pool_size` permits bounds the connections in use; a waiting client holds
+//! no connection and gives up after `query_wait_timeout` with an error naming the pool. Idle
+//! connections are kept most-recently-used first, so surplus ones age out through
+//! `server_idle_timeout`. A connection is checked (nothing unread, still open, within
+//! `server_lifetime`) every time before it is handed out: a broken one is dropped and
+//! replaced, never handed out.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::conn::{ConnectSpec, ServerConn};
+
+/// ParameterStatus name/value pairs as a server reported them.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+use crate::config::ServerAddr;
+use crate::error::Error;
+use crate::protocol::messages::TxStatus;
+use crate::router::{Role, ShardId};
+
+/// What a pool serves; also its name in logs and errors (`app/alice@10.0.0.5:5432`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+    pub shard: ShardId,
+    pub role: Role,
+    pub server: ServerAddr,
+}
+
+impl fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@{}", self.database, self.user, self.server)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub min_size: usize,
+    pub wait_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+/// Counters for the admin console and metrics.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Connections that exist: idle, in use or being opened.
+    pub open: AtomicUsize,
+    pub in_use: AtomicUsize,
+    pub connecting: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub wait_timeouts: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    spec: ConnectSpec,
+    pub settings: PoolSettings,
+    permits: Arc<Semaphore>,
+    idle: Mutex<VecDeque<ServerConn>>,
+    /// ParameterStatus values reported by the newest connection, shown to logging-in clients.
+    params: Mutex<Option<ServerParams>>,
+    pub stats: PoolStats,
+}
+
+impl Pool {
+    #[must_use]
+    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings) -> Arc<Self> {
+        Arc::new(Self {
+            permits: Arc::new(Semaphore::new(settings.size)),
+            key,
+            spec,
+            settings,
+            idle: Mutex::new(VecDeque::new()),
+            params: Mutex::new(None),
+            stats: PoolStats::default(),
+        })
+    }
+
+    /// Waits (up to `query_wait_timeout`) for a free slot, then hands out a clean idle
+    /// connection or opens a new one.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, Error> {
+        let started = Instant::now();
+        let permit = {
+            let _waiting = Gauge::enter(&self.stats.waiting);
+            match tokio::time::timeout(
+                self.settings.wait_timeout,
+                self.permits.clone().acquire_owned(),
+            )
+            .await
+            {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_)) => return Err(Error::Internal("pool semaphore closed".into())),
+                Err(_) => {
+                    self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
+                    return Err(Error::PoolTimeout {
+                        pool: self.key.to_string(),
+                        waited: started.elapsed(),
+                    });
+                }
+            }
+        };
+        let conn = match self.take_idle() {
+            Some(conn) => conn,
+            None => self.open().await?,
+        };
+        self.stats.in_use.fetch_add(1, Ordering::Relaxed);
+        Ok(Checkout {
+            conn: Some(conn),
+            pool: Arc::clone(self),
+            _permit: permit,
+        })
+    }
+
+    /// Pops idle connections until one is fit to use; the unfit are closed.
+    fn take_idle(&self) -> Option<ServerConn> {
+        loop {
+            let conn = self.idle.lock().expect("pool lock").pop_back()?;
+            if self.fit(&conn, Instant::now()) {
+                return Some(conn);
+            }
+            self.close(conn, "not reusable");
+        }
+    }
+
+    fn fit(&self, conn: &ServerConn, now: Instant) -> bool {
+        conn.is_clean() && now.duration_since(conn.created) < self.settings.lifetime
+    }
+
+    async fn open(&self) -> Result<ServerConn, Error> {
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        let result = {
+            let _connecting = Gauge::enter(&self.stats.connecting);
+            ServerConn::connect(&self.spec).await
+        };
+        match result {
+            Ok(conn) => {
+                tracing::debug!(pool = %self.key, server_pid = conn.backend_key.pid, "server connection opened");
+                *self.params.lock().expect("pool lock") = Some(Arc::new(conn.params.clone()));
+                Ok(conn)
+            }
+            Err(e) => {
+                self.stats.open.fetch_sub(1, Ordering::Relaxed);
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(pool = %self.key, error = %e, "cannot open server connection");
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts a connection back if it is idle and clean; otherwise closes it.
+    fn give_back(&self, mut conn: ServerConn) {
+        let now = Instant::now();
+        if !self.fit(&conn, now) {
+            self.close(conn, "not clean or past server_lifetime");
+            return;
+        }
+        conn.last_used = now;
+        self.idle.lock().expect("pool lock").push_back(conn);
+    }
+
+    fn close(&self, conn: ServerConn, why: &str) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(pool = %self.key, server_pid = conn.backend_key.pid, why, "server connection closed");
+        tokio::spawn(conn.terminate());
+    }
+
+    /// The server's ParameterStatus values, connecting once if no connection was made yet.
+    pub async fn server_params(self: &Arc<Self>) -> Result<ServerParams, Error> {
+        if let Some(params) = self.params.lock().expect("pool lock").clone() {
+            return Ok(params);
+        }
+        let checkout = self.checkout().await?;
+        let params = Arc::new(checkout.conn_ref().params.clone());
+        checkout.release();
+        Ok(params)
+    }
+
+    /// Closes idle connections past `server_idle_timeout` or `server_lifetime` or found
+    /// broken, then opens connections up to `min_pool_size`. Called periodically.
+    pub async fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        let expired: Vec<ServerConn> = {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let mut expired = Vec::new();
+            for conn in std::mem::take(&mut *idle) {
+                if self.fit(&conn, now)
+                    && now.duration_since(conn.last_used) < self.settings.idle_timeout
+                {
+                    idle.push_back(conn);
+                } else {
+                    expired.push(conn);
+                }
+            }
+            expired
+        };
+        for conn in expired {
+            self.close(conn, "idle timeout, lifetime or broken");
+        }
+        while self.stats.open.load(Ordering::Relaxed) < self.settings.min_size {
+            match self.open().await {
+                Ok(conn) => self.give_back(conn),
+                Err(_) => break,
+            }
+        }
+    }
+
+    #[must_use]
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().expect("pool lock").len()
+    }
+}
+
+/// A server connection lent to one session. Dropping it without [`Checkout::release`] closes
+/// the connection: that is the safe default for a connection in an unknown state.
+pub struct Checkout {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Checkout {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        self.conn
+            .as_mut()
+            .expect("connection present until release")
+    }
+
+    #[must_use]
+    pub fn conn_ref(&self) -> &ServerConn {
+        self.conn
+            .as_ref()
+            .expect("connection present until release")
+    }
+
+    #[must_use]
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Returns the connection to the pool if it is idle and clean, else closes it.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+            if conn.status == TxStatus::Idle {
+                self.pool.give_back(conn);
+            } else {
+                self.pool.close(conn, "released inside a transaction");
+            }
+        }
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
+            self.pool.close(conn, "discarded by its session");
+        }
+    }
+}
+
+/// Increments a gauge for as long as it lives (also when the future holding it is dropped).
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

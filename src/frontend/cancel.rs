@@ -1,0 +1,164 @@
+//! Cancel keys: each client gets pgrouter's own BackendKeyData, mapped to whichever server
+//! connection is running that client's query right now.
+//!
+//! A CancelRequest arrives on a fresh connection with a pid and secret. If the secret
+//! matches (compared in constant time) and the client has a query on a server, the request
+//! is forwarded to that server with the server's own key; otherwise nothing is cancelled and
+//! nothing is said, as PostgreSQL does.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::backend::conn::send_cancel;
+use crate::config::ServerAddr;
+use crate::protocol::ct_eq;
+use crate::protocol::startup::CancelKey;
+
+/// Where a client's current query runs.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: ServerAddr,
+    pub key: CancelKey,
+}
+
+struct Slot {
+    secret: [u8; 4],
+    target: Mutex<Option<CancelTarget>>,
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    slots: Mutex<HashMap<i32, Arc<Slot>>>,
+    next_pid: AtomicI32,
+}
+
+impl CancelRegistry {
+    /// Gives a new client its key. The registration ends when the returned handle is dropped.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let secret: [u8; 4] = rand::random();
+        let slot = Arc::new(Slot {
+            secret,
+            target: Mutex::new(None),
+        });
+        let mut slots = self.slots.lock().expect("cancel lock");
+        let pid = loop {
+            // Positive pids only: some drivers print or compare them as PostgreSQL pids.
+            let pid = self
+                .next_pid
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1)
+                & 0x7fff_ffff;
+            if pid != 0 && !slots.contains_key(&pid) {
+                break pid;
+            }
+        };
+        slots.insert(pid, Arc::clone(&slot));
+        Registration {
+            registry: Arc::clone(self),
+            pid,
+            slot,
+        }
+    }
+
+    /// Forwards a CancelRequest to the server running the owner's query, if the key is right.
+    /// Returns whether a request was forwarded.
+    pub async fn cancel(&self, key: &CancelKey, limit: Duration) -> bool {
+        let target = {
+            let slots = self.slots.lock().expect("cancel lock");
+            let Some(slot) = slots.get(&key.pid) else {
+                return false;
+            };
+            if !ct_eq(&slot.secret, &key.secret) {
+                tracing::warn!(pid = key.pid, "cancel request with a wrong secret ignored");
+                return false;
+            }
+            slot.target.lock().expect("cancel lock").clone()
+        };
+        let Some(target) = target else { return false };
+        match send_cancel(&target.addr, &target.key, limit).await {
+            Ok(()) => {
+                tracing::info!(pid = key.pid, server = %target.addr, "cancel request forwarded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(pid = key.pid, server = %target.addr, error = %e, "cannot forward cancel request");
+                false
+            }
+        }
+    }
+}
+
+/// A client's entry in the registry; dropping it unregisters the key.
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
+    pid: i32,
+    slot: Arc<Slot>,
+}
+
+impl Registration {
+    #[must_use]
+    pub fn key(&self) -> CancelKey {
+        CancelKey {
+            pid: self.pid,
+            secret: self.slot.secret.to_vec(),
+        }
+    }
+
+    /// Records which server runs the client's queries now (`None` when it has none).
+    pub fn set_target(&self, target: Option<CancelTarget>) {
+        *self.slot.target.lock().expect("cancel lock") = target;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry
+            .slots
+            .lock()
+            .expect("cancel lock")
+            .remove(&self.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wrong_secret_or_unknown_pid_cancels_nothing() {
+        let registry = Arc::new(CancelRegistry::default());
+        let reg = registry.register();
+        // a target that would fail loudly if contacted
+        reg.set_target(Some(CancelTarget {
+            addr: ServerAddr {
+                host: "127.0.0.1".into(),
+                port: 9,
+            },
+            key: CancelKey {
+                pid: 1,
+                secret: vec![0; 4],
+            },
+        }));
+        let mut wrong = reg.key();
+        wrong.secret[0] ^= 0xff;
+        assert!(!registry.cancel(&wrong, Duration::from_millis(200)).await);
+        let unknown = CancelKey {
+            pid: reg.key().pid + 1,
+            secret: reg.key().secret,
+        };
+        assert!(!registry.cancel(&unknown, Duration::from_millis(200)).await);
+    }
+
+    #[test]
+    fn keys_are_unique_and_unregistered_on_drop() {
+        let registry = Arc::new(CancelRegistry::default());
+        let a = registry.register();
+        let b = registry.register();
+        assert_ne!(a.key().pid, b.key().pid);
+        let pid = a.key().pid;
+        drop(a);
+        assert!(!registry.slots.lock().unwrap().contains_key(&pid));
+    }
+}

@@ -1,0 +1,150 @@
+//! From a new TCP connection to a logged-in session: the startup packet (answering SSLRequest
+//! and GSSENCRequest with 'N' while TLS is off, forwarding CancelRequests), authentication,
+//! the database check, and the greeting (AuthenticationOk, the backend's ParameterStatus
+//! values, pgrouter's own BackendKeyData, ReadyForQuery).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::auth::authenticate;
+use super::client::{ClientIo, ClientStream};
+use super::session::{Session, SessionParams};
+use crate::app::App;
+use crate::error::Error;
+use crate::protocol::messages::{self, Severity, TxStatus};
+use crate::protocol::startup::{StartupMessage, StartupPacket};
+use crate::router::{Route, ShardId};
+
+/// How long a forwarded cancel may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+/// SSLRequest and GSSENCRequest may each come once before the startup message.
+const MAX_NEGOTIATIONS: usize = 2;
+
+/// Serves one client connection from its first byte to its last.
+pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
+    let mut client = ClientStream::new(io, app.config.proxy.max_message_size);
+    let login_timeout = app.config.proxy.client_login_timeout;
+    let params = match tokio::time::timeout(login_timeout, login(&app, &mut client)).await {
+        Ok(Ok(Some(params))) => params,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(client = %peer, error = %e, kind = e.kind(), "login refused");
+            client.send_error(Severity::Fatal, &e).await;
+            return;
+        }
+        Err(_) => {
+            let e = Error::Protocol(format!(
+                "no login within client_login_timeout ({})",
+                humantime::format_duration(login_timeout)
+            ));
+            tracing::info!(client = %peer, "login timed out");
+            client.send_error(Severity::Fatal, &e).await;
+            return;
+        }
+    };
+    let (user, database) = (params.user.clone(), params.database.clone());
+    tracing::info!(client = %peer, %user, %database, "client connected");
+    Session::new(app, client, params).run().await;
+    tracing::info!(client = %peer, %user, %database, "client disconnected");
+}
+
+/// Runs the startup phase; `None` when the connection carried a CancelRequest or closed.
+async fn login<S: ClientIo>(
+    app: &Arc<App>,
+    client: &mut ClientStream<S>,
+) -> Result<Option<SessionParams>, Error> {
+    let Some(startup) = read_startup(app, client).await? else {
+        return Ok(None);
+    };
+    if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
+        client
+            .send(&messages::negotiate_protocol_version(
+                0,
+                &startup.protocol_options,
+            ))
+            .await?;
+    }
+    let user_name = startup
+        .param("user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| Error::Unauthorized("no user name in the startup packet".into()))?;
+    if startup
+        .param("replication")
+        .is_some_and(|r| !matches!(r, "false" | "off" | "no" | "0"))
+    {
+        return Err(Error::NotSupported(
+            "replication connections are not supported by pgrouter; connect to the server directly"
+                .into(),
+        ));
+    }
+    let database = startup
+        .param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(user_name);
+    let config = Arc::clone(&app.config);
+    let user = config.user(user_name).ok_or_else(|| {
+        Error::Unauthorized(format!(
+            "user \"{user_name}\" is not configured in pgrouter"
+        ))
+    })?;
+    authenticate(client, user, &app.verifiers).await?;
+    let db = config
+        .database(database)
+        .ok_or_else(|| Error::UnknownDatabase(database.to_owned()))?;
+    let pools = app
+        .pools
+        .get(&db.name, &user.name)
+        .cloned()
+        .ok_or_else(|| Error::Internal(format!("no pools for {}/{}", db.name, user.name)))?;
+    let route = Route::primary(ShardId(db.sharding.home_shard));
+    let pool = pools
+        .pool(route)
+        .ok_or_else(|| Error::Internal("home shard has no primary pool".into()))?;
+    let server_params = pool.server_params().await?;
+    let cancel = app.cancels.register();
+
+    let mut greeting = BytesMut::new();
+    greeting.extend_from_slice(&messages::auth::ok());
+    for (name, value) in server_params.iter() {
+        greeting.extend_from_slice(&messages::parameter_status(name, value));
+    }
+    greeting.extend_from_slice(&messages::backend_key_data(&cancel.key()));
+    greeting.extend_from_slice(&messages::ready_for_query(TxStatus::Idle));
+    client.send(&greeting).await?;
+    Ok(Some(SessionParams {
+        user: user.name.clone(),
+        database: db.name.clone(),
+        mode: db.pool_mode,
+        pools,
+        route,
+        cancel,
+    }))
+}
+
+/// Reads packets until the StartupMessage, answering encryption requests and forwarding a
+/// CancelRequest (after which the connection ends, as with PostgreSQL).
+async fn read_startup<S: ClientIo>(
+    app: &Arc<App>,
+    client: &mut ClientStream<S>,
+) -> Result<Option<StartupMessage>, Error> {
+    for _ in 0..=MAX_NEGOTIATIONS {
+        match client.read_startup().await? {
+            None => return Ok(None),
+            // TLS and GSS encryption are not offered: 'N' lets the client continue in plaintext.
+            Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                client.send(b"N").await?
+            }
+            Some(StartupPacket::Cancel(key)) => {
+                app.cancels.cancel(&key, CANCEL_TIMEOUT).await;
+                return Ok(None);
+            }
+            Some(StartupPacket::Startup(m)) => return Ok(Some(m)),
+        }
+    }
+    Err(Error::Protocol(
+        "too many encryption requests before the startup message".into(),
+    ))
+}

@@ -1,0 +1,14 @@
+//! The client side: accepting connections, login, and the per-client session that relays
+//! between a client and the server connections it borrows.
+//!
+//! This layer decides *when* a client needs a server and *when* it can give it back; it does
+//! not know how servers are connected (backend) or how bytes are framed (protocol).
+
+pub mod auth;
+pub mod cancel;
+pub mod client;
+pub mod flow;
+pub mod listener;
+pub mod login;
+pub mod relay;
+pub mod session;

@@ -1,0 +1,27 @@
+//! pgrouter: a PostgreSQL wire-protocol routing proxy.
+//!
+//! # Layout
+//!
+//! Modules are layered by protocol altitude; imports point down only.
+//!
+//! - [`app`]: builds the shared handles, starts the listener and pool upkeep, handles signals.
+//! - [`frontend`]: client side: listener, login and auth, the per-client session and relay,
+//!   cancel keys.
+//! - [`backend`]: server side: connections to PostgreSQL and the pools that lend them.
+//! - [`router`]: where a statement goes ([`router::Route`]: shard and role).
+//! - [`protocol`]: sans-IO wire protocol: framing, startup packet, message views and
+//!   builders, SCRAM and md5.
+//! - [`config`]: load, validate (every error with its path), immutable snapshot.
+//! - [`error`]: the error type, with the SQLSTATE each error shows to clients.
+//! - [`cluster`]: local PostgreSQL clusters for `pgrouter demo` and the integration tests.
+//! - [`cli`]: the command-line entry points behind `main`.
+
+pub mod app;
+pub mod backend;
+pub mod cli;
+
+pub mod config;
+pub mod error;
+pub mod frontend;
+pub mod protocol;
+pub mod router;

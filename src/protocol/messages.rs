@@ -1,0 +1,280 @@
+//! Builders for the messages pgrouter writes itself, and typed views of the few messages it
+//! must read. Everything else is forwarded as raw frames and never decoded here.
+//!
+//! Encoding uses `pgwire`'s message types: these are off the hot path (startup, auth, errors),
+//! where its decode/encode cost does not matter.
+
+use bytes::{Buf, Bytes, BytesMut};
+use pgwire::messages::Message;
+use pgwire::messages::response::{
+    CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
+};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
+
+use super::framing::get_cstr;
+use super::startup::CancelKey;
+use crate::error::SqlState;
+
+/// Transaction status from ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// 'I': not in a transaction block.
+    Idle,
+    /// 'T': in a transaction block.
+    InTransaction,
+    /// 'E': in a failed transaction block.
+    Failed,
+}
+
+impl TxStatus {
+    #[must_use]
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'I' => Some(Self::Idle),
+            b'T' => Some(Self::InTransaction),
+            b'E' => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    fn wire(self) -> TransactionStatus {
+        match self {
+            Self::Idle => TransactionStatus::Idle,
+            Self::InTransaction => TransactionStatus::Transaction,
+            Self::Failed => TransactionStatus::Error,
+        }
+    }
+}
+
+/// ErrorResponse severity: `Error` ends the statement, `Fatal` ends the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "ERROR",
+            Self::Fatal => "FATAL",
+        }
+    }
+}
+
+fn encode(msg: &impl Message) -> Bytes {
+    let mut buf = BytesMut::with_capacity(msg.message_length() + 1);
+    msg.encode(&mut buf)
+        .expect("messages built by pgrouter are within pgwire's size limits");
+    buf.freeze()
+}
+
+#[must_use]
+pub fn error_response(severity: Severity, code: SqlState, message: &str) -> Bytes {
+    let sev = severity.as_str().to_owned();
+    encode(&ErrorResponse::new(vec![
+        (b'S', sev.clone()),
+        (b'V', sev),
+        (b'C', code.0.to_owned()),
+        (b'M', message.to_owned()),
+    ]))
+}
+
+#[must_use]
+pub fn ready_for_query(status: TxStatus) -> Bytes {
+    encode(&ReadyForQuery::new(status.wire()))
+}
+
+#[must_use]
+pub fn parameter_status(name: &str, value: &str) -> Bytes {
+    encode(&ParameterStatus::new(name.to_owned(), value.to_owned()))
+}
+
+#[must_use]
+pub fn backend_key_data(key: &CancelKey) -> Bytes {
+    let secret = match <[u8; 4]>::try_from(key.secret.as_slice()) {
+        Ok(four) => SecretKey::I32(i32::from_be_bytes(four)),
+        Err(_) => SecretKey::Bytes(Bytes::copy_from_slice(&key.secret)),
+    };
+    encode(&BackendKeyData::new(key.pid, secret))
+}
+
+#[must_use]
+pub fn command_complete(tag: &str) -> Bytes {
+    encode(&CommandComplete::new(tag.to_owned()))
+}
+
+#[must_use]
+pub fn negotiate_protocol_version(newest_minor: u16, unsupported: &[String]) -> Bytes {
+    encode(&NegotiateProtocolVersion::new(
+        i32::from(newest_minor),
+        unsupported.to_vec(),
+    ))
+}
+
+/// The authentication requests pgrouter sends to clients.
+pub mod auth {
+    use super::{Authentication, Bytes, encode};
+
+    #[must_use]
+    pub fn ok() -> Bytes {
+        encode(&Authentication::Ok)
+    }
+
+    #[must_use]
+    pub fn sasl(mechanisms: &[&str]) -> Bytes {
+        encode(&Authentication::SASL(
+            mechanisms.iter().map(|m| (*m).to_owned()).collect(),
+        ))
+    }
+
+    #[must_use]
+    pub fn sasl_continue(data: &[u8]) -> Bytes {
+        encode(&Authentication::SASLContinue(Bytes::copy_from_slice(data)))
+    }
+
+    #[must_use]
+    pub fn sasl_final(data: &[u8]) -> Bytes {
+        encode(&Authentication::SASLFinal(Bytes::copy_from_slice(data)))
+    }
+
+    #[must_use]
+    pub fn md5(salt: [u8; 4]) -> Bytes {
+        encode(&Authentication::MD5Password(salt.to_vec()))
+    }
+}
+
+/// A Query message ('Q') with one SQL string.
+#[must_use]
+pub fn query(sql: &str) -> Bytes {
+    let mut buf = BytesMut::with_capacity(sql.len() + 6);
+    buf.extend_from_slice(b"Q");
+    buf.extend_from_slice(
+        &u32::try_from(sql.len() + 5)
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    buf.extend_from_slice(sql.as_bytes());
+    buf.extend_from_slice(b"\0");
+    buf.freeze()
+}
+
+/// Terminate ('X').
+pub const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
+
+/// Reads a ParameterStatus body: name and value.
+#[must_use]
+pub fn parse_parameter_status(mut body: &[u8]) -> Option<(String, String)> {
+    let name = get_cstr(&mut body)?;
+    let value = get_cstr(&mut body)?;
+    Some((
+        String::from_utf8_lossy(name).into_owned(),
+        String::from_utf8_lossy(value).into_owned(),
+    ))
+}
+
+/// The fields of an ErrorResponse or NoticeResponse worth logging.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+#[must_use]
+pub fn parse_error_fields(mut body: &[u8]) -> ErrorFields {
+    let mut fields = ErrorFields::default();
+    while let Some((&kind, rest)) = body.split_first() {
+        if kind == 0 {
+            break;
+        }
+        body = rest;
+        let Some(value) = get_cstr(&mut body) else {
+            break;
+        };
+        let value = String::from_utf8_lossy(value).into_owned();
+        match kind {
+            b'V' => fields.severity = value,
+            b'S' if fields.severity.is_empty() => fields.severity = value,
+            b'C' => fields.code = value,
+            b'M' => fields.message = value,
+            _ => {}
+        }
+    }
+    fields
+}
+
+/// A client's answer to an authentication request (all use message type 'p'; which one it
+/// is depends on what was asked).
+pub mod password {
+    use super::{Buf, get_cstr};
+
+    /// PasswordMessage: a NUL-terminated string (cleartext or md5 response).
+    #[must_use]
+    pub fn parse_password(mut body: &[u8]) -> Option<&[u8]> {
+        let pw = get_cstr(&mut body)?;
+        body.is_empty().then_some(pw)
+    }
+
+    /// SASLInitialResponse: mechanism name, then an int32 length (-1 = none) and the data.
+    #[must_use]
+    pub fn parse_sasl_initial(mut body: &[u8]) -> Option<(&[u8], &[u8])> {
+        let mechanism = get_cstr(&mut body)?;
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        let data = if len < 0 {
+            &[][..]
+        } else {
+            body.get(..usize::try_from(len).ok()?)?
+        };
+        (body.len() == data.len()).then_some((mechanism, data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::framing;
+
+    #[test]
+    fn error_response_round_trips() {
+        let bytes = error_response(Severity::Fatal, SqlState::INVALID_PASSWORD, "nope");
+        let frame = framing::decode(&mut BytesMut::from(&bytes[..]), 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.tag(), b'E');
+        let f = parse_error_fields(frame.body());
+        assert_eq!(
+            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
+            ("FATAL", "28P01", "nope")
+        );
+    }
+
+    #[test]
+    fn ready_for_query_bytes() {
+        assert_eq!(&ready_for_query(TxStatus::Idle)[..], b"Z\0\0\0\x05I");
+        assert_eq!(&ready_for_query(TxStatus::Failed)[..], b"Z\0\0\0\x05E");
+    }
+
+    #[test]
+    fn query_bytes() {
+        assert_eq!(&query("select 1")[..], b"Q\0\0\0\x0dselect 1\0");
+    }
+
+    #[test]
+    fn sasl_initial_response() {
+        let mut body = b"SCRAM-SHA-256\0".to_vec();
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(b"abc");
+        assert_eq!(
+            password::parse_sasl_initial(&body),
+            Some((&b"SCRAM-SHA-256"[..], &b"abc"[..]))
+        );
+        body.push(b'x');
+        assert_eq!(password::parse_sasl_initial(&body), None);
+    }
+}
