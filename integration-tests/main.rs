@@ -1,1 +1,11 @@
+//! Integration tests: real PostgreSQL servers, the real pgrouter binary, real clients
+//! (tokio-postgres, psql, pgbench). See `harness` for how environments are built.
 
+mod harness;
+
+mod auth;
+mod cli;
+mod lifecycle;
+mod pooling;
+mod psql;
+mod topology;

@@ -19,6 +19,7 @@
 pub mod app;
 pub mod backend;
 pub mod cli;
+pub mod cluster;
 
 pub mod config;
 pub mod error;
