@@ -54,3 +54,82 @@ fn check_prints_every_error_with_its_path() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.typo: unknown key"));
 }
+
+/// `pgrouter demo` as the README shows it: starts everything, serves psql, and Ctrl-C (SIGINT)
+/// stops pgrouter and every PostgreSQL server it started.
+#[test]
+fn demo_starts_serves_and_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let port = pgrouter::cluster::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgrouter"))
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start demo");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut config = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(path) = line
+            .trim()
+            .strip_prefix(&format!("pgrouter on 127.0.0.1:{port}, config "))
+        {
+            config = Some(std::path::PathBuf::from(path));
+        }
+        let done = line.contains("Press Ctrl-C to stop");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let config = config.unwrap_or_else(|| panic!("demo did not start:\n{}", seen.join("\n")));
+    let base = config.parent().unwrap().to_owned();
+    let psql_line = seen
+        .iter()
+        .find(|l| l.trim_start().starts_with("psql "))
+        .expect("a psql line");
+    let url = psql_line
+        .trim()
+        .trim_start_matches("psql ")
+        .trim_matches('"')
+        .to_owned();
+    let out = crate::harness::pg_tool("psql")
+        .args(["-X", "-At", &url, "-c", "select 40 + 2"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "42",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        seen.iter().any(|l| l.contains("replica")) && seen.iter().any(|l| l.contains("shard2")),
+        "{seen:?}"
+    );
+
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("stopped pgrouter and PostgreSQL")),
+        "{rest:?}"
+    );
+    assert!(
+        crate::harness::wait_until(Duration::from_secs(5), || !base.exists()),
+        "{} left behind",
+        base.display()
+    );
+}

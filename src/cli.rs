@@ -27,6 +27,13 @@ pub struct Cli {
 pub enum Command {
     /// Validate a config file and print a summary of databases, shards and rules
     Check,
+    /// Start a local PostgreSQL topology (primary, streaming replica, two shards) and run
+    /// pgrouter in front of it; Ctrl-C stops everything
+    Demo {
+        /// Where pgrouter listens
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 impl Cli {
@@ -41,6 +48,7 @@ impl Cli {
                     ExitCode::from(2)
                 }
             },
+            Some(Command::Demo { listen }) => crate::demo::run(listen),
             Some(Command::Check) => match self.config {
                 Some(path) => check(&path),
                 None => {
@@ -104,7 +112,7 @@ fn check(path: &Path) -> ExitCode {
             );
         }
         for (i, rule) in db.routing.rules.iter().enumerate() {
-            println!("  rule {i}: /{}/ -> {:?}", rule.pattern, rule.route);
+            println!("  rule {i}: /{}/ -> {}", rule.pattern, rule.route);
         }
     }
     ExitCode::SUCCESS
@@ -116,6 +124,11 @@ fn run_proxy(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.proxy.log_format);
+    serve(config, || {})
+}
+
+/// Runs the proxy until SIGTERM (drain) or SIGINT (fast). `ready` runs once it listens.
+pub fn serve(config: Config, ready: impl FnOnce()) -> ExitCode {
     let runtime = match runtime(config.proxy.workers) {
         Ok(rt) => rt,
         Err(e) => {
@@ -132,6 +145,7 @@ fn run_proxy(path: &Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        ready();
         match wait_for_stop().await {
             Ok(Stop::Drain) => {
                 tracing::info!("SIGTERM: draining");

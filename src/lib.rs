@@ -14,7 +14,7 @@
 //! - [`config`]: load, validate (every error with its path), immutable snapshot.
 //! - [`error`]: the error type, with the SQLSTATE each error shows to clients.
 //! - [`cluster`]: local PostgreSQL clusters for `pgrouter demo` and the integration tests.
-//! - [`cli`]: the command-line entry points behind `main`.
+//! - [`cli`]: the command-line entry points behind `main`; [`demo`]: `pgrouter demo`.
 
 pub mod app;
 pub mod backend;
@@ -22,6 +22,7 @@ pub mod cli;
 pub mod cluster;
 
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod frontend;
 pub mod protocol;

@@ -64,6 +64,17 @@ pub enum RuleRoute {
     AllShards,
 }
 
+impl std::fmt::Display for RuleRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Primary => f.write_str("primary"),
+            Self::Replica => f.write_str("replica"),
+            Self::Shard(n) => write!(f, "shard:{n}"),
+            Self::AllShards => f.write_str("all_shards"),
+        }
+    }
+}
+
 impl FromToml for RuleRoute {
     fn from_toml(v: &toml::Value) -> Result<Self, String> {
         let s = String::from_toml(v)?;
