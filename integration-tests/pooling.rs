@@ -448,3 +448,103 @@ fn pipelining_and_extended_protocol_copy() {
         });
     }
 }
+
+fn app_backend_pids(env: &Env) -> Vec<String> {
+    let pids = env.primary_sql("select coalesce(string_agg(pid::text, ',' order by pid), '') from pg_stat_activity where usename = 'app'");
+    pids.split(',')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Pool upkeep: min_pool_size is kept open, idle connections expire after server_idle_timeout,
+/// connections are replaced after server_lifetime, and broken connections (terminated by the
+/// server, or a server restart) are replaced rather than handed out.
+#[test]
+fn pool_upkeep_and_broken_connections() {
+    let env = Env::start(EnvOptions {
+        proxy: "server_idle_timeout = \"2s\"\nserver_lifetime = \"3s\"".into(),
+        databases: String::new(),
+        pool_size: 3,
+        ..EnvOptions::default()
+    });
+    let pid_of = |db: &str| {
+        let out = env
+            .proxy
+            .psql(db, &["-At", "-c", "select pg_backend_pid()"]);
+        assert_ok(&out, "query through pgrouter");
+        stdout(&out).trim().to_owned()
+    };
+    // a broken idle connection is never handed out: terminate it behind pgrouter's back
+    let first = pid_of("app");
+    env.primary_sql(&format!("select pg_terminate_backend({first})"));
+    assert!(wait_until(Duration::from_secs(5), || !app_backend_pids(
+        &env
+    )
+    .contains(&first)));
+    let second = pid_of("app");
+    assert_ne!(
+        first, second,
+        "a new server connection replaced the terminated one"
+    );
+    // a restarted server: every pooled connection is dead, the next client still succeeds
+    env.topo.primary.restart().expect("restart primary");
+    let third = pid_of("app");
+    assert_ne!(second, third);
+    // server_idle_timeout: idle connections are closed
+    assert!(
+        wait_until(Duration::from_secs(10), || app_backend_pids(&env)
+            .is_empty()),
+        "idle connections were not closed"
+    );
+    // server_lifetime: a connection older than 3s is not reused even if busy in between
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    runtime().block_on(async {
+        let client = connect(&url).await.unwrap();
+        let pid = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i32>(0);
+        let a = pid(client
+            .query_typed("select pg_backend_pid()", &[])
+            .await
+            .unwrap());
+        let mut b = a;
+        let started = Instant::now();
+        while b == a && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            b = pid(client
+                .query_typed("select pg_backend_pid()", &[])
+                .await
+                .unwrap());
+        }
+        assert_ne!(a, b, "connection outlived server_lifetime");
+        eprintln!(
+            "measured: server connection replaced after {:?} (server_lifetime = 3s)",
+            started.elapsed()
+        );
+    });
+}
+
+/// min_pool_size connections are opened and kept without any client.
+#[test]
+fn min_pool_size_is_kept_open() {
+    let env = Env::start(EnvOptions {
+        databases: "\n[[databases]]\nname = \"warm\"\nserver_database = \"app\"\npool_size = 4\nmin_pool_size = 3\n\
+                    [[databases.shards]]\nprimary = \"{PRIMARY}\"\n"
+            .to_owned(),
+        ..EnvOptions::default()
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || app_backend_pids(&env).len()
+            == 3),
+        "{:?}",
+        app_backend_pids(&env)
+    );
+    let before = app_backend_pids(&env);
+    let out = env
+        .proxy
+        .psql("warm", &["-At", "-c", "select pg_backend_pid()"]);
+    assert_ok(&out, "query on the warm pool");
+    assert!(
+        before.contains(&stdout(&out).trim().to_owned()),
+        "the query used a pre-opened connection"
+    );
+}

@@ -117,8 +117,11 @@ async fn upkeep(app: Arc<App>) {
             () = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Each pool on its own task, so one unreachable server (waiting out its connect
+        // timeout) does not hold up the others.
         for pool in app.pools.all() {
-            pool.maintain().await;
+            let pool = Arc::clone(pool);
+            tokio::spawn(async move { pool.maintain().await });
         }
     }
 }

@@ -138,7 +138,8 @@ password = "{CLEAR_PASSWORD}"
         )
         .unwrap();
     }
-    text.push_str(&opts.databases);
+    // `{PRIMARY}` in extra databases stands for the primary's address.
+    text.push_str(&opts.databases.replace("{PRIMARY}", &topo.primary.addr()));
     text
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,8 @@ pub struct Pool {
     /// ParameterStatus values reported by the newest connection, shown to logging-in clients.
     params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
+    /// Set while an upkeep round runs, so rounds never overlap.
+    maintaining: AtomicBool,
 }
 
 impl Pool {
@@ -83,6 +85,7 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             params: Mutex::new(None),
             stats: PoolStats::default(),
+            maintaining: AtomicBool::new(false),
         })
     }
 
@@ -189,6 +192,20 @@ impl Pool {
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime` or found
     /// broken, then opens connections up to `min_pool_size`. Called periodically.
     pub async fn maintain(self: &Arc<Self>) {
+        if self.maintaining.swap(true, Ordering::AcqRel) {
+            return; // the previous round is still opening connections
+        }
+        self.expire_idle();
+        while self.stats.open.load(Ordering::Relaxed) < self.settings.min_size {
+            match self.open().await {
+                Ok(conn) => self.give_back(conn),
+                Err(_) => break,
+            }
+        }
+        self.maintaining.store(false, Ordering::Release);
+    }
+
+    fn expire_idle(&self) {
         let now = Instant::now();
         let expired: Vec<ServerConn> = {
             let mut idle = self.idle.lock().expect("pool lock");
@@ -206,12 +223,6 @@ impl Pool {
         };
         for conn in expired {
             self.close(conn, "idle timeout, lifetime or broken");
-        }
-        while self.stats.open.load(Ordering::Relaxed) < self.settings.min_size {
-            match self.open().await {
-                Ok(conn) => self.give_back(conn),
-                Err(_) => break,
-            }
         }
     }
 
