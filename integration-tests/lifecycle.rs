@@ -267,3 +267,89 @@ fn session_pooling_reuses_reset_connections() {
         "same server connection, reset by DISCARD ALL"
     );
 }
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// Reads until a ReadyForQuery or an ErrorResponse arrives (or the socket closes).
+fn read_until_ready(stream: &mut TcpStream) -> Vec<u8> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut at = 0;
+        let mut done = false;
+        while at + 5 <= all.len() {
+            let len =
+                u32::from_be_bytes([all[at + 1], all[at + 2], all[at + 3], all[at + 4]]) as usize;
+            if all[at] == b'Z' || all[at] == b'E' {
+                done = true;
+            }
+            at += 1 + len;
+        }
+        if done && at <= all.len() {
+            return all;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Raw protocol edge cases after login (a `trust` user keeps the client side simple):
+/// an invalid message type is refused and never reaches a server; work sent just before
+/// Terminate still runs, as it would on PostgreSQL.
+#[test]
+fn invalid_messages_and_terminate() {
+    let env = Env::start(EnvOptions {
+        users: "\n[[users]]\nname = \"raw\"\nauth = \"trust\"\nserver_user = \"app\"\nserver_password = \"app-secret\"\n".into(),
+        pool_size: 1,
+        ..EnvOptions::default()
+    });
+    assert_ok(
+        &env.proxy
+            .psql("app", &["-c", "create table after_terminate (id int)"]),
+        "create table",
+    );
+    let login = || {
+        let mut s = TcpStream::connect(("127.0.0.1", env.proxy.port)).unwrap();
+        s.write_all(&startup_packet(
+            196_608,
+            &[("user", "raw"), ("database", "app")],
+        ))
+        .unwrap();
+        let greeting = read_until_ready(&mut s);
+        assert_eq!(greeting[0], b'R', "{greeting:?}");
+        assert_eq!(greeting.last(), Some(&b'I'));
+        s
+    };
+    // a password message after login is not a valid message type
+    let mut s = login();
+    s.write_all(&message(b'p', b"secret\0")).unwrap();
+    let reply = read_until_ready(&mut s);
+    assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{reply:?}");
+    // Query + Terminate in one write: the insert still happens
+    let mut s = login();
+    let mut batch = message(b'Q', b"insert into after_terminate values (1)\0");
+    batch.extend(message(b'X', b""));
+    s.write_all(&batch).unwrap();
+    drop(s);
+    let inserted = crate::harness::wait_until(Duration::from_secs(10), || {
+        env.primary_sql("select count(*) from after_terminate") == "1"
+    });
+    assert!(inserted, "work sent before Terminate was dropped");
+    // and the pool's only connection is still fine for the next client
+    let out = env.proxy.psql(
+        "app",
+        &["-At", "-c", "select count(*) from after_terminate"],
+    );
+    assert_ok(&out, "next client");
+    assert_eq!(stdout(&out).trim(), "1");
+}

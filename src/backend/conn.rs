@@ -290,14 +290,16 @@ impl ServerConn {
             .unwrap_or_else(|_| Err(format!("no answer to {sql} within {limit:?}")))
     }
 
-    /// True if the connection can be handed to a client: nothing unread, and the server has
-    /// not closed it or sent anything (an idle server sends nothing unless it is going away).
+    /// True if the connection can be handed to a client: nothing unread, outside a
+    /// transaction, and the server has neither closed it nor sent anything (an idle server
+    /// sends nothing unless it is going away). The socket itself is asked with a non-blocking
+    /// peek: tokio's cached readiness may not have seen a close that just happened.
     pub fn is_clean(&self) -> bool {
         if !self.rbuf.is_empty() || self.status != TxStatus::Idle {
             return false;
         }
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&self.stream).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Says goodbye politely; errors do not matter, the socket is dropped either way.

@@ -141,19 +141,21 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<ServerConn, Error> {
-        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        // Counted as open from the start; the guard takes it back if the connect fails or the
+        // waiting client goes away mid-connect (the future is dropped).
+        let reserved = Reservation::new(&self.stats.open);
         let result = {
             let _connecting = Gauge::enter(&self.stats.connecting);
             ServerConn::connect(&self.spec).await
         };
         match result {
             Ok(conn) => {
+                reserved.keep();
                 tracing::debug!(pool = %self.key, server_pid = conn.backend_key.pid, "server connection opened");
                 *self.params.lock().expect("pool lock") = Some(Arc::new(conn.params.clone()));
                 Ok(conn)
             }
             Err(e) => {
-                self.stats.open.fetch_sub(1, Ordering::Relaxed);
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(pool = %self.key, error = %e, "cannot open server connection");
                 Err(e)
@@ -277,6 +279,28 @@ impl Drop for Checkout {
         if let Some(conn) = self.conn.take() {
             self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
             self.pool.close(conn, "discarded by its session");
+        }
+    }
+}
+
+/// A unit added to a counter that is taken back on drop unless [`Reservation::keep`] is called.
+struct Reservation<'a>(Option<&'a AtomicUsize>);
+
+impl<'a> Reservation<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(Some(counter))
+    }
+
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(counter) = self.0 {
+            counter.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

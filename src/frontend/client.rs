@@ -60,16 +60,32 @@ impl<S: ClientIo> ClientStream<S> {
         }
     }
 
-    /// Resolves when the client closes its side (or its connection fails). Bytes that arrive
+    /// Resolves when the client closes its side (or its connection fails), with whether it
+    /// said goodbye first (a Terminate among the buffered messages). Bytes that arrive
     /// meanwhile are kept for later, up to one maximal message; beyond that reading pauses.
-    pub async fn closed(&mut self) {
+    pub async fn closed(&mut self) -> bool {
         while self.rbuf.len() <= self.max_message + framing::HEADER_LEN {
             match self.io.read_buf(&mut self.rbuf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return self.buffered_terminate(),
                 Ok(_) => {}
             }
         }
-        std::future::pending::<()>().await;
+        std::future::pending::<bool>().await
+    }
+
+    /// True if a whole Terminate message is among the buffered messages.
+    fn buffered_terminate(&self) -> bool {
+        let mut rest = &self.rbuf[..];
+        while let Ok(Some((tag, len))) = framing::peek_header(rest, usize::MAX >> 1) {
+            if len > rest.len() {
+                break;
+            }
+            if tag == b'X' {
+                return true;
+            }
+            rest = &rest[len..];
+        }
+        false
     }
 
     /// Reads more bytes; false at end of stream.

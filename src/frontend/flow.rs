@@ -19,8 +19,17 @@ pub struct Flow {
     unsynced: bool,
     /// Syncs sent since the last Query or Execute (the message that may have started a COPY).
     syncs_since_exec: u32,
+    /// The last Query-or-Execute was an Execute (extended protocol).
+    exec_extended: bool,
     /// The server said CopyInResponse and the client has not finished the copy yet.
-    copy_in: bool,
+    client_copy: bool,
+    /// The server said CopyInResponse and has not ended the copy yet (CommandComplete,
+    /// ErrorResponse or ReadyForQuery).
+    server_copy: bool,
+    /// The count of answers may be off: an extended-protocol COPY failed, and whether the
+    /// Syncs sent during it were swallowed depends on when the server failed. Such a
+    /// connection is closed rather than pooled.
+    tainted: bool,
     status: TxStatus,
 }
 
@@ -30,7 +39,10 @@ impl Default for Flow {
             pending: 0,
             unsynced: false,
             syncs_since_exec: 0,
-            copy_in: false,
+            exec_extended: false,
+            client_copy: false,
+            server_copy: false,
+            tainted: false,
             status: TxStatus::Idle,
         }
     }
@@ -40,38 +52,64 @@ impl Flow {
     /// A message the client sent on to the server.
     pub fn on_client(&mut self, tag: u8) {
         match tag {
+            // A Query after successful extended messages closes their implicit batch too.
             b'Q' | b'F' => {
                 self.pending += 1;
+                self.unsynced = false;
                 self.syncs_since_exec = 0;
+                self.exec_extended = false;
             }
             b'E' => {
                 self.unsynced = true;
                 self.syncs_since_exec = 0;
+                self.exec_extended = true;
             }
             b'S' => {
                 self.pending += 1;
                 self.unsynced = false;
                 self.syncs_since_exec += 1;
             }
-            b'P' | b'B' | b'D' | b'C' | b'H' => self.unsynced = true,
-            b'c' | b'f' if self.copy_in => {
+            b'P' | b'B' | b'D' | b'C' => self.unsynced = true,
+            b'c' | b'f' if self.client_copy => {
                 // The Syncs sent while the server was copying in were swallowed.
                 self.pending = self.pending.saturating_sub(self.syncs_since_exec);
                 self.syncs_since_exec = 0;
-                self.copy_in = false;
+                self.client_copy = false;
             }
+            // Flush asks for output and changes nothing else.
             _ => {}
+        }
+    }
+
+    /// Server message types the flow must see (beyond ReadyForQuery), given its state.
+    #[must_use]
+    pub fn watches(&self, tag: u8) -> bool {
+        match tag {
+            b'Z' | b'G' => true,
+            b'C' | b'E' => self.server_copy,
+            _ => false,
         }
     }
 
     /// A message the server sent; `ready` carries ReadyForQuery's status byte.
     pub fn on_server(&mut self, tag: u8, ready: Option<TxStatus>) {
         match (tag, ready) {
-            (b'G', _) => self.copy_in = true,
+            (b'G', _) => {
+                self.client_copy = true;
+                self.server_copy = true;
+            }
+            (b'C', _) => self.server_copy = false,
+            (b'E', _) => {
+                // A failed extended-protocol COPY: the server may or may not have read the
+                // client's Syncs in copy mode (where they are ignored).
+                self.tainted |= self.server_copy && self.exec_extended;
+                self.server_copy = false;
+            }
             (b'Z', Some(status)) => {
                 self.pending = self.pending.saturating_sub(1);
                 self.status = status;
-                self.copy_in = false;
+                self.client_copy = false;
+                self.server_copy = false;
             }
             _ => {}
         }
@@ -87,6 +125,12 @@ impl Flow {
     #[must_use]
     pub fn idle(&self) -> bool {
         self.at_rest() && self.status == TxStatus::Idle
+    }
+
+    /// The connection should be closed rather than pooled (see the field).
+    #[must_use]
+    pub fn tainted(&self) -> bool {
+        self.tainted
     }
 
     #[must_use]
@@ -135,6 +179,17 @@ mod tests {
         client(&mut f, b"S");
         ready(&mut f, b'I');
         assert!(f.idle());
+        // a Flush after everything was answered asks for nothing
+        client(&mut f, b"H");
+        assert!(f.idle());
+    }
+
+    #[test]
+    fn query_after_unsynced_extended_messages() {
+        let mut f = Flow::default();
+        client(&mut f, b"PBEQ");
+        ready(&mut f, b'I');
+        assert!(f.idle());
     }
 
     #[test]
@@ -163,6 +218,33 @@ mod tests {
         assert!(!f.at_rest());
         ready(&mut f, b'I');
         assert!(f.idle());
+    }
+
+    #[test]
+    fn failed_extended_copy_is_tainted() {
+        // data error mid-copy: the first Sync was swallowed, the last one is answered
+        let mut f = Flow::default();
+        client(&mut f, b"BES");
+        f.on_server(b'G', None);
+        client(&mut f, b"dd");
+        f.on_server(b'E', None);
+        client(&mut f, b"cS");
+        ready(&mut f, b'I');
+        assert!(f.idle());
+        assert!(f.tainted(), "the answer count was a guess: do not pool");
+    }
+
+    #[test]
+    fn failed_simple_copy_is_not_tainted() {
+        let mut f = Flow::default();
+        client(&mut f, b"Q");
+        f.on_server(b'G', None);
+        client(&mut f, b"d");
+        f.on_server(b'E', None);
+        ready(&mut f, b'I');
+        client(&mut f, b"dc");
+        assert!(f.idle());
+        assert!(!f.tainted());
     }
 
     #[test]

@@ -22,10 +22,14 @@ use crate::router::{Route, ShardId};
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// SSLRequest and GSSENCRequest may each come once before the startup message.
 const MAX_NEGOTIATIONS: usize = 2;
+/// Largest message accepted before login completes (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH),
+/// so unauthenticated clients cannot make the proxy buffer max_message_size each.
+const LOGIN_MESSAGE_MAX: usize = 65_535;
 
 /// Serves one client connection from its first byte to its last.
 pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
-    let mut client = ClientStream::new(io, app.config.proxy.max_message_size);
+    let mut client =
+        ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.config.proxy.max_message_size));
     let login_timeout = app.config.proxy.client_login_timeout;
     let params = match tokio::time::timeout(login_timeout, login(&app, &mut client)).await {
         Ok(Ok(Some(params))) => params,
@@ -45,6 +49,7 @@ pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
             return;
         }
     };
+    client.max_message = app.config.proxy.max_message_size;
     let (user, database) = (params.user.clone(), params.database.clone());
     tracing::info!(client = %peer, %user, %database, "client connected");
     Session::new(app, client, params).run().await;

@@ -11,9 +11,10 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +30,9 @@ use crate::protocol::scan::{Piece, Scanner};
 const HIGH_WATER: usize = 256 << 10;
 /// Read in chunks of at least this size.
 const READ_CHUNK: usize = 16 << 10;
+/// The server messages the relay reads whole (ReadyForQuery, ParameterStatus, COPY responses,
+/// errors during COPY) are small; this bounds them.
+const SERVER_CONTROL_MAX: usize = 1 << 20;
 
 /// Why the relay stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +41,13 @@ pub enum RelayEnd {
     /// released (transaction mode) or the proxy is shutting down.
     Idle,
     /// The client closed its connection or sent Terminate.
-    ClientGone,
+    ClientGone {
+        /// The client said goodbye with Terminate (rather than just closing the socket), so
+        /// whatever it sent before should still run.
+        terminated: bool,
+        /// Part of a message may have been written to the server: the connection is unusable.
+        server_dirty: bool,
+    },
 }
 
 pub struct RelayOptions<'a> {
@@ -45,11 +55,6 @@ pub struct RelayOptions<'a> {
     /// the client leaves or `shutdown` fires while idle (session pooling).
     pub release_when_idle: bool,
     pub shutdown: &'a CancellationToken,
-}
-
-/// Server messages the relay must see whole; all others pass through unread.
-fn wanted(tag: u8) -> bool {
-    matches!(tag, b'Z' | b'S' | b'G')
 }
 
 /// Relays until the pair is idle or the client is gone. `first` is a message already read
@@ -71,13 +76,45 @@ pub async fn run<S: ClientIo>(
     poll_fn(|cx| pump.poll(cx, client, server, flow, &opts, shutdown.as_mut())).await
 }
 
+/// Reads and discards server output until every request is answered, for a client that has
+/// left after sending Terminate: what it sent still runs, as it would on PostgreSQL.
+pub async fn drain(server: &mut ServerConn, flow: &mut Flow, limit: Duration) -> bool {
+    let mut scanner = Scanner::default();
+    let work = async {
+        while !flow.at_rest() {
+            match scanner.next(&server.rbuf, SERVER_CONTROL_MAX, |t| {
+                t == b'S' || flow.watches(t)
+            }) {
+                Ok(Piece::NeedMore) => match server.stream.read_buf(&mut server.rbuf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) => {}
+                },
+                Ok(Piece::Pass(n)) => server.rbuf.advance(n),
+                Ok(Piece::Message { tag, len }) => {
+                    let msg = server.rbuf.split_to(len);
+                    if on_server_message(server, flow, tag, &msg[framing::HEADER_LEN..]).is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        scanner.at_boundary()
+    };
+    tokio::time::timeout(limit, work).await.unwrap_or(false)
+}
+
 #[derive(Default)]
 struct Pump {
     to_server: BytesMut,
     to_client: BytesMut,
     scanner: Scanner,
-    client_done: bool,
+    client_eof: bool,
+    terminated: bool,
     server_closed: bool,
+    /// A write went out and its flush has not completed yet (matters for TLS streams).
+    client_flush: bool,
+    server_flush: bool,
 }
 
 impl Pump {
@@ -93,27 +130,45 @@ impl Pump {
         loop {
             self.take_client_frames(client, flow)?;
             self.take_server_messages(server, flow)?;
-            if self.client_done {
-                return Poll::Ready(Ok(RelayEnd::ClientGone));
+            if self.client_eof || (self.terminated && self.to_server.is_empty()) {
+                let server_dirty = !self.to_server.is_empty();
+                return Poll::Ready(Ok(RelayEnd::ClientGone {
+                    terminated: self.terminated,
+                    server_dirty,
+                }));
             }
-            let mut progress =
-                write_some(cx, &mut client.io, &mut self.to_client).map_err(Error::ClientIo)?;
-            progress |= write_some(cx, &mut server.stream, &mut self.to_server)
-                .map_err(|e| lost(server, &e))?;
-            let flushed = self.to_client.is_empty() && self.to_server.is_empty();
+            let mut progress = write_some(
+                cx,
+                &mut client.io,
+                &mut self.to_client,
+                &mut self.client_flush,
+            )
+            .map_err(Error::ClientIo)?;
+            progress |= write_some(
+                cx,
+                &mut server.stream,
+                &mut self.to_server,
+                &mut self.server_flush,
+            )
+            .map_err(|e| lost(server, &e))?;
             if self.server_closed && self.to_client.is_empty() {
                 return Poll::Ready(Err(lost(server, &"the server closed the connection")));
             }
-            if flushed
+            let settled = self.to_client.is_empty()
+                && self.to_server.is_empty()
+                && !self.client_flush
+                && self.scanner.at_boundary()
+                && server.rbuf.is_empty();
+            if settled
                 && flow.idle()
                 && (opts.release_when_idle || shutdown.as_mut().poll(cx).is_ready())
             {
                 return Poll::Ready(Ok(RelayEnd::Idle));
             }
-            if self.to_server.len() < HIGH_WATER {
+            if self.to_server.len() < HIGH_WATER && !self.terminated {
                 match read_some(cx, &mut client.io, &mut client.rbuf) {
                     Poll::Ready(Ok(n)) => {
-                        self.client_done = n == 0;
+                        self.client_eof = n == 0;
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::ClientIo(e))),
@@ -142,16 +197,18 @@ impl Pump {
         client: &mut ClientStream<S>,
         flow: &mut Flow,
     ) -> Result<(), Error> {
-        while self.to_server.len() < HIGH_WATER && !self.client_done {
+        while self.to_server.len() < HIGH_WATER && !self.terminated {
             let Some(frame) = framing::decode(&mut client.rbuf, client.max_message)? else {
                 break;
             };
-            if frame.tag() == b'X' {
-                self.client_done = true;
-                break;
+            match frame.tag() {
+                b'X' => self.terminated = true,
+                tag if is_frontend_tag(tag) => {
+                    flow.on_client(tag);
+                    self.to_server.extend_from_slice(frame.as_bytes());
+                }
+                tag => return Err(unexpected_message(tag)),
             }
-            flow.on_client(frame.tag());
-            self.to_server.extend_from_slice(frame.as_bytes());
         }
         Ok(())
     }
@@ -166,7 +223,9 @@ impl Pump {
         while self.to_client.len() < HIGH_WATER {
             let piece = self
                 .scanner
-                .next(&server.rbuf, framing_limit(), wanted)
+                .next(&server.rbuf, SERVER_CONTROL_MAX, |t| {
+                    t == b'S' || flow.watches(t)
+                })
                 .map_err(|e| Error::ServerProtocol {
                     server: server.addr.to_string(),
                     what: e.to_string(),
@@ -186,6 +245,24 @@ impl Pump {
         }
         Ok(())
     }
+}
+
+/// The message types a client may send after login (PostgreSQL docs, "Message Formats").
+#[must_use]
+pub fn is_frontend_tag(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'H' | b'S' | b'F' | b'd' | b'c' | b'f' | b'X'
+    )
+}
+
+/// A message type no client may send now; answered by the proxy, never forwarded.
+#[must_use]
+pub fn unexpected_message(tag: u8) -> Error {
+    Error::Protocol(format!(
+        "invalid frontend message type {tag} ('{}')",
+        tag.escape_ascii()
+    ))
 }
 
 fn on_server_message(
@@ -217,11 +294,6 @@ fn on_server_message(
     Ok(())
 }
 
-/// The messages the relay reads whole from a server are small; this bounds them.
-fn framing_limit() -> usize {
-    1 << 20
-}
-
 fn lost(server: &ServerConn, reason: &dyn std::fmt::Display) -> Error {
     Error::ServerLost {
         server: server.addr.to_string(),
@@ -229,11 +301,13 @@ fn lost(server: &ServerConn, reason: &dyn std::fmt::Display) -> Error {
     }
 }
 
-/// Writes what it can without waiting; true if any byte was written.
+/// Writes what it can without waiting, then flushes; true if any byte was written.
+/// `needs_flush` remembers a flush that could not finish yet (TLS), so it is retried.
 fn write_some<W: AsyncWrite + Unpin>(
     cx: &mut Context<'_>,
     w: &mut W,
     buf: &mut BytesMut,
+    needs_flush: &mut bool,
 ) -> io::Result<bool> {
     let mut wrote = false;
     while !buf.is_empty() {
@@ -242,15 +316,17 @@ fn write_some<W: AsyncWrite + Unpin>(
             Poll::Ready(Ok(n)) => {
                 buf.advance(n);
                 wrote = true;
+                *needs_flush = true;
             }
             Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok(wrote),
+            Poll::Pending => break,
         }
     }
-    if wrote {
-        // Plain TCP flushes nothing; a TLS stream pushes its last record out here.
-        if let Poll::Ready(Err(e)) = Pin::new(w).poll_flush(cx) {
-            return Err(e);
+    if *needs_flush {
+        match Pin::new(w).poll_flush(cx) {
+            Poll::Ready(Ok(())) => *needs_flush = false,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => {}
         }
     }
     Ok(wrote)

@@ -24,6 +24,15 @@ use crate::router::Route;
 
 /// How long the proxy waits for a server to roll back or reset before closing it instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long what a client sent before Terminate may still run before it is abandoned.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the client left, as the relay saw it.
+#[derive(Debug, Clone, Copy)]
+struct Departure {
+    terminated: bool,
+    server_dirty: bool,
+}
 
 /// What the session is waiting for a server connection for.
 enum Request {
@@ -57,6 +66,8 @@ pub struct Session<S> {
     flow: Flow,
     /// After an error answered to an extended-protocol message, skip until Sync.
     skip_until_sync: bool,
+    /// Set when the client left while the relay ran.
+    left: Option<Departure>,
 }
 
 impl<S: ClientIo> Session<S> {
@@ -68,6 +79,7 @@ impl<S: ClientIo> Session<S> {
             server: None,
             flow: Flow::default(),
             skip_until_sync: false,
+            left: None,
         }
     }
 
@@ -137,7 +149,16 @@ impl<S: ClientIo> Session<S> {
             )
             .await?
             {
-                RelayEnd::ClientGone => return Ok(Exit::ClientGone),
+                RelayEnd::ClientGone {
+                    terminated,
+                    server_dirty,
+                } => {
+                    self.left = Some(Departure {
+                        terminated,
+                        server_dirty,
+                    });
+                    return Ok(Exit::ClientGone);
+                }
                 RelayEnd::Idle => {
                     if self.params.mode == PoolMode::Transaction {
                         self.detach();
@@ -172,6 +193,7 @@ impl<S: ClientIo> Session<S> {
                         .send(&messages::ready_for_query(TxStatus::Idle))
                         .await?;
                 }
+                tag if !relay::is_frontend_tag(tag) => return Err(relay::unexpected_message(tag)),
                 _ if self.skip_until_sync => {}
                 // Flush with nothing pending; COPY data outside COPY (ignored, as PostgreSQL does).
                 b'H' | b'd' | b'c' | b'f' => {}
@@ -189,9 +211,18 @@ impl<S: ClientIo> Session<S> {
             .pool(self.params.route)
             .ok_or_else(|| Error::Internal(format!("no pool for route {:?}", self.params.route)))?
             .clone();
+        // A free connection is taken at once. A client that vanishes while waiting gives up its
+        // request (PgBouncer does the same); one that said goodbye with Terminate still has
+        // what it sent before run, as PostgreSQL would.
         let checkout = tokio::select! {
+            biased;
             checkout = pool.checkout() => checkout?,
-            () = self.client.closed() => return Ok(false),
+            said_goodbye = self.client.closed() => {
+                if !said_goodbye {
+                    return Ok(false);
+                }
+                pool.checkout().await?
+            }
         };
         let conn = checkout.conn_ref();
         self.params.cancel.set_target(Some(CancelTarget {
@@ -206,7 +237,11 @@ impl<S: ClientIo> Session<S> {
     fn detach(&mut self) {
         self.params.cancel.set_target(None);
         if let Some(checkout) = self.server.take() {
-            checkout.release();
+            if self.flow.tainted() {
+                tracing::debug!(server = %checkout.conn_ref().addr, "closing a connection whose answers could not be counted exactly");
+            } else {
+                checkout.release();
+            }
         }
     }
 
@@ -235,9 +270,22 @@ impl<S: ClientIo> Session<S> {
         if !usable {
             return; // dropping the checkout closes the connection
         }
+        let left = self.left.unwrap_or(Departure {
+            terminated: false,
+            server_dirty: false,
+        });
+        if left.server_dirty || self.flow.tainted() {
+            return;
+        }
         let conn = checkout.conn();
+        if left.terminated
+            && !self.flow.at_rest()
+            && !relay::drain(conn, &mut self.flow, DRAIN_TIMEOUT).await
+        {
+            return;
+        }
         if !self.flow.at_rest() {
-            // A statement is still running for a client that has gone: stop it, then close.
+            // A statement is still running for a client that vanished: stop it, then close.
             if let Err(e) = send_cancel(&conn.addr, &conn.backend_key, RESET_TIMEOUT).await {
                 tracing::debug!(server = %conn.addr, error = %e, "cancel of an orphaned statement failed");
             }

@@ -26,6 +26,12 @@ pub struct Scanner {
 }
 
 impl Scanner {
+    /// True between messages: no passed-through message is still incomplete.
+    #[must_use]
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0
+    }
+
     /// Classifies the front of `buf`. `wanted(tag)` says which message types must be shown
     /// whole; those are limited to `max` bytes. Consecutive uninteresting messages are
     /// merged into one `Pass`.

@@ -243,7 +243,14 @@ fn split_gs2_header(msg: &str) -> Result<(&str, &str), ScramError> {
         .nth(1)
         .map(|(i, _)| i)
         .ok_or(ScramError::Malformed("gs2 header incomplete"))?;
-    Ok(msg.split_at(second_comma + 1))
+    let (header, bare) = msg.split_at(second_comma + 1);
+    if header.len() != cb_flag.len() + 2 {
+        // PostgreSQL refuses an authorization identity (`a=...`) too.
+        return Err(ScramError::Malformed(
+            "authorization identities are not supported",
+        ));
+    }
+    Ok((header, bare))
 }
 
 #[cfg(test)]
@@ -327,6 +334,15 @@ mod tests {
             server.client_first(msg.as_bytes()),
             Err(ScramError::ChannelBinding)
         );
+    }
+
+    #[test]
+    fn authorization_identity_is_refused() {
+        let mut server = ScramServer::new(rfc_verifier());
+        assert!(matches!(
+            server.client_first(b"n,a=admin,n=,r=abc"),
+            Err(ScramError::Malformed(_))
+        ));
     }
 
     #[test]
