@@ -41,8 +41,18 @@ fn full_topology_with_replica_and_shards() {
             == Some("2")),
         "the replica did not receive the rows"
     );
+    // session pooling keeps everything on the primary; transaction pooling reads from the replica
     let out = env
         .proxy
-        .psql("app", &["-At", "-c", "select pg_is_in_recovery()"]);
-    assert_eq!(stdout(&out).trim(), "f", "statements go to the primary");
+        .psql("app_session", &["-At", "-c", "select pg_is_in_recovery()"]);
+    assert_eq!(stdout(&out).trim(), "f", "session pooling uses the primary");
+    let on_replica = wait_until(std::time::Duration::from_secs(10), || {
+        stdout(
+            &env.proxy
+                .psql("app", &["-At", "-c", "select pg_is_in_recovery()"]),
+        )
+        .trim()
+            == "t"
+    });
+    assert!(on_replica, "reads never reached the replica");
 }

@@ -12,19 +12,29 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::collections::HashMap;
+
 use crate::backend::Pools;
+use crate::backend::health::{CheckSettings, run_checks};
 use crate::config::Config;
 use crate::frontend::auth::Verifiers;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::listener::accept_loop;
+use crate::router::{Policy, Router};
 
 /// How often idle server connections are checked for expiry and min_pool_size is topped up.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Distinct statement shapes whose classification is kept.
+const SHAPE_CACHE_CAPACITY: usize = 10_000;
 
 /// The state every task shares. Built once; nothing in it is process-global.
 pub struct App {
     pub config: Arc<Config>,
     pub pools: Pools,
+    /// Statement classification, cached by shape, shared by every session.
+    pub router: Router,
+    /// Each database's routing policy.
+    pub policies: HashMap<String, Arc<Policy>>,
     pub cancels: Arc<CancelRegistry>,
     pub verifiers: Verifiers,
     /// Fired when the proxy stops accepting; sessions close at their next safe point.
@@ -57,6 +67,12 @@ impl App {
         let local_addr = listener.local_addr()?;
         let app = Arc::new(Self {
             pools: Pools::build(&config),
+            router: Router::new(SHAPE_CACHE_CAPACITY),
+            policies: config
+                .databases
+                .iter()
+                .map(|db| (db.name.clone(), Policy::new(db)))
+                .collect(),
             verifiers: Verifiers::build(&config),
             config: Arc::new(config),
             cancels: Arc::new(CancelRegistry::default()),
@@ -66,6 +82,7 @@ impl App {
         });
         tokio::spawn(accept_loop(Arc::clone(&app), listener));
         tokio::spawn(upkeep(Arc::clone(&app)));
+        start_health_checks(&app);
         tracing::info!(listen = %local_addr, "pgrouter is accepting clients");
         Ok(Running { app, local_addr })
     }
@@ -105,6 +122,23 @@ pub async fn wait_for_stop() -> std::io::Result<Stop> {
             _ = int.recv() => return Ok(Stop::Fast),
             _ = hup.recv() => tracing::warn!("SIGHUP received, but config reload is not implemented yet; the running config is unchanged"),
         }
+    }
+}
+
+/// One checker task per shard of every database.
+fn start_health_checks(app: &Arc<App>) {
+    for shard in &app.pools.health {
+        let policy = &app.policies[&shard.primary.database];
+        let settings = CheckSettings {
+            interval: app.config.proxy.health_check_interval,
+            ban_time: app.config.proxy.ban_time,
+            max_lag: policy.max_replica_lag,
+        };
+        tokio::spawn(run_checks(
+            Arc::clone(shard),
+            settings,
+            app.shutdown.clone(),
+        ));
     }
 }
 

@@ -58,6 +58,26 @@ pub enum Error {
     #[error("{0}")]
     NotSupported(String),
 
+    /// A routing hint or pgrouter setting with a bad value.
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("no replica available for database \"{database}\" shard {shard}: {report}")]
+    NoReplica {
+        database: String,
+        shard: usize,
+        report: String,
+    },
+
+    #[error("refusing to send a write to {server}: it reports that it is in recovery (a standby)")]
+    PrimaryInRecovery { server: String },
+
+    #[error("current transaction is aborted, commands ignored until end of transaction block")]
+    TransactionAborted,
+
+    #[error("could not start the transaction on {server}: {reason}")]
+    TransactionStart { server: String, reason: String },
+
     #[error(
         "pool {pool} is busy: waited {} for a server connection (query_wait_timeout)",
         humantime::format_duration(*waited)
@@ -95,6 +115,11 @@ impl Error {
             Self::Unauthorized(_) => SqlState::INVALID_AUTHORIZATION,
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
             Self::NotSupported(_) => SqlState::FEATURE_NOT_SUPPORTED,
+            Self::Invalid(_) => SqlState("22023"),
+            Self::NoReplica { .. } => SqlState::CONNECTION_FAILURE,
+            Self::PrimaryInRecovery { .. } => SqlState("25006"),
+            Self::TransactionStart { .. } => SqlState("25000"),
+            Self::TransactionAborted => SqlState("25P02"),
             Self::PoolTimeout { .. } => SqlState::INSUFFICIENT_RESOURCES,
             Self::Connect { .. } | Self::ServerLost { .. } => SqlState::CONNECTION_FAILURE,
             Self::Shutdown => SqlState::ADMIN_SHUTDOWN,
@@ -113,10 +138,15 @@ impl Error {
             | Self::Unauthorized(_)
             | Self::UnknownDatabase(_)
             | Self::NotSupported(_)
+            | Self::Invalid(_)
+            | Self::TransactionAborted
             | Self::ClientIo(_) => Side::Frontend,
-            Self::Connect { .. } | Self::ServerLost { .. } | Self::ServerProtocol { .. } => {
-                Side::Backend
-            }
+            Self::Connect { .. }
+            | Self::ServerLost { .. }
+            | Self::ServerProtocol { .. }
+            | Self::NoReplica { .. }
+            | Self::PrimaryInRecovery { .. }
+            | Self::TransactionStart { .. } => Side::Backend,
             Self::PoolTimeout { .. } | Self::Shutdown | Self::Internal(_) => Side::Internal,
         }
     }
@@ -126,7 +156,10 @@ impl Error {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Self::PoolTimeout { .. } | Self::Connect { .. } | Self::Shutdown
+            Self::PoolTimeout { .. }
+                | Self::Connect { .. }
+                | Self::Shutdown
+                | Self::NoReplica { .. }
         )
     }
 
@@ -138,6 +171,11 @@ impl Error {
             Self::BadPassword { .. } | Self::Unauthorized(_) => "auth",
             Self::UnknownDatabase(_) => "unknown_database",
             Self::NotSupported(_) => "not_supported",
+            Self::Invalid(_) => "invalid_setting",
+            Self::NoReplica { .. } => "no_replica",
+            Self::PrimaryInRecovery { .. } => "primary_in_recovery",
+            Self::TransactionStart { .. } => "transaction_start",
+            Self::TransactionAborted => "transaction_aborted",
             Self::PoolTimeout { .. } => "pool_timeout",
             Self::Connect { .. } => "server_connect",
             Self::ServerLost { .. } => "server_lost",

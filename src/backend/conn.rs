@@ -32,6 +32,8 @@ pub struct ConnectSpec {
     pub password: Option<String>,
     pub database: String,
     pub connect_timeout: Duration,
+    /// Shown in pg_stat_activity: "pgrouter" for pooled connections.
+    pub application_name: &'static str,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -94,7 +96,7 @@ impl ServerConn {
         let params = [
             ("user", spec.user.as_str()),
             ("database", spec.database.as_str()),
-            ("application_name", "pgrouter"),
+            ("application_name", spec.application_name),
         ];
         frontend::startup_message(params.iter().copied(), &mut out)
             .map_err(|e| connect_error(spec, e.to_string()))?;
@@ -288,6 +290,43 @@ impl ServerConn {
         tokio::time::timeout(limit, work)
             .await
             .unwrap_or_else(|_| Err(format!("no answer to {sql} within {limit:?}")))
+    }
+
+    /// Runs a query and returns its rows as text (NULL as `None`), for the proxy's own
+    /// questions (health, WAL position, function volatility). Fails on an ErrorResponse.
+    pub async fn query_rows(
+        &mut self,
+        sql: &str,
+        limit: Duration,
+    ) -> Result<Vec<Vec<Option<String>>>, String> {
+        let work = async {
+            self.send(&messages::query(sql))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut rows = Vec::new();
+            let mut error = None;
+            loop {
+                let frame = self.read_frame().await?;
+                match frame.tag() {
+                    b'D' => rows
+                        .push(messages::parse_data_row(frame.body()).ok_or("malformed DataRow")?),
+                    b'E' => error = Some(parse_error_fields(frame.body()).message),
+                    b'Z' => {
+                        self.status = frame
+                            .body()
+                            .first()
+                            .copied()
+                            .and_then(TxStatus::from_byte)
+                            .ok_or("bad ReadyForQuery")?;
+                        return error.map_or(Ok(rows), Err);
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
     }
 
     /// True if the connection can be handed to a client: nothing unread, outside a

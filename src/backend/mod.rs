@@ -1,25 +1,93 @@
-//! The server side: connections to PostgreSQL and the pools that lend them to sessions.
+//! The server side: connections to PostgreSQL, the pools that lend them, the health checker,
+//! and the choice of a replica for a read.
 //!
 //! A database's servers are organised as its config says: shards, each a primary and its
-//! replicas, and one [`Pool`] per (database, user, server). Sessions ask for a pool by
-//! [`Route`]; they never open server connections themselves.
+//! replicas, and one [`Pool`] per (database, user, server). Sessions ask for a server by
+//! [`Target`] and shard; they never open server connections themselves.
 
 pub mod conn;
+pub mod health;
 pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 pub use conn::{ConnectSpec, ServerConn};
 pub use pool::{Checkout, Pool, PoolKey, PoolSettings};
 
-use crate::config::{Config, DatabaseConfig, ServerAddr, UserConfig};
-use crate::router::{Role, Route, ShardId};
+use crate::config::{Config, DatabaseConfig, LoadBalance, ServerAddr, UserConfig};
+use crate::router::{Role, Route, ShardId, Target};
+use health::{Lsn, ServerHealth, ShardHealth};
 
 /// The pools of one shard.
 pub struct ShardPools {
     pub primary: Arc<Pool>,
     pub replicas: Vec<Arc<Pool>>,
+    /// Round-robin position.
+    next: AtomicUsize,
+}
+
+/// What a read needs from a replica.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadNeeds {
+    pub max_lag: Duration,
+    /// Read-your-writes: the replica must have replayed this far.
+    pub min_lsn: Option<Lsn>,
+}
+
+impl ShardPools {
+    /// Picks a server for `target`. `None` when a replica is required and none qualifies.
+    #[must_use]
+    pub fn pick(
+        &self,
+        target: Target,
+        needs: ReadNeeds,
+        balance: LoadBalance,
+    ) -> Option<&Arc<Pool>> {
+        if target == Target::Primary {
+            return Some(&self.primary);
+        }
+        let usable = |p: &&Arc<Pool>| {
+            p.health.usable_replica(needs.max_lag)
+                && needs.min_lsn.is_none_or(|lsn| p.health.lsn() >= lsn)
+        };
+        let mut candidates: Vec<&Arc<Pool>> = self.replicas.iter().filter(usable).collect();
+        if target == Target::Any {
+            candidates.push(&self.primary);
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        match balance {
+            LoadBalance::LeastBusy => {
+                // ties go round-robin, so an idle system still spreads its reads
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let n = candidates.len();
+                (0..n)
+                    .map(|i| candidates[(start + i) % n])
+                    .min_by_key(|p| p.busy())
+            }
+            LoadBalance::RoundRobin => {
+                Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()])
+            }
+            LoadBalance::Random => Some(candidates[rand::random_range(0..candidates.len())]),
+        }
+    }
+
+    /// Why no replica qualifies, for the error a client sees.
+    #[must_use]
+    pub fn replica_report(&self) -> String {
+        if self.replicas.is_empty() {
+            return "no replicas configured".into();
+        }
+        self.replicas
+            .iter()
+            .map(|p| p.health.describe())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 /// Every pool one (database, user) pair can use.
@@ -28,7 +96,7 @@ pub struct ClusterPools {
 }
 
 impl ClusterPools {
-    /// The pool a route names; `None` if the config has no such server.
+    /// The pool a route names; for replicas, the first one (tests and diagnostics).
     #[must_use]
     pub fn pool(&self, route: Route) -> Option<&Arc<Pool>> {
         let shard = self.shards.get(route.shard.0)?;
@@ -38,6 +106,11 @@ impl ClusterPools {
         }
     }
 
+    #[must_use]
+    pub fn shard(&self, shard: ShardId) -> Option<&ShardPools> {
+        self.shards.get(shard.0)
+    }
+
     pub fn all(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.shards
             .iter()
@@ -45,24 +118,33 @@ impl ClusterPools {
     }
 }
 
-/// All pools, keyed by (database, user).
+/// All pools, keyed by (database, user), and the health of every server.
 #[derive(Default)]
 pub struct Pools {
     by_login: HashMap<(String, String), Arc<ClusterPools>>,
+    pub health: Vec<Arc<ShardHealth>>,
 }
 
 impl Pools {
     #[must_use]
     pub fn build(config: &Config) -> Self {
         let mut by_login = HashMap::new();
+        let mut all_health = Vec::new();
         for db in &config.databases {
+            let health: Vec<Arc<ShardHealth>> = db
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| shard_health(config, db, ShardId(i), &s.primary, &s.replicas))
+                .collect();
             for user in &config.users {
                 let shards = db
                     .shards
                     .iter()
+                    .zip(&health)
                     .enumerate()
-                    .map(|(i, shard)| {
-                        let pool = |role, addr: &ServerAddr| {
+                    .map(|(i, (shard, h))| {
+                        let pool = |role, addr: &ServerAddr, health: &Arc<ServerHealth>| {
                             new_pool(
                                 config,
                                 db,
@@ -72,15 +154,18 @@ impl Pools {
                                     role,
                                 },
                                 addr,
+                                Arc::clone(health),
                             )
                         };
                         ShardPools {
-                            primary: pool(Role::Primary, &shard.primary),
+                            primary: pool(Role::Primary, &shard.primary, &h.primary),
                             replicas: shard
                                 .replicas
                                 .iter()
-                                .map(|r| pool(Role::Replica, r))
+                                .zip(&h.replicas)
+                                .map(|(r, rh)| pool(Role::Replica, r, rh))
                                 .collect(),
+                            next: AtomicUsize::new(0),
                         }
                     })
                     .collect();
@@ -89,8 +174,12 @@ impl Pools {
                     Arc::new(ClusterPools { shards }),
                 );
             }
+            all_health.extend(health);
         }
-        Self { by_login }
+        Self {
+            by_login,
+            health: all_health,
+        }
     }
 
     #[must_use]
@@ -103,12 +192,51 @@ impl Pools {
     }
 }
 
+/// The health records of one shard, checked with the first configured user's credentials.
+fn shard_health(
+    config: &Config,
+    db: &DatabaseConfig,
+    shard: ShardId,
+    primary: &ServerAddr,
+    replicas: &[ServerAddr],
+) -> Arc<ShardHealth> {
+    let checker = config.users.first().expect("validated: at least one user");
+    Arc::new(ShardHealth {
+        primary: ServerHealth::new(&db.name, shard, Role::Primary, primary.clone()),
+        replicas: replicas
+            .iter()
+            .map(|r| ServerHealth::new(&db.name, shard, Role::Replica, r.clone()))
+            .collect(),
+        spec: ConnectSpec {
+            application_name: "pgrouter health check",
+            ..connect_spec(config, db, checker, primary)
+        },
+    })
+}
+
+fn connect_spec(
+    config: &Config,
+    db: &DatabaseConfig,
+    user: &UserConfig,
+    addr: &ServerAddr,
+) -> ConnectSpec {
+    ConnectSpec {
+        addr: addr.clone(),
+        user: user.server_user.clone(),
+        password: user.server_password.clone(),
+        database: db.server_database.clone(),
+        connect_timeout: config.proxy.server_connect_timeout,
+        application_name: "pgrouter",
+    }
+}
+
 fn new_pool(
     config: &Config,
     db: &DatabaseConfig,
     user: &UserConfig,
     route: Route,
     addr: &ServerAddr,
+    health: Arc<ServerHealth>,
 ) -> Arc<Pool> {
     let proxy = &config.proxy;
     let key = PoolKey {
@@ -118,13 +246,6 @@ fn new_pool(
         role: route.role,
         server: addr.clone(),
     };
-    let spec = ConnectSpec {
-        addr: addr.clone(),
-        user: user.server_user.clone(),
-        password: user.server_password.clone(),
-        database: db.server_database.clone(),
-        connect_timeout: proxy.server_connect_timeout,
-    };
     let settings = PoolSettings {
         size: db.pool_size,
         min_size: db.min_pool_size,
@@ -132,5 +253,5 @@ fn new_pool(
         idle_timeout: proxy.server_idle_timeout,
         lifetime: proxy.server_lifetime,
     };
-    Pool::new(key, spec, settings)
+    Pool::new(key, connect_spec(config, db, user, addr), settings, health)
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{ConnectSpec, ServerConn};
+use super::health::ServerHealth;
 
 /// ParameterStatus name/value pairs as a server reported them.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -63,6 +64,8 @@ pub struct PoolStats {
 
 pub struct Pool {
     pub key: PoolKey,
+    /// The server's health, shared by every user's pool for this (database, server).
+    pub health: Arc<ServerHealth>,
     spec: ConnectSpec,
     pub settings: PoolSettings,
     permits: Arc<Semaphore>,
@@ -76,8 +79,14 @@ pub struct Pool {
 
 impl Pool {
     #[must_use]
-    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings) -> Arc<Self> {
+    pub fn new(
+        key: PoolKey,
+        spec: ConnectSpec,
+        settings: PoolSettings,
+        health: Arc<ServerHealth>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            health,
             permits: Arc::new(Semaphore::new(settings.size)),
             key,
             spec,
@@ -226,6 +235,12 @@ impl Pool {
         for conn in expired {
             self.close(conn, "idle timeout, lifetime or broken");
         }
+    }
+
+    /// Connections in use plus clients waiting: the load `least_busy` compares.
+    #[must_use]
+    pub fn busy(&self) -> usize {
+        self.stats.in_use.load(Ordering::Relaxed) + self.stats.waiting.load(Ordering::Relaxed)
     }
 
     #[must_use]

@@ -370,6 +370,13 @@ fn check(db: &DatabaseConfig, s: &Section<'_>, errs: &mut Errors) {
         );
     }
     for (i, rule) in db.routing.rules.iter().enumerate() {
+        if rule.route == RuleRoute::AllShards {
+            err(
+                &format!("routing.rules[{i}].route"),
+                "\"all_shards\" needs cross-shard fan-out, which this build does not have yet"
+                    .into(),
+            );
+        }
         if let RuleRoute::Shard(n) = rule.route
             && n >= shards
         {

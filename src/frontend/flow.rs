@@ -137,6 +137,23 @@ impl Flow {
     pub fn status(&self) -> TxStatus {
         self.status
     }
+
+    /// The status a freshly attached server is in (after the proxy started a transaction).
+    pub fn set_status(&mut self, status: TxStatus) {
+        self.status = status;
+    }
+
+    /// Requests sent whose ReadyForQuery has not arrived.
+    #[must_use]
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+
+    /// Extended-protocol messages were sent after the last Sync.
+    #[must_use]
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::error::Error;
 use crate::protocol::messages::{self, Severity, TxStatus};
 use crate::protocol::startup::{StartupMessage, StartupPacket};
-use crate::router::{Route, ShardId};
+use crate::router::Route;
 
 /// How long a forwarded cancel may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,9 +104,13 @@ async fn login<S: ClientIo>(
         .get(&db.name, &user.name)
         .cloned()
         .ok_or_else(|| Error::Internal(format!("no pools for {}/{}", db.name, user.name)))?;
-    let route = Route::primary(ShardId(db.sharding.home_shard));
+    let policy = app
+        .policies
+        .get(&db.name)
+        .cloned()
+        .ok_or_else(|| Error::Internal(format!("no routing policy for {}", db.name)))?;
     let pool = pools
-        .pool(route)
+        .pool(Route::primary(policy.home()))
         .ok_or_else(|| Error::Internal("home shard has no primary pool".into()))?;
     let server_params = pool.server_params().await?;
     let cancel = app.cancels.register();
@@ -124,7 +128,7 @@ async fn login<S: ClientIo>(
         database: db.name.clone(),
         mode: db.pool_mode,
         pools,
-        route,
+        policy,
         cancel,
     }))
 }

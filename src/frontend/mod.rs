@@ -11,4 +11,5 @@ pub mod flow;
 pub mod listener;
 pub mod login;
 pub mod relay;
+pub mod routing;
 pub mod session;

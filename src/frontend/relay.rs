@@ -57,17 +57,17 @@ pub struct RelayOptions<'a> {
     pub shutdown: &'a CancellationToken,
 }
 
-/// Relays until the pair is idle or the client is gone. `first` is a message already read
-/// from the client that is to go to the server first.
+/// Relays until the pair is idle or the client is gone. `first` are messages already read
+/// from the client that go to the server first.
 pub async fn run<S: ClientIo>(
     client: &mut ClientStream<S>,
     server: &mut ServerConn,
     flow: &mut Flow,
-    first: Option<Frame>,
+    first: Vec<Frame>,
     opts: RelayOptions<'_>,
 ) -> Result<RelayEnd, Error> {
     let mut pump = Pump::default();
-    if let Some(frame) = first {
+    for frame in first {
         flow.on_client(frame.tag());
         pump.to_server.extend_from_slice(frame.as_bytes());
     }

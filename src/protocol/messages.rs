@@ -6,6 +6,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::Message;
+use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
 use pgwire::messages::response::{
     CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
 };
@@ -106,6 +107,85 @@ pub fn command_complete(tag: &str) -> Bytes {
     encode(&CommandComplete::new(tag.to_owned()))
 }
 
+/// A whole text result set (RowDescription, DataRows, CommandComplete) for answers pgrouter
+/// gives itself (`SHOW pgrouter.route`, later the admin console). All columns are `text`.
+#[must_use]
+pub fn text_result(columns: &[&str], rows: &[Vec<Option<String>>], tag: &str) -> Bytes {
+    const TEXT_OID: u32 = 25;
+    let fields = columns
+        .iter()
+        .map(|c| FieldDescription::new((*c).to_owned(), 0, 0, TEXT_OID, -1, -1, 0))
+        .collect();
+    let mut out = BytesMut::from(&encode(&RowDescription::new(fields))[..]);
+    for row in rows {
+        let mut data = BytesMut::new();
+        for value in row {
+            match value {
+                Some(v) => {
+                    data.extend_from_slice(
+                        &i32::try_from(v.len()).unwrap_or(i32::MAX).to_be_bytes(),
+                    );
+                    data.extend_from_slice(v.as_bytes());
+                }
+                None => data.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        out.extend_from_slice(&encode(&DataRow::new(
+            data,
+            i16::try_from(row.len()).unwrap_or(i16::MAX),
+        )));
+    }
+    out.extend_from_slice(&command_complete(tag));
+    out.freeze()
+}
+
+/// A NoticeResponse ('N') with one message, e.g. PostgreSQL's warnings.
+#[must_use]
+pub fn notice(code: SqlState, message: &str) -> Bytes {
+    let mut buf = BytesMut::new();
+    let fields: Vec<(u8, &str)> = vec![
+        (b'S', "WARNING"),
+        (b'V', "WARNING"),
+        (b'C', code.0),
+        (b'M', message),
+    ];
+    let len: usize = 4 + fields.iter().map(|(_, v)| v.len() + 2).sum::<usize>() + 1;
+    buf.extend_from_slice(b"N");
+    buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    for (kind, value) in fields {
+        buf.extend_from_slice(&[kind]);
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\0");
+    }
+    buf.extend_from_slice(b"\0");
+    buf.freeze()
+}
+
+/// The SQL text of a Query message body.
+#[must_use]
+pub fn query_text(body: &[u8]) -> Option<&[u8]> {
+    let mut b = body;
+    get_cstr(&mut b)
+}
+
+/// A Parse body: statement name and SQL text.
+#[must_use]
+pub fn parse_parse(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut b = body;
+    let name = get_cstr(&mut b)?;
+    let sql = get_cstr(&mut b)?;
+    Some((name, sql))
+}
+
+/// A Bind body: portal name and statement name.
+#[must_use]
+pub fn parse_bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut b = body;
+    let portal = get_cstr(&mut b)?;
+    let statement = get_cstr(&mut b)?;
+    Some((portal, statement))
+}
+
 #[must_use]
 pub fn negotiate_protocol_version(newest_minor: u16, unsupported: &[String]) -> Bytes {
     encode(&NegotiateProtocolVersion::new(
@@ -173,6 +253,30 @@ pub fn parse_parameter_status(mut body: &[u8]) -> Option<(String, String)> {
         String::from_utf8_lossy(name).into_owned(),
         String::from_utf8_lossy(value).into_owned(),
     ))
+}
+
+/// Reads a DataRow body as text columns (`None` for NULL).
+#[must_use]
+pub fn parse_data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+    if body.len() < 2 {
+        return None;
+    }
+    let count = body.get_u16();
+    let mut columns = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            columns.push(None);
+            continue;
+        }
+        let value = body.get(..usize::try_from(len).ok()?)?;
+        columns.push(Some(String::from_utf8_lossy(value).into_owned()));
+        body.advance(value.len());
+    }
+    Some(columns)
 }
 
 /// The fields of an ErrorResponse or NoticeResponse worth logging.
@@ -263,6 +367,25 @@ mod tests {
     #[test]
     fn query_bytes() {
         assert_eq!(&query("select 1")[..], b"Q\0\0\0\x0dselect 1\0");
+    }
+
+    #[test]
+    fn text_results_decode() {
+        let bytes = text_result(&["a", "b"], &[vec![Some("x".into()), None]], "SHOW");
+        let mut buf = BytesMut::from(&bytes[..]);
+        let t = framing::decode(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(t.tag(), b'T');
+        let d = framing::decode(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(parse_data_row(d.body()), Some(vec![Some("x".into()), None]));
+        assert_eq!(
+            framing::decode(&mut buf, 1024).unwrap().unwrap().tag(),
+            b'C'
+        );
+        let n = notice(SqlState("25001"), "already");
+        let n = framing::decode(&mut BytesMut::from(&n[..]), 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parse_error_fields(n.body()).code, "25001");
     }
 
     #[test]

@@ -1,6 +1,61 @@
-//! Where a statement goes. The [`Route`] names a shard and a role; the read/write classifier,
-//! hints, rules and shard-key extraction that choose it arrive with the routing and sharding
-//! work (DESIGN §4–§5). Until then every statement goes to the primary of the first shard.
+//! Where a statement goes (DESIGN §4): hints first, then the config's rules, then the
+//! classification of the statement (cached by its shape). The result is a [`Decision`]: a
+//! role (primary or replica) on a shard, with the reason, which `pgrouter explain` prints.
+//!
+//! This module decides from text and config only. Which replica serves a read (health, lag,
+//! read-your-writes, load balancing) is the backend's business; transactions are the
+//! session's.
+
+pub mod classify;
+pub mod hint;
+pub mod policy;
+pub mod shape;
+
+pub use policy::{Decision, Policy, Target, Why};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use classify::{Classification, classify};
+
+/// Classifies statements, remembering each shape's classification in a bounded cache shared
+/// by all sessions (sharded, so lookups do not contend on one lock).
+pub struct Router {
+    cache: quick_cache::sync::Cache<Box<[u8]>, Arc<Classification>>,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+impl Router {
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            cache: quick_cache::sync::Cache::new(capacity),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The classification of `sql`, from the cache when its shape was seen before. `scratch`
+    /// is a buffer the caller keeps so that a hit allocates nothing.
+    pub fn classify(&self, sql: &[u8], scratch: &mut Vec<u8>) -> Arc<Classification> {
+        shape::shape_into(sql, scratch);
+        if let Some(hit) = self.cache.get(scratch.as_slice()) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return hit;
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let class = Arc::new(match std::str::from_utf8(sql) {
+            Ok(text) => classify(text),
+            Err(_) => classify::Classification::unparsable("the text is not valid UTF-8"),
+        });
+        if class.cacheable {
+            self.cache
+                .insert(scratch.as_slice().into(), Arc::clone(&class));
+        }
+        class
+    }
+}
 
 use std::fmt;
 

@@ -1,0 +1,419 @@
+//! Server health: every `health_check_interval` each server of each shard is asked whether it
+//! is in recovery and how far its WAL has got (`pg_current_wal_lsn()` on a primary,
+//! `pg_last_wal_replay_lsn()` and the replay lag on a replica). A server that fails a check,
+//! or a replica lagging more than `max_replica_lag`, is banned for `ban_time` with a log line
+//! giving the reason; it is used again once the ban is over and a check passes.
+//!
+//! Readers (the routing path) only load atomics: no lock per query.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{ConnectSpec, ServerConn};
+use crate::config::ServerAddr;
+use crate::router::{Role, ShardId};
+
+/// A WAL position (`pg_lsn`) as one number: high 32 bits, low 32 bits.
+pub type Lsn = u64;
+
+/// Parses `pg_lsn` text such as `0/16B3748`.
+#[must_use]
+pub fn parse_lsn(text: &str) -> Option<Lsn> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// What pgrouter knows about one server of one database.
+#[derive(Debug)]
+pub struct ServerHealth {
+    pub database: String,
+    pub shard: ShardId,
+    pub role: Role,
+    pub addr: ServerAddr,
+    epoch: Instant,
+    /// At least one check has completed.
+    checked: AtomicBool,
+    /// The last check succeeded.
+    ok: AtomicBool,
+    in_recovery: AtomicBool,
+    /// Replay position on a replica, current WAL position on a primary.
+    lsn: AtomicU64,
+    lag_ms: AtomicU64,
+    /// Milliseconds since `epoch` until which the server is banned; 0 when never banned.
+    banned_until_ms: AtomicU64,
+    /// Whether routing could use it at the last check (for "back in rotation" log lines).
+    usable: AtomicBool,
+    last_error: Mutex<String>,
+}
+
+impl ServerHealth {
+    #[must_use]
+    pub fn new(database: &str, shard: ShardId, role: Role, addr: ServerAddr) -> Arc<Self> {
+        Arc::new(Self {
+            database: database.to_owned(),
+            shard,
+            role,
+            addr,
+            epoch: Instant::now(),
+            checked: AtomicBool::new(false),
+            ok: AtomicBool::new(false),
+            in_recovery: AtomicBool::new(false),
+            lsn: AtomicU64::new(0),
+            lag_ms: AtomicU64::new(0),
+            banned_until_ms: AtomicU64::new(0),
+            usable: AtomicBool::new(false),
+            last_error: Mutex::new(String::new()),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    #[must_use]
+    pub fn is_banned(&self) -> bool {
+        self.now_ms() < self.banned_until_ms.load(Ordering::Acquire)
+    }
+
+    /// A replica reads may use: checked and healthy, not banned, lag within `max_lag`.
+    #[must_use]
+    pub fn usable_replica(&self, max_lag: Duration) -> bool {
+        self.checked.load(Ordering::Acquire)
+            && self.ok.load(Ordering::Acquire)
+            && !self.is_banned()
+            && Duration::from_millis(self.lag_ms.load(Ordering::Acquire)) <= max_lag
+    }
+
+    /// The primary said it is in recovery at the last check: writes must not go there.
+    #[must_use]
+    pub fn in_recovery(&self) -> bool {
+        self.ok.load(Ordering::Acquire) && self.in_recovery.load(Ordering::Acquire)
+    }
+
+    #[must_use]
+    pub fn lsn(&self) -> Lsn {
+        self.lsn.load(Ordering::Acquire)
+    }
+
+    #[must_use]
+    pub fn lag(&self) -> Duration {
+        Duration::from_millis(self.lag_ms.load(Ordering::Acquire))
+    }
+
+    /// Bans the server for `ban_time` unless it is banned already; logs the reason once.
+    pub fn ban(&self, ban_time: Duration, reason: &str) {
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(ban_time.as_millis()).unwrap_or(u64::MAX));
+        let previous = self.banned_until_ms.load(Ordering::Acquire);
+        if self.now_ms() < previous {
+            return;
+        }
+        if self
+            .banned_until_ms
+            .compare_exchange(previous, until, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.usable.store(false, Ordering::Release);
+            tracing::warn!(database = %self.database, shard = %self.shard, role = self.role.as_str(), server = %self.addr,
+                reason, ban_time = ?ban_time, "server banned");
+        }
+    }
+
+    fn record_failure(&self, error: String) {
+        self.ok.store(false, Ordering::Release);
+        self.checked.store(true, Ordering::Release);
+        *self.last_error.lock().expect("health lock") = error;
+    }
+
+    /// Why the server is not usable, for error messages.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        if !self.checked.load(Ordering::Acquire) {
+            return format!("{} not checked yet", self.addr);
+        }
+        if self.is_banned() || !self.ok.load(Ordering::Acquire) {
+            let error = self.last_error.lock().expect("health lock").clone();
+            return format!(
+                "{} banned ({})",
+                self.addr,
+                if error.is_empty() { "lagging" } else { &error }
+            );
+        }
+        format!("{} lag {:?}", self.addr, self.lag())
+    }
+}
+
+/// The servers of one shard of one database, checked together so replica lag can be
+/// measured against the primary.
+pub struct ShardHealth {
+    pub primary: Arc<ServerHealth>,
+    pub replicas: Vec<Arc<ServerHealth>>,
+    /// How the checker logs in (the database's name on the servers, the first user).
+    pub spec: ConnectSpec,
+}
+
+/// Settings of the checker.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckSettings {
+    pub interval: Duration,
+    pub ban_time: Duration,
+    pub max_lag: Duration,
+}
+
+const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+     CASE WHEN pg_is_in_recovery() THEN coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) ELSE 0 END";
+
+/// Checks one shard's servers every interval until `shutdown`.
+pub async fn run_checks(
+    shard: Arc<ShardHealth>,
+    settings: CheckSettings,
+    shutdown: CancellationToken,
+) {
+    let mut conns: Vec<Option<ServerConn>> = std::iter::repeat_with(|| None)
+        .take(1 + shard.replicas.len())
+        .collect();
+    let servers: Vec<Arc<ServerHealth>> = std::iter::once(&shard.primary)
+        .chain(&shard.replicas)
+        .cloned()
+        .collect();
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous_primary_lsn: Lsn = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let checks = servers
+            .iter()
+            .zip(conns.iter_mut())
+            .map(|(server, conn)| check_one(&shard.spec, server, conn, settings));
+        let results = futures_util::future::join_all(checks).await;
+        let primary_lsn = results[0].as_ref().map_or(previous_primary_lsn, |r| r.lsn);
+        for (server, result) in servers.iter().zip(results) {
+            judge(server, result, previous_primary_lsn, settings);
+        }
+        previous_primary_lsn = primary_lsn;
+    }
+}
+
+/// One server's answer to the check query.
+struct Observation {
+    in_recovery: bool,
+    lsn: Lsn,
+    replay_age: Duration,
+}
+
+async fn check_one(
+    spec: &ConnectSpec,
+    server: &ServerHealth,
+    conn: &mut Option<ServerConn>,
+    settings: CheckSettings,
+) -> Result<Observation, String> {
+    if conn.is_none() {
+        let spec = ConnectSpec {
+            addr: server.addr.clone(),
+            ..spec.clone()
+        };
+        *conn = Some(
+            ServerConn::connect(&spec)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let c = conn.as_mut().expect("connected above");
+    let limit = settings.interval.max(Duration::from_secs(1));
+    let result = c.query_rows(CHECK_SQL, limit).await.and_then(|rows| {
+        let row = rows.first().ok_or("no row")?;
+        let text = |i: usize| row.get(i).cloned().flatten();
+        Ok(Observation {
+            in_recovery: text(0).as_deref() == Some("t"),
+            lsn: text(1).as_deref().and_then(parse_lsn).unwrap_or(0),
+            replay_age: Duration::from_secs_f64(
+                text(2)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+                    .max(0.0),
+            ),
+        })
+    });
+    if result.is_err() {
+        *conn = None;
+    }
+    result
+}
+
+/// Applies one observation: records it, bans on failure or lag, logs returns to rotation.
+fn judge(
+    server: &ServerHealth,
+    result: Result<Observation, String>,
+    primary_lsn: Lsn,
+    settings: CheckSettings,
+) {
+    let obs = match result {
+        Ok(obs) => obs,
+        Err(error) => {
+            server.ban(settings.ban_time, &format!("health check failed: {error}"));
+            server.record_failure(error);
+            return;
+        }
+    };
+    let was_in_recovery = server.in_recovery.swap(obs.in_recovery, Ordering::AcqRel);
+    server.lsn.store(obs.lsn, Ordering::Release);
+    // Caught up with where the primary was one check ago: no lag worth the name. Otherwise
+    // the lag is the age of the last transaction the replica replayed.
+    let lag = if obs.lsn >= primary_lsn {
+        Duration::ZERO
+    } else {
+        obs.replay_age
+    };
+    server.lag_ms.store(
+        u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+        Ordering::Release,
+    );
+    server.ok.store(true, Ordering::Release);
+    server.checked.store(true, Ordering::Release);
+    server.last_error.lock().expect("health lock").clear();
+    match server.role {
+        Role::Primary => {
+            if obs.in_recovery && !was_in_recovery {
+                tracing::warn!(database = %server.database, server = %server.addr, "the primary reports it is in recovery: writes to it are refused");
+            }
+        }
+        Role::Replica => {
+            if !obs.in_recovery {
+                server.ban(
+                    settings.ban_time,
+                    "configured as a replica but not in recovery",
+                );
+            } else if lag > settings.max_lag {
+                *server.last_error.lock().expect("health lock") = format!(
+                    "replication lag {lag:.1?} exceeds max_replica_lag {:?}",
+                    settings.max_lag
+                );
+                server.ban(
+                    settings.ban_time,
+                    &format!(
+                        "replication lag {lag:.1?} exceeds max_replica_lag {:?}",
+                        settings.max_lag
+                    ),
+                );
+            }
+            let usable = server.usable_replica(settings.max_lag);
+            if usable && !server.usable.swap(true, Ordering::AcqRel) {
+                tracing::info!(database = %server.database, shard = %server.shard, server = %server.addr, lag = ?lag, "replica in rotation");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text() {
+        assert_eq!(parse_lsn("0/16B3748"), Some(0x16B_3748));
+        assert_eq!(parse_lsn("1/0"), Some(1 << 32));
+        assert_eq!(parse_lsn("bogus"), None);
+    }
+
+    fn replica() -> Arc<ServerHealth> {
+        ServerHealth::new(
+            "app",
+            ShardId(0),
+            Role::Replica,
+            ServerAddr {
+                host: "h".into(),
+                port: 1,
+            },
+        )
+    }
+
+    const SETTINGS: CheckSettings = CheckSettings {
+        interval: Duration::from_millis(100),
+        ban_time: Duration::from_secs(60),
+        max_lag: Duration::from_secs(1),
+    };
+
+    #[test]
+    fn unchecked_replicas_are_not_used() {
+        assert!(!replica().usable_replica(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn lag_and_failures_ban() {
+        let r = replica();
+        judge(
+            &r,
+            Ok(Observation {
+                in_recovery: true,
+                lsn: 100,
+                replay_age: Duration::from_secs(30),
+            }),
+            100,
+            SETTINGS,
+        );
+        assert!(
+            r.usable_replica(SETTINGS.max_lag),
+            "caught up with the primary: no lag"
+        );
+        judge(
+            &r,
+            Ok(Observation {
+                in_recovery: true,
+                lsn: 100,
+                replay_age: Duration::from_secs(3),
+            }),
+            200,
+            SETTINGS,
+        );
+        assert!(
+            !r.usable_replica(SETTINGS.max_lag) && r.is_banned(),
+            "3s behind: banned"
+        );
+        let r = replica();
+        judge(&r, Err("connection refused".into()), 0, SETTINGS);
+        assert!(
+            r.is_banned() && r.describe().contains("connection refused"),
+            "{}",
+            r.describe()
+        );
+        let r = replica();
+        judge(
+            &r,
+            Ok(Observation {
+                in_recovery: false,
+                lsn: 1,
+                replay_age: Duration::ZERO,
+            }),
+            0,
+            SETTINGS,
+        );
+        assert!(r.is_banned(), "a promoted replica is not a replica");
+    }
+
+    #[test]
+    fn bans_expire() {
+        let r = replica();
+        judge(
+            &r,
+            Ok(Observation {
+                in_recovery: true,
+                lsn: 1,
+                replay_age: Duration::ZERO,
+            }),
+            0,
+            SETTINGS,
+        );
+        r.ban(Duration::from_millis(30), "test");
+        assert!(!r.usable_replica(SETTINGS.max_lag));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(r.usable_replica(SETTINGS.max_lag));
+    }
+}

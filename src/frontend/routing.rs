@@ -1,0 +1,360 @@
+//! A session's routing state and the decisions that need it: which statements a request
+//! carries (a Query's text, a batch's Parses and the prepared statements its Binds use), the
+//! route they take together, the transaction the proxy holds after a client's BEGIN, the
+//! `pgrouter.route` session setting, and the client's last write for read-your-writes.
+//!
+//! Pure: no sockets. The session does the waiting; this decides and answers locally.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::backend::health::Lsn;
+use crate::error::{Error, SqlState};
+use crate::protocol::framing::Frame;
+use crate::protocol::messages::{self, TxStatus};
+use crate::router::classify::{Classification, TxControl};
+use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
+use crate::router::policy::Undecided;
+use crate::router::{Decision, Policy, Router, Target};
+
+/// Prepared statements remembered per session for routing their Binds; beyond this the
+/// oldest knowledge is simply forgotten (a Bind of a forgotten statement goes to the primary).
+const MAX_PREPARED: usize = 10_000;
+
+/// What a detached session received and must route.
+#[derive(Debug)]
+pub enum Request {
+    /// A simple Query.
+    Query(Frame),
+    /// Extended-protocol messages up to and including a Sync or Flush.
+    Batch(Vec<Frame>),
+    /// A FunctionCall (the fast-path interface, used for large objects).
+    Function(Frame),
+}
+
+impl Request {
+    #[must_use]
+    pub fn into_frames(self) -> Vec<Frame> {
+        match self {
+            Self::Query(f) | Self::Function(f) => vec![f],
+            Self::Batch(frames) => frames,
+        }
+    }
+
+    /// Whether the client expects a ReadyForQuery for this request as it stands: after a
+    /// Query or FunctionCall, or a batch that ends with Sync. Otherwise an error must be
+    /// followed by skipping to the client's next Sync.
+    #[must_use]
+    pub fn expects_ready(&self) -> bool {
+        match self {
+            Self::Query(_) | Self::Function(_) => true,
+            Self::Batch(frames) => frames.last().is_some_and(|f| f.tag() == b'S'),
+        }
+    }
+}
+
+/// A transaction the client opened that the proxy has not started on a server yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldTx {
+    /// BEGIN and any SET TRANSACTION, replayed on the server when the first statement comes.
+    pub statements: Vec<String>,
+    pub read_only: bool,
+    /// Starting it on the server failed; the client must end it.
+    pub failed: bool,
+}
+
+/// The client's last write, for read-your-writes.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteMark {
+    /// The primary's WAL position after the write committed (`read_your_writes = "lsn"`).
+    pub lsn: Option<Lsn>,
+    pub at: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Prepared {
+    sql: Bytes,
+    class: Arc<Classification>,
+}
+
+/// What routing a request led to.
+#[derive(Debug)]
+pub enum Plan {
+    /// Answered by the proxy; these bytes go to the client.
+    Local(Bytes),
+    /// Send to a server as `decision` says; `prelude` (a held BEGIN) runs there first.
+    Server {
+        decision: Decision,
+        prelude: Option<String>,
+    },
+}
+
+#[derive(Default)]
+pub struct RoutingState {
+    pub route_setting: Option<RouteHint>,
+    pub held: Option<HeldTx>,
+    pub last_write: Option<WriteMark>,
+    prepared: HashMap<Box<[u8]>, Prepared>,
+    scratch: Vec<u8>,
+}
+
+impl RoutingState {
+    /// The transaction status the client believes in while no server is attached.
+    #[must_use]
+    pub fn client_status(&self) -> TxStatus {
+        match &self.held {
+            None => TxStatus::Idle,
+            Some(held) if held.failed => TxStatus::Failed,
+            Some(_) => TxStatus::InTransaction,
+        }
+    }
+
+    /// Routes a request (transaction pooling). `Err(Undecided::NeedVolatility)` asks the
+    /// caller to look functions up on the primary and try again.
+    pub fn plan(
+        &mut self,
+        router: &Router,
+        policy: &Policy,
+        request: &Request,
+    ) -> Result<Plan, PlanError> {
+        if self.held.as_ref().is_some_and(|h| h.failed) {
+            return self.in_failed_transaction(router, request);
+        }
+        if let Request::Query(frame) = request {
+            let sql = messages::query_text(frame.body())
+                .ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
+            if let Some(cmd) = hint::session_command(sql) {
+                return Ok(Plan::Local(
+                    self.session_command(cmd.map_err(Error::Invalid)?),
+                ));
+            }
+            let class = router.classify(sql, &mut self.scratch);
+            if let Some(tx) = class.tx
+                && let Some(answer) = self.transaction_control(tx, sql)
+            {
+                return Ok(Plan::Local(answer));
+            }
+        }
+        let statements = self.statements(router, request)?;
+        let hints = statements
+            .iter()
+            .try_fold(Hints::default(), |acc, (sql, _)| {
+                let h = hint::parse_hints(sql).map_err(Error::Invalid)?;
+                Ok::<_, Error>(if h.is_empty() { acc } else { h })
+            })?;
+        if let Some(held) = &self.held {
+            let decision = policy.transaction(held.read_only, &hints, self.route_setting);
+            let prelude = Some(held.statements.join("; "));
+            return Ok(Plan::Server { decision, prelude });
+        }
+        let begin = statements.iter().find_map(|(_, c)| match c.tx {
+            Some(TxControl::Begin { read_only, .. }) => Some(read_only),
+            _ => None,
+        });
+        if let Some(read_only) = begin {
+            // an extended-protocol BEGIN: the batch itself opens the transaction
+            return Ok(Plan::Server {
+                decision: policy.transaction(read_only, &hints, self.route_setting),
+                prelude: None,
+            });
+        }
+        let mut strongest: Option<Decision> = None;
+        for (sql, class) in &statements {
+            let d = policy
+                .decide(sql, class, &hints, self.route_setting)
+                .map_err(PlanError::Undecided)?;
+            if strongest
+                .as_ref()
+                .is_none_or(|s| rank(d.target) > rank(s.target))
+            {
+                strongest = Some(d);
+            }
+        }
+        let decision =
+            strongest.unwrap_or_else(|| policy.read(policy.home(), crate::router::Why::Read));
+        Ok(Plan::Server {
+            decision,
+            prelude: None,
+        })
+    }
+
+    /// The statements a request carries, with their classifications. Parses are
+    /// remembered so later Binds of the same statement route the same way.
+    fn statements(
+        &mut self,
+        router: &Router,
+        request: &Request,
+    ) -> Result<Vec<(Bytes, Arc<Classification>)>, Error> {
+        let malformed = |what: &str| Error::Protocol(format!("malformed {what} message"));
+        match request {
+            Request::Query(frame) => {
+                let sql = messages::query_text(frame.body()).ok_or_else(|| malformed("Query"))?;
+                let class = router.classify(sql, &mut self.scratch);
+                Ok(vec![(Bytes::copy_from_slice(sql), class)])
+            }
+            Request::Function(_) => Ok(vec![(
+                Bytes::new(),
+                Arc::new(Classification::unparsable("a FunctionCall may write")),
+            )]),
+            Request::Batch(frames) => {
+                let mut out = Vec::new();
+                for frame in frames {
+                    match frame.tag() {
+                        b'P' => {
+                            let (name, sql) = messages::parse_parse(frame.body())
+                                .ok_or_else(|| malformed("Parse"))?;
+                            let class = router.classify(sql, &mut self.scratch);
+                            let sql = Bytes::copy_from_slice(sql);
+                            self.remember(
+                                name,
+                                Prepared {
+                                    sql: sql.clone(),
+                                    class: Arc::clone(&class),
+                                },
+                            );
+                            out.push((sql, class));
+                        }
+                        b'B' => {
+                            let (_, name) = messages::parse_bind_names(frame.body())
+                                .ok_or_else(|| malformed("Bind"))?;
+                            let known = self.prepared.get(name).cloned();
+                            out.push(known.map_or_else(
+                                || {
+                                    (
+                                        Bytes::new(),
+                                        Arc::new(Classification::unparsable(
+                                            "Bind of a statement pgrouter has not seen prepared",
+                                        )),
+                                    )
+                                },
+                                |p| (p.sql, p.class),
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn remember(&mut self, name: &[u8], prepared: Prepared) {
+        if self.prepared.len() >= MAX_PREPARED && !self.prepared.contains_key(name) {
+            self.prepared.clear();
+        }
+        self.prepared.insert(name.into(), prepared);
+    }
+
+    /// BEGIN, SET TRANSACTION, COMMIT and ROLLBACK while no server is attached: the proxy
+    /// holds the transaction until its first statement. `None` when the statement must go to
+    /// a server after all.
+    fn transaction_control(&mut self, tx: TxControl, sql: &[u8]) -> Option<Bytes> {
+        let text = String::from_utf8_lossy(sql)
+            .trim()
+            .trim_end_matches(';')
+            .to_owned();
+        match (tx, &mut self.held) {
+            (TxControl::Begin { read_only, tag }, None) => {
+                self.held = Some(HeldTx {
+                    statements: vec![text],
+                    read_only,
+                    failed: false,
+                });
+                Some(answer(tag, TxStatus::InTransaction))
+            }
+            (TxControl::Begin { tag, .. }, Some(_)) => {
+                let mut out = BytesMut::from(
+                    &messages::notice(
+                        SqlState("25001"),
+                        "there is already a transaction in progress",
+                    )[..],
+                );
+                out.extend_from_slice(&answer(tag, TxStatus::InTransaction));
+                Some(out.freeze())
+            }
+            (TxControl::SetTransaction { read_only }, Some(held)) => {
+                held.statements.push(text);
+                held.read_only = read_only;
+                Some(answer("SET", TxStatus::InTransaction))
+            }
+            (TxControl::End { tag }, Some(_)) => {
+                self.held = None;
+                Some(answer(tag, TxStatus::Idle))
+            }
+            _ => None,
+        }
+    }
+
+    /// Inside a transaction whose start failed only its end is accepted, as PostgreSQL does.
+    fn in_failed_transaction(
+        &mut self,
+        router: &Router,
+        request: &Request,
+    ) -> Result<Plan, PlanError> {
+        if let Request::Query(frame) = request
+            && let Some(sql) = messages::query_text(frame.body())
+            && let Some(TxControl::End { .. }) = router.classify(sql, &mut self.scratch).tx
+        {
+            self.held = None;
+            return Ok(Plan::Local(answer("ROLLBACK", TxStatus::Idle)));
+        }
+        Err(PlanError::Error(Error::TransactionAborted))
+    }
+
+    fn session_command(&mut self, cmd: SessionCommand) -> Bytes {
+        let status = self.client_status();
+        match cmd {
+            SessionCommand::SetRoute(value) => {
+                self.route_setting = value;
+                answer("SET", status)
+            }
+            SessionCommand::ResetRoute => {
+                self.route_setting = None;
+                answer("RESET", status)
+            }
+            SessionCommand::ShowRoute => {
+                let value = self.route_setting.map_or("default", RouteHint::as_str);
+                let mut out = BytesMut::from(
+                    &messages::text_result(
+                        &["pgrouter.route"],
+                        &[vec![Some(value.to_owned())]],
+                        "SHOW",
+                    )[..],
+                );
+                out.extend_from_slice(&messages::ready_for_query(status));
+                out.freeze()
+            }
+        }
+    }
+}
+
+/// Which of two targets wins when a request carries several statements.
+fn rank(target: Target) -> u8 {
+    match target {
+        Target::Replica => 0,
+        Target::Any => 1,
+        Target::Primary => 2,
+    }
+}
+
+fn answer(tag: &str, status: TxStatus) -> Bytes {
+    let mut out = BytesMut::from(&messages::command_complete(tag)[..]);
+    out.extend_from_slice(&messages::ready_for_query(status));
+    out.freeze()
+}
+
+/// Why a request could not be routed yet.
+#[derive(Debug)]
+pub enum PlanError {
+    Undecided(Undecided),
+    Error(Error),
+}
+
+impl From<Error> for PlanError {
+    fn from(e: Error) -> Self {
+        Self::Error(e)
+    }
+}

@@ -1,0 +1,410 @@
+//! Read or write? Parses a statement with sqlparser (PostgreSQL dialect) and decides as
+//! DESIGN §4 lists. Fails closed: anything not known to be a read is a write, and a
+//! statement that does not parse is a write.
+//!
+//! The result records facts about the text only (which functions it calls, whether it opens
+//! a transaction); config lists (`write_functions`, `read_only_functions`) and function
+//! volatility are applied by the router, so a cached result stays valid for any config.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    CopySource, Expr, ObjectName, Query, Select, Set, Statement, TableFactor,
+    TransactionAccessMode, TransactionMode, UtilityOption, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+/// What executing a text needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Runs on a hot standby (if no called function turns out to write).
+    Read,
+    /// Needs the primary; the reason says why.
+    Write(String),
+}
+
+/// Transaction control, when a text is exactly one such statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxControl {
+    /// BEGIN / START TRANSACTION; `tag` is the CommandComplete tag PostgreSQL answers with.
+    Begin { read_only: bool, tag: &'static str },
+    /// SET TRANSACTION ...
+    SetTransaction { read_only: bool },
+    /// COMMIT, END, ROLLBACK, ABORT; `tag` as PostgreSQL answers.
+    End { tag: &'static str },
+    /// SAVEPOINT, RELEASE, ROLLBACK TO (only meaningful inside a transaction).
+    Savepoint,
+}
+
+/// The classification of one query text (one or more statements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    pub access: Access,
+    /// Functions called (lower-cased unless quoted, schema-qualified as written), other than
+    /// the built-in writers that already made `access` a write.
+    pub functions: Vec<String>,
+    /// Set when the text is a single transaction-control statement.
+    pub tx: Option<TxControl>,
+    /// The text opens a transaction block that is not read-only (BEGIN among several
+    /// statements), so it must run on the primary.
+    pub opens_write_transaction: bool,
+    /// False when the result depends on a literal (EXPLAIN option values), so it must not be
+    /// shared through the shape cache.
+    pub cacheable: bool,
+}
+
+impl Classification {
+    /// A text that cannot be classified: a write, fail closed.
+    #[must_use]
+    pub fn unparsable(reason: &str) -> Self {
+        Self::write(format!("does not parse ({reason})"))
+    }
+
+    fn write(reason: impl Into<String>) -> Self {
+        Self {
+            access: Access::Write(reason.into()),
+            functions: Vec::new(),
+            tx: None,
+            opens_write_transaction: false,
+            cacheable: true,
+        }
+    }
+}
+
+/// Built-in functions that write or hold session state (DESIGN §4), matched on the bare name.
+fn builtin_writer(bare: &str) -> bool {
+    matches!(
+        bare,
+        "nextval"
+            | "setval"
+            | "lastval"
+            | "currval"
+            | "set_config"
+            | "pg_notify"
+            | "txid_current"
+            | "pg_current_xact_id"
+            | "dblink_exec"
+            | "pg_switch_wal"
+            | "pg_create_restore_point"
+            | "pg_logical_emit_message"
+            | "pg_create_physical_replication_slot"
+            | "pg_create_logical_replication_slot"
+            | "pg_drop_replication_slot"
+    ) || bare.starts_with("lo_")
+        || (bare.starts_with("pg_advisory_") || bare.starts_with("pg_try_advisory_"))
+            && bare.contains("lock")
+        || bare.starts_with("pg_replication_origin_")
+}
+
+/// The last part of a possibly qualified function name.
+#[must_use]
+pub fn bare_name(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
+}
+
+/// Classifies one query text.
+#[must_use]
+pub fn classify(sql: &str) -> Classification {
+    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(s) => s,
+        Err(e) => {
+            return transaction_fallback(sql)
+                .unwrap_or_else(|| Classification::write(format!("does not parse ({e})")));
+        }
+    };
+    if statements.is_empty() {
+        return Classification {
+            access: Access::Read,
+            ..Classification::write("")
+        };
+    }
+    let mut result = Classification {
+        access: Access::Read,
+        ..Classification::write("")
+    };
+    let single = statements.len() == 1;
+    for stmt in &statements {
+        let one = classify_statement(stmt);
+        if single {
+            result.tx = one.tx;
+        } else if let Some(TxControl::Begin {
+            read_only: false, ..
+        }) = one.tx
+        {
+            result.opens_write_transaction = true;
+        }
+        if result.access == Access::Read {
+            result.access = one.access;
+        }
+        result.functions.extend(one.functions);
+        result.cacheable &= one.cacheable;
+    }
+    result.functions.sort();
+    result.functions.dedup();
+    result
+}
+
+fn classify_statement(stmt: &Statement) -> Classification {
+    let read = || Classification {
+        access: Access::Read,
+        ..Classification::write("")
+    };
+    let tx = |tx| Classification {
+        tx: Some(tx),
+        ..read()
+    };
+    match stmt {
+        Statement::Query(_) | Statement::Declare { .. } => scan(stmt),
+        Statement::Explain {
+            analyze,
+            statement,
+            options,
+            ..
+        } => {
+            let mut c = if *analyze || options.as_deref().is_some_and(analyze_option) {
+                let inner = classify_statement(statement);
+                match inner.access {
+                    Access::Write(_) => Classification {
+                        access: Access::Write(
+                            "EXPLAIN ANALYZE runs a statement that writes".into(),
+                        ),
+                        ..inner
+                    },
+                    Access::Read => inner,
+                }
+            } else {
+                read()
+            };
+            c.tx = None;
+            c.cacheable = options.is_none();
+            c
+        }
+        Statement::Copy {
+            to: true,
+            source: CopySource::Query(_),
+            ..
+        } => scan(stmt),
+        Statement::Copy { to: true, .. } => read(),
+        Statement::Copy { to: false, .. } => Classification::write("COPY FROM writes rows"),
+        Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::ShowTables { .. } => read(),
+        Statement::Fetch { .. } | Statement::Close { .. } => read(),
+        Statement::StartTransaction {
+            modes,
+            begin,
+            statements,
+            ..
+        } if statements.is_empty() => tx(TxControl::Begin {
+            read_only: read_only(modes),
+            tag: if *begin { "BEGIN" } else { "START TRANSACTION" },
+        }),
+        Statement::Set(Set::SetTransaction {
+            modes,
+            session: false,
+            snapshot: None,
+        }) => tx(TxControl::SetTransaction {
+            read_only: read_only(modes),
+        }),
+        Statement::Commit { .. } => tx(TxControl::End { tag: "COMMIT" }),
+        Statement::Rollback {
+            savepoint: None, ..
+        } => tx(TxControl::End { tag: "ROLLBACK" }),
+        Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => tx(TxControl::Savepoint),
+        other => Classification::write(format!("{} is not a read", statement_kind(other))),
+    }
+}
+
+fn read_only(modes: &[TransactionMode]) -> bool {
+    modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)
+        )
+    })
+}
+
+/// `EXPLAIN (ANALYZE)`, `(ANALYZE true)`, `(ANALYZE on)`, `(ANALYZE 1)`.
+fn analyze_option(options: &[UtilityOption]) -> bool {
+    options.iter().any(|o| {
+        o.name.value.eq_ignore_ascii_case("analyze")
+            && o.arg.as_ref().is_none_or(|arg| {
+                let v = arg.to_string().to_ascii_lowercase();
+                !matches!(v.trim_matches('\''), "false" | "off" | "0" | "no")
+            })
+    })
+}
+
+/// The first words of a statement, for messages ("INSERT", "CREATE TABLE").
+fn statement_kind(stmt: &Statement) -> String {
+    let text = stmt.to_string();
+    let mut words = text.split_whitespace().take(2).map(str::to_ascii_uppercase);
+    let first = words.next().unwrap_or_default();
+    match (first.as_str(), words.next()) {
+        ("CREATE" | "ALTER" | "DROP", Some(second)) => format!("{first} {second}"),
+        _ => first,
+    }
+}
+
+/// Walks a query-like statement for anything that makes it a write.
+fn scan(stmt: &Statement) -> Classification {
+    let mut finder = Finder::default();
+    let _ = stmt.visit(&mut finder);
+    Classification {
+        access: finder.write.map_or(Access::Read, Access::Write),
+        functions: finder.functions,
+        tx: None,
+        opens_write_transaction: false,
+        cacheable: true,
+    }
+}
+
+#[derive(Default)]
+struct Finder {
+    depth: usize,
+    write: Option<String>,
+    functions: Vec<String>,
+}
+
+impl Finder {
+    fn write(&mut self, reason: impl Into<String>) {
+        if self.write.is_none() {
+            self.write = Some(reason.into());
+        }
+    }
+
+    fn call(&mut self, name: &ObjectName) {
+        let name = function_name(name);
+        if builtin_writer(bare_name(&name)) {
+            self.write(format!(
+                "calls {name}(), which writes or holds session state"
+            ));
+        } else {
+            self.functions.push(name);
+        }
+    }
+}
+
+impl Visitor for Finder {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
+        self.depth += 1;
+        if self.depth > 1
+            && matches!(
+                stmt,
+                Statement::Insert(_)
+                    | Statement::Update(_)
+                    | Statement::Delete(_)
+                    | Statement::Merge(_)
+            )
+        {
+            self.write(
+                "a data-modifying statement inside the query (WITH ... INSERT/UPDATE/DELETE)",
+            );
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, _: &Statement) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if !query.locks.is_empty() {
+            self.write("a locking clause (FOR UPDATE / FOR SHARE)");
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        if select.into.is_some() {
+            self.write("SELECT INTO creates a table");
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = expr {
+            self.call(&f.name);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            }
+            | TableFactor::Function { name, .. } => self.call(name),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// `schema.func` as PostgreSQL resolves it: unquoted parts lower-cased.
+fn function_name(name: &ObjectName) -> String {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|part| match part.as_ident() {
+            Some(id) if id.quote_style.is_some() => id.value.clone(),
+            Some(id) => id.value.to_lowercase(),
+            None => part.to_string().to_lowercase(),
+        })
+        .collect();
+    parts.join(".")
+}
+
+/// Transaction-control statements sqlparser cannot parse (`BEGIN ... DEFERRABLE`, `START
+/// TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE`), read by hand.
+fn transaction_fallback(sql: &str) -> Option<Classification> {
+    let text = sql.trim().trim_end_matches(';').to_ascii_lowercase();
+    let words: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let (tag, modes) = match words.as_slice() {
+        ["begin", "work" | "transaction", rest @ ..] | ["begin", rest @ ..] => ("BEGIN", rest),
+        ["start", "transaction", rest @ ..] => ("START TRANSACTION", rest),
+        ["set", "transaction", rest @ ..] => ("SET", rest),
+        _ => return None,
+    };
+    let mut read_only = false;
+    let mut i = 0;
+    while i < modes.len() {
+        match &modes[i..] {
+            ["isolation", "level", "serializable", ..]
+            | ["isolation", "level", "repeatable" | "read", _, ..] => {
+                i += if modes[i + 2] == "serializable" { 3 } else { 4 };
+            }
+            ["read", "only", ..] => {
+                read_only = true;
+                i += 2;
+            }
+            ["read", "write", ..] | ["not", "deferrable", ..] => i += 2,
+            ["deferrable", ..] => i += 1,
+            _ => return None,
+        }
+    }
+    let tx = if tag == "SET" {
+        TxControl::SetTransaction { read_only }
+    } else {
+        TxControl::Begin { read_only, tag }
+    };
+    Some(Classification {
+        access: Access::Read,
+        tx: Some(tx),
+        ..Classification::write("")
+    })
+}
+
+#[cfg(test)]
+mod tests;

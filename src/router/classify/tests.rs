@@ -1,0 +1,149 @@
+use super::*;
+
+fn is_read(sql: &str) -> bool {
+    classify(sql).access == Access::Read
+}
+
+#[test]
+fn reads() {
+    for sql in [
+        "SELECT 1",
+        "select a, b from t where id = $1 order by a limit 10",
+        "WITH x AS (SELECT 1) SELECT * FROM x",
+        "VALUES (1), (2)",
+        "SHOW search_path",
+        "SHOW ALL",
+        "EXPLAIN SELECT * FROM t",
+        "EXPLAIN INSERT INTO t VALUES (1)",
+        "EXPLAIN ANALYZE SELECT 1",
+        "COPY t TO STDOUT",
+        "COPY (SELECT * FROM t) TO STDOUT WITH (FORMAT csv)",
+        "SELECT count(*), max(x), now(), lower(name) FROM t GROUP BY y",
+        "SELECT * FROM generate_series(1, 10)",
+        "select 1; select 2",
+    ] {
+        assert!(is_read(sql), "{sql}: {:?}", classify(sql));
+    }
+}
+
+#[test]
+fn writes() {
+    for sql in [
+        "INSERT INTO t VALUES (1)",
+        "UPDATE t SET a = 1",
+        "DELETE FROM t",
+        "CREATE TABLE t (a int)",
+        "DROP TABLE t",
+        "TRUNCATE t",
+        "SELECT * FROM t FOR UPDATE",
+        "SELECT * FROM t FOR SHARE",
+        "SELECT * FROM t FOR NO KEY UPDATE",
+        "SELECT * FROM t FOR KEY SHARE",
+        "SELECT nextval('s')",
+        "SELECT currval('s')",
+        "select setval('s', 10)",
+        "SELECT pg_advisory_lock(1)",
+        "SELECT pg_try_advisory_xact_lock(1)",
+        "SELECT set_config('a.b', 'c', false)",
+        "SELECT pg_notify('ch', 'x')",
+        "SELECT lo_create(0)",
+        "SELECT txid_current()",
+        "SELECT * INTO newtable FROM t",
+        "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+        "WITH i AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM i",
+        "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
+        "EXPLAIN (ANALYZE) DELETE FROM t",
+        "EXPLAIN (ANALYZE true, BUFFERS) UPDATE t SET a = 1",
+        "COPY t FROM STDIN",
+        "SET search_path = app",
+        "LISTEN ch",
+        "NOTIFY ch",
+        "VACUUM t",
+        "VACUUM (ANALYZE) t",
+        "DO $$ BEGIN END $$",
+        "PREPARE TRANSACTION 'x'",
+        "PREPARE q AS SELECT 1",
+        "DISCARD ALL",
+        "LOCK TABLE t",
+        "this is not sql",
+        "select 1; insert into t values (1)",
+        // sqlparser 0.64 cannot parse these: failing closed sends them to the primary
+        "TABLE t",
+        "SELECT (SELECT nextval('s'))",
+        "SELECT * FROM t WHERE id IN (SELECT id FROM u FOR UPDATE)",
+    ] {
+        assert!(!is_read(sql), "{sql}: {:?}", classify(sql));
+    }
+}
+
+#[test]
+fn explain_without_analyze_option_is_read() {
+    assert!(is_read("EXPLAIN (ANALYZE false) DELETE FROM t"));
+    assert!(is_read("EXPLAIN (COSTS off) DELETE FROM t"));
+    assert!(!classify("EXPLAIN (ANALYZE off) SELECT 1").cacheable);
+}
+
+#[test]
+fn transaction_control() {
+    let tx = |sql: &str| classify(sql).tx;
+    assert_eq!(
+        tx("BEGIN"),
+        Some(TxControl::Begin {
+            read_only: false,
+            tag: "BEGIN"
+        })
+    );
+    assert_eq!(
+        tx("begin read only"),
+        Some(TxControl::Begin {
+            read_only: true,
+            tag: "BEGIN"
+        })
+    );
+    assert_eq!(
+        tx("START TRANSACTION READ ONLY"),
+        Some(TxControl::Begin {
+            read_only: true,
+            tag: "START TRANSACTION"
+        })
+    );
+    assert_eq!(
+        tx("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"),
+        Some(TxControl::Begin {
+            read_only: true,
+            tag: "BEGIN"
+        })
+    );
+    assert_eq!(
+        tx("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+        Some(TxControl::Begin {
+            read_only: false,
+            tag: "START TRANSACTION"
+        })
+    );
+    assert_eq!(
+        tx("SET TRANSACTION READ ONLY"),
+        Some(TxControl::SetTransaction { read_only: true })
+    );
+    assert_eq!(tx("COMMIT"), Some(TxControl::End { tag: "COMMIT" }));
+    assert_eq!(tx("END"), Some(TxControl::End { tag: "COMMIT" }));
+    assert_eq!(tx("ROLLBACK"), Some(TxControl::End { tag: "ROLLBACK" }));
+    assert_eq!(tx("ABORT"), Some(TxControl::End { tag: "ROLLBACK" }));
+    assert_eq!(tx("SAVEPOINT a"), Some(TxControl::Savepoint));
+    assert_eq!(tx("ROLLBACK TO SAVEPOINT a"), Some(TxControl::Savepoint));
+    assert_eq!(tx("BEGIN deferrable nonsense"), None);
+    let c = classify("BEGIN; SELECT 1; COMMIT");
+    assert!(c.opens_write_transaction && c.tx.is_none(), "{c:?}");
+    assert!(!classify("BEGIN READ ONLY; SELECT 1; COMMIT").opens_write_transaction);
+}
+
+#[test]
+fn user_functions_are_reported() {
+    let c =
+        classify("SELECT app.price_of(id), \"MixedCase\"(1), coalesce(a, b) FROM t, my_srf(2) s");
+    assert_eq!(c.access, Access::Read);
+    assert_eq!(
+        c.functions,
+        vec!["MixedCase", "app.price_of", "coalesce", "my_srf"]
+    );
+}

@@ -1,0 +1,222 @@
+//! Routing hints a client can give: a leading comment `/* pgrouter: route=primary */`
+//! (also `shard=N` and `shard_key=V`, used by sharding), and the session commands
+//! `SET pgrouter.route = 'primary' | 'replica' | 'default'`, `RESET pgrouter.route` and
+//! `SHOW pgrouter.route`, which pgrouter answers itself and never forwards.
+
+/// Where a hint sends a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteHint {
+    Primary,
+    Replica,
+}
+
+impl RouteHint {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Replica => "replica",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "primary" => Some(Self::Primary),
+            "replica" => Some(Self::Replica),
+            _ => None,
+        }
+    }
+}
+
+/// Hints found in a statement's leading comments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    pub route: Option<RouteHint>,
+    pub shard: Option<usize>,
+    pub shard_key: Option<String>,
+}
+
+impl Hints {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.route.is_none() && self.shard.is_none() && self.shard_key.is_none()
+    }
+}
+
+/// Reads `pgrouter:` hints from the comments before the first token. A malformed hint is an
+/// error (a hint silently ignored would be a silent misroute).
+pub fn parse_hints(sql: &[u8]) -> Result<Hints, String> {
+    let mut hints = Hints::default();
+    let mut rest = sql;
+    loop {
+        rest = trim_start(rest);
+        let (body, after) = if let Some(r) = rest.strip_prefix(b"/*") {
+            match r.windows(2).position(|w| w == b"*/") {
+                Some(end) => (&r[..end], &r[end + 2..]),
+                None => return Ok(hints),
+            }
+        } else if let Some(r) = rest.strip_prefix(b"--") {
+            let end = r.iter().position(|&c| c == b'\n').unwrap_or(r.len());
+            (&r[..end], &r[end..])
+        } else {
+            return Ok(hints);
+        };
+        rest = after;
+        let text = String::from_utf8_lossy(body);
+        if let Some(spec) = text.trim().strip_prefix("pgrouter:") {
+            apply(spec, &mut hints)?;
+        }
+    }
+}
+
+fn apply(spec: &str, hints: &mut Hints) -> Result<(), String> {
+    for item in spec.split([' ', ',', '\t', '\n']).filter(|s| !s.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("invalid pgrouter hint \"{item}\": expected key=value"))?;
+        let value = value.trim_matches(|c| c == '\'' || c == '"');
+        match key.to_ascii_lowercase().as_str() {
+            "route" => {
+                hints.route = Some(RouteHint::parse(value).ok_or_else(|| {
+                    format!("invalid pgrouter hint route={value}: expected primary or replica")
+                })?);
+            }
+            "shard" => {
+                hints.shard = Some(value.parse().map_err(|_| {
+                    format!("invalid pgrouter hint shard={value}: expected a shard index")
+                })?);
+            }
+            "shard_key" => hints.shard_key = Some(value.to_owned()),
+            other => {
+                return Err(format!(
+                    "unknown pgrouter hint \"{other}\" (known: route, shard, shard_key)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn trim_start(mut s: &[u8]) -> &[u8] {
+    while let Some((c, rest)) = s.split_first() {
+        if !c.is_ascii_whitespace() {
+            break;
+        }
+        s = rest;
+    }
+    s
+}
+
+/// A session command about pgrouter's own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionCommand {
+    /// `SET pgrouter.route = ...`; `None` is `default` (no override).
+    SetRoute(Option<RouteHint>),
+    ResetRoute,
+    ShowRoute,
+}
+
+/// Recognises `SET [SESSION] pgrouter.route {=|TO} 'v'`, `RESET pgrouter.route` and
+/// `SHOW pgrouter.route` (case-insensitive, optional trailing semicolon). `Err` for a
+/// `pgrouter.*` setting that is not understood.
+pub fn session_command(sql: &[u8]) -> Option<Result<SessionCommand, String>> {
+    let text = std::str::from_utf8(trim_start(sql)).ok()?;
+    let head = text.get(..text.len().min(48))?.to_ascii_lowercase();
+    if !head.contains("pgrouter.") {
+        return None;
+    }
+    let text = text.trim().trim_end_matches(';').trim();
+    let words: Vec<String> = text
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let (verb, rest) = words.split_first()?;
+    let rest = match (*verb, rest.first()) {
+        ("set", Some(&"session")) => &rest[1..],
+        ("set" | "reset" | "show", _) => rest,
+        _ => return None,
+    };
+    let name = rest.first()?;
+    let setting = name.strip_prefix("pgrouter.")?;
+    let setting = setting.split('=').next().unwrap_or_default();
+    if setting != "route" {
+        return Some(Err(format!(
+            "unrecognized configuration parameter \"pgrouter.{setting}\" (pgrouter knows pgrouter.route)"
+        )));
+    }
+    Some(match *verb {
+        "show" => Ok(SessionCommand::ShowRoute),
+        "reset" => Ok(SessionCommand::ResetRoute),
+        _ => {
+            // the value is whatever follows `=` or `TO`
+            let joined = rest.join(" ");
+            let value = joined
+                .split_once('=')
+                .map(|(_, v)| v.trim().to_owned())
+                .or_else(|| joined.strip_prefix("pgrouter.route to ").map(str::to_owned));
+            match value.as_deref().map(|v| v.trim_matches(|c| c == '\'' || c == '"')) {
+                Some("default") => Ok(SessionCommand::SetRoute(None)),
+                Some(v) => RouteHint::parse(v)
+                    .map(|h| SessionCommand::SetRoute(Some(h)))
+                    .ok_or_else(|| format!("invalid value for pgrouter.route: \"{v}\" (expected primary, replica or default)")),
+                None => Err("SET pgrouter.route needs a value: primary, replica or default".to_owned()),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comment_hints() {
+        let h = parse_hints(b"  /* pgrouter: route=primary */ select 1").unwrap();
+        assert_eq!(h.route, Some(RouteHint::Primary));
+        let h = parse_hints(b"/* app: x */ -- pgrouter: route=replica shard=2\nselect 1").unwrap();
+        assert_eq!((h.route, h.shard), (Some(RouteHint::Replica), Some(2)));
+        let h = parse_hints(b"/* pgrouter: shard_key='42' */ select").unwrap();
+        assert_eq!(h.shard_key.as_deref(), Some("42"));
+        assert!(
+            parse_hints(b"select 1 /* pgrouter: route=primary */")
+                .unwrap()
+                .is_empty(),
+            "only leading comments"
+        );
+        assert!(parse_hints(b"/* pgrouter: route=anywhere */ select 1").is_err());
+        assert!(parse_hints(b"/* pgrouter: color=blue */ select 1").is_err());
+    }
+
+    #[test]
+    fn session_commands() {
+        let cmd = |s: &str| session_command(s.as_bytes());
+        assert_eq!(
+            cmd("SET pgrouter.route = 'primary'"),
+            Some(Ok(SessionCommand::SetRoute(Some(RouteHint::Primary))))
+        );
+        assert_eq!(
+            cmd("set session pgrouter.route to replica;"),
+            Some(Ok(SessionCommand::SetRoute(Some(RouteHint::Replica))))
+        );
+        assert_eq!(
+            cmd("SET pgrouter.route='default'"),
+            Some(Ok(SessionCommand::SetRoute(None)))
+        );
+        assert_eq!(
+            cmd("RESET pgrouter.route"),
+            Some(Ok(SessionCommand::ResetRoute))
+        );
+        assert_eq!(
+            cmd("show pgrouter.route"),
+            Some(Ok(SessionCommand::ShowRoute))
+        );
+        assert!(matches!(
+            cmd("SET pgrouter.route = 'sideways'"),
+            Some(Err(_))
+        ));
+        assert!(matches!(cmd("SET pgrouter.colour = 'red'"), Some(Err(_))));
+        assert_eq!(cmd("SET search_path = app"), None);
+        assert_eq!(cmd("select 'pgrouter.route'"), None);
+    }
+}
