@@ -8,4 +8,5 @@ mod cli;
 mod lifecycle;
 mod pooling;
 mod psql;
+mod routing;
 mod topology;

@@ -27,6 +27,14 @@ pub struct Cli {
 pub enum Command {
     /// Validate a config file and print a summary of databases, shards and rules
     Check,
+    /// Print where a statement would go and why (hint, rule, classification, fallback)
+    Explain {
+        /// The database whose routing applies (default: the first in the config)
+        #[arg(long, short = 'd')]
+        database: Option<String>,
+        /// The SQL statement
+        sql: String,
+    },
     /// Start a local PostgreSQL topology (primary, streaming replica, two shards) and run
     /// pgrouter in front of it; Ctrl-C stops everything
     Demo {
@@ -49,6 +57,13 @@ impl Cli {
                 }
             },
             Some(Command::Demo { listen }) => crate::demo::run(listen),
+            Some(Command::Explain { database, sql }) => match self.config {
+                Some(path) => explain(&path, database.as_deref(), &sql),
+                None => {
+                    eprintln!("pgrouter explain: pass --config FILE");
+                    ExitCode::from(2)
+                }
+            },
             Some(Command::Check) => match self.config {
                 Some(path) => check(&path),
                 None => {
@@ -115,6 +130,27 @@ fn check(path: &Path) -> ExitCode {
             println!("  rule {i}: /{}/ -> {}", rule.pattern, rule.route);
         }
     }
+    ExitCode::SUCCESS
+}
+
+fn explain(path: &Path, database: Option<&str>, sql: &str) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let db = match database {
+        Some(name) => config.database(name),
+        None => config.databases.first(),
+    };
+    let Some(db) = db else {
+        eprintln!(
+            "pgrouter explain: no database \"{}\" in {}",
+            database.unwrap_or_default(),
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    print!("{}", crate::router::explain::explain(db, sql));
     ExitCode::SUCCESS
 }
 

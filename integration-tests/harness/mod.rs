@@ -138,8 +138,14 @@ password = "{CLEAR_PASSWORD}"
         )
         .unwrap();
     }
-    // `{PRIMARY}` in extra databases stands for the primary's address.
-    text.push_str(&opts.databases.replace("{PRIMARY}", &topo.primary.addr()));
+    // `{PRIMARY}` and `{REPLICA}` in extra databases stand for those servers' addresses.
+    let replica = topo.replica.as_ref().map(|r| r.addr()).unwrap_or_default();
+    text.push_str(
+        &opts
+            .databases
+            .replace("{PRIMARY}", &topo.primary.addr())
+            .replace("{REPLICA}", &replica),
+    );
     text
 }
 

@@ -257,7 +257,7 @@ impl Server {
 
     /// Stops now, whatever it is doing: `pg_ctl stop -m immediate`, then SIGKILL to the
     /// postmaster if that did not work in time. Never fails, never hangs for long.
-    pub(super) fn halt(&self) {
+    pub fn halt(&self) {
         let cmd = self.pg_ctl("stop", &["-m", "immediate", "-w", "-t", HALT_WAIT]);
         if run(cmd).is_ok() {
             return;

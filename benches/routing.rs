@@ -1,0 +1,54 @@
+//! Classification cost: a shape-cache hit (shape computation included) against a full
+//! sqlparser parse, for the kind of statements ORMs send. DESIGN §4 targets a hit under 1 µs.
+//!
+//! Run with `cargo bench --bench routing`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use pgrouter::router::Router;
+use pgrouter::router::classify::classify;
+use pgrouter::router::shape::shape_into;
+
+const STATEMENTS: &[(&str, &str)] = &[
+    (
+        "sqlalchemy select by pk",
+        "SELECT users.id AS users_id, users.name AS users_name, users.email AS users_email, users.created_at AS users_created_at FROM users WHERE users.id = 42",
+    ),
+    (
+        "django filtered list",
+        "SELECT \"shop_order\".\"id\", \"shop_order\".\"customer_id\", \"shop_order\".\"total\", \"shop_order\".\"status\", \"shop_order\".\"created_at\" FROM \"shop_order\" INNER JOIN \"shop_customer\" ON (\"shop_order\".\"customer_id\" = \"shop_customer\".\"id\") WHERE (\"shop_customer\".\"country\" = 'DE' AND \"shop_order\".\"created_at\" >= '2024-01-01T00:00:00+00:00'::timestamptz AND \"shop_order\".\"status\" IN ('paid', 'shipped')) ORDER BY \"shop_order\".\"created_at\" DESC LIMIT 21",
+    ),
+    (
+        "django insert returning",
+        "INSERT INTO \"shop_order\" (\"customer_id\", \"total\", \"status\", \"created_at\") VALUES (17, 99.50, 'new', '2024-05-01T10:00:00+00:00'::timestamptz) RETURNING \"shop_order\".\"id\"",
+    ),
+    (
+        "pgbench select",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
+    ),
+];
+
+fn classification(c: &mut Criterion) {
+    let router = Router::new(1024);
+    let mut scratch = Vec::new();
+    for (_, sql) in STATEMENTS {
+        router.classify(sql.as_bytes(), &mut scratch);
+    }
+    let mut group = c.benchmark_group("classify");
+    for (name, sql) in STATEMENTS {
+        group.bench_function(format!("cache hit: {name}"), |b| {
+            b.iter(|| black_box(router.classify(black_box(sql.as_bytes()), &mut scratch)));
+        });
+        group.bench_function(format!("shape only: {name}"), |b| {
+            b.iter(|| shape_into(black_box(sql.as_bytes()), &mut scratch));
+        });
+        group.bench_function(format!("full parse: {name}"), |b| {
+            b.iter(|| black_box(classify(black_box(sql))))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, classification);
+criterion_main!(benches);

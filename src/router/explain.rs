@@ -1,0 +1,163 @@
+//! `pgrouter explain`: where a statement would go and why, from the config alone (no server
+//! is contacted, so live state — replica health, lag, read-your-writes — is described rather
+//! than applied).
+
+use std::fmt::Write as _;
+
+use super::classify::TxControl;
+use super::hint::{self, SessionCommand};
+use super::policy::Undecided;
+use super::{Policy, Router, Target};
+use crate::config::{DatabaseConfig, PoolMode};
+
+/// A human-readable explanation, one `key: value` per line.
+#[must_use]
+pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
+    let policy = Policy::new(db);
+    let router = Router::new(16);
+    let mut out = String::new();
+    let line = |out: &mut String, key: &str, value: &str| {
+        let _ = writeln!(out, "{key:<12} {value}");
+    };
+    line(
+        &mut out,
+        "database:",
+        &format!("{} ({} pooling)", db.name, db.pool_mode),
+    );
+    line(&mut out, "statement:", sql.trim());
+    if db.pool_mode == PoolMode::Session {
+        line(
+            &mut out,
+            "route:",
+            &format!("primary of shard {}", policy.home()),
+        );
+        line(
+            &mut out,
+            "reason:",
+            "session pooling: the whole session runs on the primary",
+        );
+        return out;
+    }
+    if let Some(cmd) = hint::session_command(sql.as_bytes()) {
+        let what = match cmd {
+            Ok(SessionCommand::SetRoute(Some(h))) => format!(
+                "answered by pgrouter: later statements of the session go to the {}",
+                h.as_str()
+            ),
+            Ok(SessionCommand::SetRoute(None) | SessionCommand::ResetRoute) => {
+                "answered by pgrouter: routing returns to normal".into()
+            }
+            Ok(SessionCommand::ShowRoute) => "answered by pgrouter".into(),
+            Err(e) => format!("error: {e}"),
+        };
+        line(&mut out, "route:", "none (not forwarded)");
+        line(&mut out, "reason:", &what);
+        return out;
+    }
+    let hints = match hint::parse_hints(sql.as_bytes()) {
+        Ok(h) => h,
+        Err(e) => {
+            line(&mut out, "route:", "none");
+            line(&mut out, "reason:", &format!("error: {e}"));
+            return out;
+        }
+    };
+    let class = router.classify(sql.as_bytes(), &mut Vec::new());
+    if let Some(TxControl::Begin { read_only, .. } | TxControl::SetTransaction { read_only }) =
+        class.tx
+    {
+        let d = policy.transaction(read_only, &hints, None);
+        line(
+            &mut out,
+            "route:",
+            &format!(
+                "held by pgrouter; the transaction's first statement starts it on the {} of shard {}",
+                d.target.as_str(),
+                d.shard
+            ),
+        );
+        line(&mut out, "reason:", &d.why.to_string());
+        return out;
+    }
+    match policy.decide(sql.as_bytes(), &class, &hints, None) {
+        Ok(d) => {
+            line(
+                &mut out,
+                "route:",
+                &format!("{} of shard {}", d.target.as_str(), d.shard),
+            );
+            line(&mut out, "reason:", &d.why.to_string());
+            if d.target != Target::Primary {
+                line(
+                    &mut out,
+                    "at run time:",
+                    "a replica within max_replica_lag that has replayed the client's last write; else the primary (replica_fallback)",
+                );
+            }
+        }
+        Err(Undecided::NeedVolatility(functions)) => {
+            let d = policy.read(policy.home(), super::Why::Read);
+            line(
+                &mut out,
+                "route:",
+                &format!(
+                    "{} of shard {}, unless one of these is a VOLATILE user function: {}",
+                    d.target.as_str(),
+                    d.shard,
+                    functions.join(", ")
+                ),
+            );
+            line(
+                &mut out,
+                "reason:",
+                "classification: read; pgrouter looks the functions up in pg_proc on the primary at run time",
+            );
+        }
+        Err(Undecided::Invalid(e)) => {
+            line(&mut out, "route:", "none");
+            line(&mut out, "reason:", &format!("error: {e}"));
+        }
+    }
+    if !class.functions.is_empty() {
+        line(&mut out, "functions:", &class.functions.join(", "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn db() -> DatabaseConfig {
+        let text = "[[users]]\nname = \"u\"\npassword = \"p\"\n[[databases]]\nname = \"app\"\n\
+                    [[databases.shards]]\nprimary = \"h:1\"\nreplicas = [\"h:2\"]\n";
+        Config::from_toml(text).unwrap().databases.remove(0)
+    }
+
+    #[test]
+    fn explains_routes_and_reasons() {
+        let e = explain(&db(), "select * from t");
+        assert!(
+            e.contains("route:       replica of shard 0") && e.contains("classification: read"),
+            "{e}"
+        );
+        let e = explain(&db(), "select * from t for update");
+        assert!(
+            e.contains("primary of shard 0") && e.contains("locking clause"),
+            "{e}"
+        );
+        let e = explain(&db(), "/* pgrouter: route=primary */ select 1");
+        assert!(e.contains("hint: /* pgrouter: route=primary */"), "{e}");
+        let e = explain(&db(), "begin read only");
+        assert!(
+            e.contains("held by pgrouter") && e.contains("replica"),
+            "{e}"
+        );
+        let e = explain(&db(), "select my_func(1)");
+        assert!(
+            e.contains("unless one of these is a VOLATILE user function: my_func"),
+            "{e}"
+        );
+    }
+}
