@@ -91,6 +91,7 @@ fn print_banner(topology: &Topology, listen: SocketAddr, config: &std::path::Pat
         listen.port()
     );
     println!();
-    println!("Today every statement goes to the primary of the first shard of its database;");
-    println!("replica and shard routing are on the roadmap (see README). Press Ctrl-C to stop.");
+    println!("In database app, reads go to the streaming replica and writes to the primary");
+    println!("(try `select pg_is_in_recovery()`). Sharded routing for shop is not built yet:");
+    println!("its statements go to its first shard. Press Ctrl-C to stop.");
 }

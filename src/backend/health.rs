@@ -129,6 +129,18 @@ impl ServerHealth {
         *self.last_error.lock().expect("health lock") = error;
     }
 
+    /// Records a passing check by hand (unit tests of replica choice).
+    #[cfg(test)]
+    pub(crate) fn set_observed(&self, lsn: Lsn, lag: Duration) {
+        self.lsn.store(lsn, Ordering::Release);
+        self.lag_ms.store(
+            u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+        self.ok.store(true, Ordering::Release);
+        self.checked.store(true, Ordering::Release);
+    }
+
     /// Why the server is not usable, for error messages.
     #[must_use]
     pub fn describe(&self) -> String {

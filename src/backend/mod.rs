@@ -255,3 +255,126 @@ fn new_pool(
     };
     Pool::new(key, connect_spec(config, db, user, addr), settings, health)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(port: u16, role: Role) -> Arc<Pool> {
+        let addr = ServerAddr {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let key = PoolKey {
+            database: "d".into(),
+            user: "u".into(),
+            shard: ShardId(0),
+            role,
+            server: addr.clone(),
+        };
+        let spec = ConnectSpec {
+            addr: addr.clone(),
+            user: "u".into(),
+            password: None,
+            database: "d".into(),
+            connect_timeout: Duration::from_secs(1),
+            application_name: "test",
+        };
+        let settings = PoolSettings {
+            size: 1,
+            min_size: 0,
+            wait_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            lifetime: Duration::from_secs(1),
+        };
+        Pool::new(
+            key,
+            spec,
+            settings,
+            ServerHealth::new("d", ShardId(0), role, addr),
+        )
+    }
+
+    fn shard() -> ShardPools {
+        ShardPools {
+            primary: pool(1, Role::Primary),
+            replicas: vec![pool(2, Role::Replica), pool(3, Role::Replica)],
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    const NEEDS: ReadNeeds = ReadNeeds {
+        max_lag: Duration::from_secs(1),
+        min_lsn: None,
+    };
+
+    fn port(p: Option<&Arc<Pool>>) -> Option<u16> {
+        p.map(|p| p.key.server.port)
+    }
+
+    #[test]
+    fn only_healthy_caught_up_replicas_serve_reads() {
+        let s = shard();
+        assert_eq!(
+            port(s.pick(Target::Replica, NEEDS, LoadBalance::RoundRobin)),
+            None,
+            "unchecked replicas are not used"
+        );
+        s.replicas[0].health.set_observed(100, Duration::ZERO);
+        s.replicas[1]
+            .health
+            .set_observed(50, Duration::from_secs(3));
+        for _ in 0..4 {
+            assert_eq!(
+                port(s.pick(Target::Replica, NEEDS, LoadBalance::RoundRobin)),
+                Some(2),
+                "the lagging one is skipped"
+            );
+        }
+        let needs = ReadNeeds {
+            min_lsn: Some(101),
+            ..NEEDS
+        };
+        assert_eq!(
+            port(s.pick(Target::Replica, needs, LoadBalance::RoundRobin)),
+            None,
+            "none has replayed LSN 101"
+        );
+        assert_eq!(
+            port(s.pick(Target::Primary, needs, LoadBalance::RoundRobin)),
+            Some(1)
+        );
+        assert_eq!(
+            port(s.pick(Target::Any, needs, LoadBalance::RoundRobin)),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn balancing_policies() {
+        let s = shard();
+        s.replicas[0].health.set_observed(1, Duration::ZERO);
+        s.replicas[1].health.set_observed(1, Duration::ZERO);
+        let picks: Vec<_> = (0..4)
+            .map(|_| port(s.pick(Target::Replica, NEEDS, LoadBalance::RoundRobin)).unwrap())
+            .collect();
+        assert_eq!(picks, [2, 3, 2, 3]);
+        s.replicas[0].stats.in_use.store(5, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(
+                port(s.pick(Target::Replica, NEEDS, LoadBalance::LeastBusy)),
+                Some(3)
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            seen.insert(port(s.pick(Target::Replica, NEEDS, LoadBalance::Random)).unwrap());
+        }
+        assert_eq!(seen.len(), 2, "random uses both");
+        let mut any = std::collections::HashSet::new();
+        for _ in 0..6 {
+            any.insert(port(s.pick(Target::Any, NEEDS, LoadBalance::RoundRobin)).unwrap());
+        }
+        assert_eq!(any.len(), 3, "reads = any includes the primary");
+    }
+}
