@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use pgrouter::router::Target;
 use tokio_postgres::types::Type;
 
 use crate::harness::{
@@ -513,4 +514,175 @@ fn replica_failure_under_read_load() {
         "replica back only after {:?}",
         back - restarted_at
     );
+}
+
+/// Where the library says an entry of the corpus goes, given the transaction it is in.
+fn predicted_target(
+    policy: &pgrouter::router::Policy,
+    router: &pgrouter::router::Router,
+    env: &Env,
+    sql: &str,
+    in_tx: &mut Option<Target>,
+) -> Target {
+    use pgrouter::router::classify::TxControl;
+    use pgrouter::router::hint::Hints;
+    use pgrouter::router::policy::{Undecided, volatility_query};
+    let class = router.classify(sql.as_bytes(), &mut Vec::new());
+    match (class.tx, *in_tx) {
+        (Some(TxControl::Begin { read_only, .. }), None) => {
+            *in_tx = Some(
+                policy
+                    .transaction(read_only, &Hints::default(), None)
+                    .target,
+            );
+            return Target::Primary; // held: counted with its statements
+        }
+        (Some(TxControl::SetTransaction { read_only }), Some(_)) => {
+            *in_tx = Some(
+                policy
+                    .transaction(read_only, &Hints::default(), None)
+                    .target,
+            );
+            return in_tx.unwrap();
+        }
+        (Some(TxControl::End { .. }), Some(target)) => {
+            *in_tx = None;
+            return target;
+        }
+        (_, Some(target)) => return target,
+        _ => {}
+    }
+    loop {
+        match policy.decide(sql.as_bytes(), &class, &Hints::default(), None) {
+            Ok(d) => return d.target,
+            Err(Undecided::NeedVolatility(names)) => {
+                let rows = env.primary_sql(&format!(
+                    "select string_agg(name || '=' || v::text, ',') from ({}) x(name, v)",
+                    volatility_query(&names)
+                ));
+                policy.learn_volatility(
+                    rows.split(',')
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_owned(), v == "true")),
+                );
+                policy.learn_volatility(
+                    policy
+                        .unknown_functions(&names)
+                        .into_iter()
+                        .map(|n| (n, false)),
+                );
+            }
+            Err(e) => panic!("{sql}: {e:?}"),
+        }
+    }
+}
+
+/// The misroute oracle: every corpus entry runs through pgrouter in order; whatever the
+/// classifier sends to the standby must run there without a read-only error (25006), and no
+/// entry may fail at all. Reads have no fallback (replica_fallback = "error") and the test
+/// waits for the standby to replay each write, so reads really run on the standby.
+#[test]
+fn misroute_oracle() {
+    let routing = "read_your_writes = \"off\"\nreplica_fallback = \"error\"\n\
+                   write_functions = [\"audit_log\"]\nread_only_functions = [\"cheap_volatile\"]";
+    let env = replica_env("", &database("oracle", routing), &[]);
+    wait_replica_in_rotation(&env, "oracle");
+    let config = pgrouter::config::Config::load(&env.proxy.config_path()).unwrap();
+    let policy = pgrouter::router::Policy::new(config.database("oracle").unwrap());
+    let router = pgrouter::router::Router::new(4096);
+    let corpus = include_str!("corpus/routing.sql");
+    let entries: Vec<&str> = corpus
+        .split("\n---\n")
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    assert!(
+        entries.len() >= 300,
+        "only {} corpus entries",
+        entries.len()
+    );
+
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "oracle");
+    let rt = runtime();
+    let client = rt.block_on(connect(&url)).unwrap();
+    let (mut to_replica, mut to_primary, mut misroutes, mut failures) =
+        (0, 0, Vec::new(), Vec::new());
+    let mut in_tx = None;
+    for entry in &entries {
+        let was_in_tx = in_tx.is_some();
+        let target = predicted_target(&policy, &router, &env, entry, &mut in_tx);
+        let result = run_entry(&env, &rt, &client, entry, was_in_tx);
+        match target {
+            Target::Replica => to_replica += 1,
+            _ => to_primary += 1,
+        }
+        match result {
+            Ok(()) => {}
+            Err(e) if e.starts_with("25006") || e.contains("ERROR:  25006") => {
+                misroutes.push(format!("{entry}\n  -> {e}"))
+            }
+            Err(e) => failures.push(format!("{entry}\n  -> {e}")),
+        }
+        if target != Target::Replica && in_tx.is_none() {
+            wait_replica_caught_up(&env);
+        }
+    }
+    eprintln!(
+        "measured: misroute oracle: {} entries, {to_replica} sent to the replica, {to_primary} to the primary, {} misroutes",
+        entries.len(),
+        misroutes.len()
+    );
+    assert!(misroutes.is_empty(), "misroutes:\n{}", misroutes.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "entries failed:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        to_replica >= 100,
+        "too few reads to prove anything: {to_replica}"
+    );
+}
+
+/// Runs one corpus entry. COPY goes through psql (COPY FROM STDIN with no rows): psql runs it
+/// with the simple protocol, while tokio-postgres would prepare a named statement, which
+/// transaction pooling cannot carry across transactions yet. Everything else runs as a
+/// simple query on the oracle's client, so transaction blocks spanning entries hold. Errors
+/// come back as "SQLSTATE: message".
+fn run_entry(
+    env: &Env,
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    entry: &str,
+    in_tx: bool,
+) -> Result<(), String> {
+    let upper = entry.to_ascii_uppercase();
+    if upper.contains("COPY ") && (upper.contains("STDIN") || upper.contains("STDOUT")) {
+        assert!(
+            !in_tx,
+            "corpus: a COPY entry inside a transaction block spanning entries: {entry}"
+        );
+        let out = env.proxy.psql(
+            "oracle",
+            &[
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                "VERBOSITY=sqlstate",
+                "-c",
+                entry,
+            ],
+        );
+        let err = crate::harness::stderr(&out);
+        return if out.status.success() {
+            Ok(())
+        } else {
+            Err(err.trim().trim_start_matches("ERROR:").trim().to_owned())
+        };
+    }
+    rt.block_on(client.simple_query(entry))
+        .map(drop)
+        .map_err(|e| describe(&e))
 }

@@ -33,6 +33,7 @@ pub enum Command {
         #[arg(long, short = 'd')]
         database: Option<String>,
         /// The SQL statement
+        #[arg(allow_hyphen_values = true)]
         sql: String,
     },
     /// Start a local PostgreSQL topology (primary, streaming replica, two shards) and run

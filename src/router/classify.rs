@@ -10,7 +10,8 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     CopySource, Expr, ObjectName, Query, Select, Set, Statement, TableFactor,
-    TransactionAccessMode, TransactionMode, UtilityOption, Visit, Visitor,
+    TransactionAccessMode, TransactionIsolationLevel, TransactionMode, UtilityOption, Visit,
+    Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -218,13 +219,22 @@ fn classify_statement(stmt: &Statement) -> Classification {
     }
 }
 
+/// READ ONLY, and runnable on a hot standby: a standby refuses SERIALIZABLE transactions
+/// ("cannot use serializable mode in a hot standby"), so those count as read-write.
 fn read_only(modes: &[TransactionMode]) -> bool {
-    modes.iter().any(|m| {
+    let read_only = modes.iter().any(|m| {
         matches!(
             m,
             TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)
         )
-    })
+    });
+    let serializable = modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::IsolationLevel(TransactionIsolationLevel::Serializable)
+        )
+    });
+    read_only && !serializable
 }
 
 /// `EXPLAIN (ANALYZE)`, `(ANALYZE true)`, `(ANALYZE on)`, `(ANALYZE 1)`.
@@ -366,7 +376,11 @@ fn function_name(name: &ObjectName) -> String {
 /// Transaction-control statements sqlparser cannot parse (`BEGIN ... DEFERRABLE`, `START
 /// TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE`), read by hand.
 fn transaction_fallback(sql: &str) -> Option<Classification> {
-    let text = sql.trim().trim_end_matches(';').to_ascii_lowercase();
+    // the shape drops comments and lower-cases words
+    let mut shape = Vec::new();
+    super::shape::shape_into(sql.as_bytes(), &mut shape);
+    let text = String::from_utf8_lossy(&shape);
+    let text = text.trim().trim_end_matches(';');
     let words: Vec<&str> = text
         .split(|c: char| c.is_whitespace() || c == ',')
         .filter(|w| !w.is_empty())
@@ -378,13 +392,15 @@ fn transaction_fallback(sql: &str) -> Option<Classification> {
         _ => return None,
     };
     let mut read_only = false;
+    let mut serializable = false;
     let mut i = 0;
     while i < modes.len() {
         match &modes[i..] {
-            ["isolation", "level", "serializable", ..]
-            | ["isolation", "level", "repeatable" | "read", _, ..] => {
-                i += if modes[i + 2] == "serializable" { 3 } else { 4 };
+            ["isolation", "level", "serializable", ..] => {
+                serializable = true;
+                i += 3;
             }
+            ["isolation", "level", "repeatable" | "read", _, ..] => i += 4,
             ["read", "only", ..] => {
                 read_only = true;
                 i += 2;
@@ -394,6 +410,7 @@ fn transaction_fallback(sql: &str) -> Option<Classification> {
             _ => return None,
         }
     }
+    let read_only = read_only && !serializable; // a standby refuses SERIALIZABLE
     let tx = if tag == "SET" {
         TxControl::SetTransaction { read_only }
     } else {

@@ -108,7 +108,33 @@ fn transaction_control() {
         })
     );
     assert_eq!(
+        tx("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE"),
+        Some(TxControl::Begin {
+            read_only: true,
+            tag: "BEGIN"
+        })
+    );
+    // a hot standby refuses SERIALIZABLE: such transactions go to the primary
+    assert_eq!(
         tx("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"),
+        Some(TxControl::Begin {
+            read_only: false,
+            tag: "BEGIN"
+        })
+    );
+    assert_eq!(
+        tx("START TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY"),
+        Some(TxControl::Begin {
+            read_only: false,
+            tag: "START TRANSACTION"
+        })
+    );
+    assert_eq!(
+        tx("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"),
+        Some(TxControl::SetTransaction { read_only: false })
+    );
+    assert_eq!(
+        tx("-- note\nbegin read only deferrable;"),
         Some(TxControl::Begin {
             read_only: true,
             tag: "BEGIN"
@@ -132,6 +158,13 @@ fn transaction_control() {
     assert_eq!(tx("SAVEPOINT a"), Some(TxControl::Savepoint));
     assert_eq!(tx("ROLLBACK TO SAVEPOINT a"), Some(TxControl::Savepoint));
     assert_eq!(tx("BEGIN deferrable nonsense"), None);
+    assert_eq!(
+        tx("-- note\nbegin read only deferrable;"),
+        Some(TxControl::Begin {
+            read_only: true,
+            tag: "BEGIN"
+        })
+    );
     let c = classify("BEGIN; SELECT 1; COMMIT");
     assert!(c.opens_write_transaction && c.tx.is_none(), "{c:?}");
     assert!(!classify("BEGIN READ ONLY; SELECT 1; COMMIT").opens_write_transaction);
