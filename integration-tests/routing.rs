@@ -218,6 +218,28 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
             "SET TRANSACTION READ ONLY"
         );
         c.simple_query("ROLLBACK").await.unwrap();
+        // inside a transaction on a server, SET pgrouter.route is still pgrouter's, never the server's
+        c.simple_query("BEGIN").await.unwrap();
+        c.simple_query("select 1").await.unwrap();
+        c.simple_query("SET pgrouter.route = 'primary'")
+            .await
+            .unwrap();
+        let seen = recovery(
+            c.simple_query("select coalesce(current_setting('pgrouter.route', true), 'unset')")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(seen, "unset", "the server saw SET pgrouter.route");
+        c.simple_query("COMMIT").await.unwrap();
+        assert_eq!(
+            recovery(c.simple_query("SHOW pgrouter.route").await.unwrap()),
+            "primary"
+        );
+        assert_eq!(
+            recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()),
+            "f"
+        );
+        c.simple_query("RESET pgrouter.route").await.unwrap();
         // an empty held transaction never touches a server
         c.simple_query("BEGIN; COMMIT").await.unwrap();
         c.simple_query("BEGIN").await.unwrap();

@@ -23,7 +23,7 @@ use super::flow::Flow;
 use crate::backend::ServerConn;
 use crate::error::Error;
 use crate::protocol::framing::{self, Frame};
-use crate::protocol::messages::{TxStatus, parse_parameter_status};
+use crate::protocol::messages::{self, TxStatus, parse_parameter_status};
 use crate::protocol::scan::{Piece, Scanner};
 
 /// Stop reading a side once this much is waiting to be written to the other.
@@ -35,8 +35,11 @@ const READ_CHUNK: usize = 16 << 10;
 const SERVER_CONTROL_MAX: usize = 1 << 20;
 
 /// Why the relay stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEnd {
+    /// At rest, the client sent a Query the proxy answers itself (`intercept`); the server
+    /// stays attached.
+    Intercepted(Frame),
     /// Client and server are at rest outside a transaction block, and either the server may be
     /// released (transaction mode) or the proxy is shutting down.
     Idle,
@@ -55,6 +58,9 @@ pub struct RelayOptions<'a> {
     /// the client leaves or `shutdown` fires while idle (session pooling).
     pub release_when_idle: bool,
     pub shutdown: &'a CancellationToken,
+    /// Query texts the proxy answers itself; only taken when everything before them has been
+    /// answered, so the answer cannot overtake the server's.
+    pub intercept: fn(&[u8]) -> bool,
 }
 
 /// Relays until the pair is idle or the client is gone. `first` are messages already read
@@ -128,6 +134,9 @@ impl Pump {
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Poll<Result<RelayEnd, Error>> {
         loop {
+            if let Some(frame) = self.take_intercepted(client, flow, opts)? {
+                return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
+            }
             self.take_client_frames(client, flow)?;
             self.take_server_messages(server, flow)?;
             if self.client_eof || (self.terminated && self.to_server.is_empty()) {
@@ -189,6 +198,32 @@ impl Pump {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// The next client message, if it is a Query to intercept and nothing is in flight.
+    fn take_intercepted<S: ClientIo>(
+        &mut self,
+        client: &mut ClientStream<S>,
+        flow: &Flow,
+        opts: &RelayOptions<'_>,
+    ) -> Result<Option<Frame>, Error> {
+        let quiet = flow.at_rest()
+            && self.to_server.is_empty()
+            && self.to_client.is_empty()
+            && !self.client_flush;
+        if !quiet || client.rbuf.first() != Some(&b'Q') {
+            return Ok(None);
+        }
+        let Some((_, len)) = framing::peek_header(&client.rbuf, client.max_message)? else {
+            return Ok(None);
+        };
+        let wanted = client.rbuf.len() >= len
+            && messages::query_text(&client.rbuf[framing::HEADER_LEN..len])
+                .is_some_and(opts.intercept);
+        if !wanted {
+            return Ok(None);
+        }
+        Ok(framing::decode(&mut client.rbuf, client.max_message)?)
     }
 
     /// Moves whole client messages to the server's outgoing buffer, noting each in the flow.

@@ -127,9 +127,10 @@ impl RoutingState {
             let sql = messages::query_text(frame.body())
                 .ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
             if let Some(cmd) = hint::session_command(sql) {
-                return Ok(Plan::Local(
-                    self.session_command(cmd.map_err(Error::Invalid)?),
-                ));
+                return Ok(Plan::Local(self.session_command(
+                    cmd.map_err(Error::Invalid)?,
+                    self.client_status(),
+                )));
             }
             let class = router.classify(sql, &mut self.scratch);
             if let Some(tx) = class.tx
@@ -304,8 +305,8 @@ impl RoutingState {
         Err(PlanError::Error(Error::TransactionAborted))
     }
 
-    fn session_command(&mut self, cmd: SessionCommand) -> Bytes {
-        let status = self.client_status();
+    /// Answers `SET/RESET/SHOW pgrouter.route`; `status` is the transaction status to report.
+    pub fn session_command(&mut self, cmd: SessionCommand, status: TxStatus) -> Bytes {
         match cmd {
             SessionCommand::SetRoute(value) => {
                 self.route_setting = value;

@@ -23,8 +23,10 @@ use crate::config::{PoolMode, ReadYourWrites, ReplicaFallback};
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, Severity, TxStatus};
+use crate::router::hint;
 use crate::router::policy::{Undecided, volatility_query};
 use crate::router::{Decision, Policy, Role, Target, Why};
+use bytes::BytesMut;
 
 /// How long the proxy waits for a server to roll back or reset before closing it instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -168,6 +170,7 @@ impl<S: ClientIo> Session<S> {
             let opts = RelayOptions {
                 release_when_idle: self.params.mode == PoolMode::Transaction,
                 shutdown: &self.app.shutdown,
+                intercept: |sql| hint::session_command(sql).is_some(),
             };
             let attached = self.server.as_mut().expect("attached above");
             let outcome = relay::run(
@@ -188,6 +191,27 @@ impl<S: ClientIo> Session<S> {
                         server_dirty,
                     });
                     return Ok(Exit::ClientGone);
+                }
+                Ok(RelayEnd::Intercepted(frame)) => {
+                    // SET/RESET/SHOW pgrouter.route inside a transaction: answered here too
+                    let status = self.flow.status();
+                    let answer = match messages::query_text(frame.body())
+                        .and_then(hint::session_command)
+                    {
+                        Some(Ok(cmd)) => self.routing.session_command(cmd, status),
+                        other => {
+                            let msg = other
+                                .and_then(Result::err)
+                                .unwrap_or_else(|| "malformed pgrouter command".into());
+                            let mut out = BytesMut::from(
+                                &messages::error_response(Severity::Error, SqlState("22023"), &msg)
+                                    [..],
+                            );
+                            out.extend_from_slice(&messages::ready_for_query(status));
+                            out.freeze()
+                        }
+                    };
+                    self.client.send(&answer).await?;
                 }
                 Ok(RelayEnd::Idle) => {
                     if self.params.mode == PoolMode::Transaction {
