@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use pgrouter::router::Target;
+use pgrouter::router::classify::TxModes;
 use tokio_postgres::types::Type;
 
 use crate::harness::{
@@ -240,6 +241,14 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
             "f"
         );
         c.simple_query("RESET pgrouter.route").await.unwrap();
+        // pipelined requests are routed one by one: a write behind a read still reaches the primary
+        let p = connect(&url).await.unwrap(); // no earlier write: read-your-writes stays out of it
+        let (read, write) = tokio::join!(
+            p.simple_query("select pg_is_in_recovery()"),
+            p.simple_query("insert into t (v) values (7) returning pg_is_in_recovery()")
+        );
+        assert_eq!(recovery(read.unwrap()), "t");
+        assert_eq!(recovery(write.unwrap()), "f");
         // an empty held transaction never touches a server
         c.simple_query("BEGIN; COMMIT").await.unwrap();
         c.simple_query("BEGIN").await.unwrap();
@@ -273,6 +282,46 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
         );
         tx.commit().await.unwrap();
     });
+}
+
+/// An error pgrouter raises inside a transaction it holds aborts the transaction, as
+/// PostgreSQL would: the COMMIT that follows rolls back.
+#[test]
+fn proxy_errors_abort_the_held_transaction() {
+    let env = replica_env("", "", &[]);
+    assert_ok(
+        &env.proxy
+            .psql("app", &["-c", "create table aborted (id int)"]),
+        "DDL",
+    );
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    runtime().block_on(async {
+        let c = connect(&url).await.unwrap();
+        c.simple_query("BEGIN").await.unwrap();
+        let err = c
+            .simple_query("/* pgrouter: shard=9 */ insert into aborted values (1)")
+            .await
+            .unwrap_err();
+        assert!(
+            describe(&err).starts_with("22023") && describe(&err).contains("shard=9"),
+            "{}",
+            describe(&err)
+        );
+        let err = c
+            .simple_query("insert into aborted values (2)")
+            .await
+            .unwrap_err();
+        assert!(describe(&err).starts_with("25P02"), "{}", describe(&err));
+        c.simple_query("COMMIT").await.unwrap();
+        // and the session is usable afterwards
+        c.simple_query("insert into aborted values (3)")
+            .await
+            .unwrap();
+    });
+    assert_eq!(
+        env.primary_sql("select string_agg(id::text, ',') from aborted"),
+        "3"
+    );
 }
 
 /// A misconfigured "primary" that is in fact a standby: writes are refused with a clear
@@ -544,34 +593,35 @@ fn predicted_target(
     router: &pgrouter::router::Router,
     env: &Env,
     sql: &str,
-    in_tx: &mut Option<Target>,
+    in_tx: &mut Option<(TxModes, Option<Target>)>,
 ) -> Target {
-    use pgrouter::router::classify::TxControl;
+    use pgrouter::router::classify::{Access, TxControl};
     use pgrouter::router::hint::Hints;
     use pgrouter::router::policy::{Undecided, volatility_query};
     let class = router.classify(sql.as_bytes(), &mut Vec::new());
-    match (class.tx, *in_tx) {
-        (Some(TxControl::Begin { read_only, .. }), None) => {
-            *in_tx = Some(
-                policy
-                    .transaction(read_only, &Hints::default(), None)
-                    .target,
-            );
-            return Target::Primary; // held: counted with its statements
+    match (class.tx, in_tx.as_mut()) {
+        (Some(TxControl::Begin { modes, .. }), None) => {
+            *in_tx = Some((modes, None));
+            return Target::Primary; // held: answered by pgrouter
         }
-        (Some(TxControl::SetTransaction { read_only }), Some(_)) => {
-            *in_tx = Some(
-                policy
-                    .transaction(read_only, &Hints::default(), None)
-                    .target,
-            );
-            return in_tx.unwrap();
+        (Some(TxControl::SetTransaction { modes }), Some((held, None))) => {
+            *held = held.then(modes);
+            return Target::Primary; // still held
         }
-        (Some(TxControl::End { .. }), Some(target)) => {
+        (Some(TxControl::End { .. }), Some((_, target))) => {
+            let target = target.unwrap_or(Target::Primary);
             *in_tx = None;
             return target;
         }
-        (_, Some(target)) => return target,
+        (_, Some((_, Some(target)))) => return *target,
+        (_, Some((modes, chosen @ None))) => {
+            let on_standby = modes.on_standby() && class.access == Access::Read;
+            let target = policy
+                .transaction(on_standby, &Hints::default(), None)
+                .target;
+            *chosen = Some(target);
+            return target;
+        }
         _ => {}
     }
     loop {

@@ -53,6 +53,9 @@ pub struct ServerConn {
     pub id: u64,
     pub created: Instant,
     pub last_used: Instant,
+    /// A request of the proxy's own failed midway (timeout, read error): the answer may still
+    /// arrive, so the connection must never be reused.
+    pub broken: bool,
 }
 
 impl ServerConn {
@@ -91,6 +94,7 @@ impl ServerConn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             created: now,
             last_used: now,
+            broken: false,
         };
         let mut out = BytesMut::new();
         let params = [
@@ -259,42 +263,23 @@ impl ServerConn {
     /// Runs one statement whose result is not wanted (ROLLBACK, DISCARD ALL) and waits for
     /// ReadyForQuery. Fails if the server reports an error or does not answer in `limit`.
     pub async fn run_simple(&mut self, sql: &str, limit: Duration) -> Result<TxStatus, String> {
-        let work = async {
-            self.send(&messages::query(sql))
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut error = None;
-            loop {
-                let frame = self.read_frame().await?;
-                match frame.tag() {
-                    b'E' => error = Some(parse_error_fields(frame.body()).message),
-                    b'S' => {
-                        if let Some((k, v)) = messages::parse_parameter_status(frame.body()) {
-                            self.set_param(k, v);
-                        }
-                    }
-                    b'Z' => {
-                        let status = frame
-                            .body()
-                            .first()
-                            .copied()
-                            .and_then(TxStatus::from_byte)
-                            .ok_or("bad ReadyForQuery")?;
-                        self.status = status;
-                        return error.map_or(Ok(status), Err);
-                    }
-                    _ => {}
-                }
-            }
-        };
-        tokio::time::timeout(limit, work)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer to {sql} within {limit:?}")))
+        self.exchange(sql, limit).await.map(|_| self.status)
     }
 
     /// Runs a query and returns its rows as text (NULL as `None`), for the proxy's own
     /// questions (health, WAL position, function volatility). Fails on an ErrorResponse.
     pub async fn query_rows(
+        &mut self,
+        sql: &str,
+        limit: Duration,
+    ) -> Result<Vec<Vec<Option<String>>>, String> {
+        self.exchange(sql, limit).await
+    }
+
+    /// Sends one Query and reads everything up to its ReadyForQuery. If that cannot be done
+    /// (timeout, I/O error, garbage) the connection is marked broken: an answer may still be
+    /// on its way, so it must not be lent to anyone.
+    async fn exchange(
         &mut self,
         sql: &str,
         limit: Duration,
@@ -307,26 +292,35 @@ impl ServerConn {
             let mut error = None;
             loop {
                 let frame = self.read_frame().await?;
+                let body = frame.body();
                 match frame.tag() {
-                    b'D' => rows
-                        .push(messages::parse_data_row(frame.body()).ok_or("malformed DataRow")?),
-                    b'E' => error = Some(parse_error_fields(frame.body()).message),
+                    b'D' => rows.push(messages::parse_data_row(body).ok_or("malformed DataRow")?),
+                    b'E' => error = Some(parse_error_fields(body).message),
+                    b'S' => {
+                        if let Some((k, v)) = messages::parse_parameter_status(body) {
+                            self.set_param(k, v);
+                        }
+                    }
                     b'Z' => {
-                        self.status = frame
-                            .body()
+                        self.status = body
                             .first()
                             .copied()
                             .and_then(TxStatus::from_byte)
                             .ok_or("bad ReadyForQuery")?;
-                        return error.map_or(Ok(rows), Err);
+                        // a clean answer: the server reported the error, the connection is fine
+                        return Ok(error.map_or(Ok(rows), Err));
                     }
                     _ => {}
                 }
             }
         };
-        tokio::time::timeout(limit, work)
+        let outcome = tokio::time::timeout(limit, work)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+            .unwrap_or_else(|_| Err(format!("no answer to {sql} within {limit:?}")));
+        outcome.unwrap_or_else(|dirty| {
+            self.broken = true;
+            Err(dirty)
+        })
     }
 
     /// True if the connection can be handed to a client: nothing unread, outside a
@@ -334,7 +328,7 @@ impl ServerConn {
     /// sends nothing unless it is going away). The socket itself is asked with a non-blocking
     /// peek: tokio's cached readiness may not have seen a close that just happened.
     pub fn is_clean(&self) -> bool {
-        if !self.rbuf.is_empty() || self.status != TxStatus::Idle {
+        if self.broken || !self.rbuf.is_empty() || self.status != TxStatus::Idle {
             return false;
         }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];

@@ -178,7 +178,7 @@ pub struct CheckSettings {
 
 const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
-     CASE WHEN pg_is_in_recovery() THEN coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) ELSE 0 END";
+     CASE WHEN pg_is_in_recovery() THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) ELSE 0 END";
 
 /// Checks one shard's servers every interval until `shutdown`.
 pub async fn run_checks(
@@ -207,6 +207,10 @@ pub async fn run_checks(
             .map(|(server, conn)| check_one(&shard.spec, server, conn, settings));
         let results = futures_util::future::join_all(checks).await;
         let primary_lsn = results[0].as_ref().map_or(previous_primary_lsn, |r| r.lsn);
+        if previous_primary_lsn == 0 {
+            // first round: compare with the primary's position now rather than with nothing
+            previous_primary_lsn = primary_lsn;
+        }
         for (server, result) in servers.iter().zip(results) {
             judge(server, result, previous_primary_lsn, settings);
         }
@@ -218,7 +222,7 @@ pub async fn run_checks(
 struct Observation {
     in_recovery: bool,
     lsn: Lsn,
-    replay_age: Duration,
+    replay_age: Option<Duration>,
 }
 
 async fn check_one(
@@ -246,12 +250,10 @@ async fn check_one(
         Ok(Observation {
             in_recovery: text(0).as_deref() == Some("t"),
             lsn: text(1).as_deref().and_then(parse_lsn).unwrap_or(0),
-            replay_age: Duration::from_secs_f64(
-                text(2)
-                    .and_then(|s| s.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-                    .max(0.0),
-            ),
+            // NULL while the replica has not replayed any transaction yet
+            replay_age: text(2)
+                .and_then(|s| s.parse::<f64>().ok())
+                .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
         })
     });
     if result.is_err() {
@@ -278,11 +280,12 @@ fn judge(
     let was_in_recovery = server.in_recovery.swap(obs.in_recovery, Ordering::AcqRel);
     server.lsn.store(obs.lsn, Ordering::Release);
     // Caught up with where the primary was one check ago: no lag worth the name. Otherwise
-    // the lag is the age of the last transaction the replica replayed.
+    // the lag is the age of the last transaction the replica replayed; behind with nothing
+    // replayed yet, it is unknown, which counts as too much.
     let lag = if obs.lsn >= primary_lsn {
         Duration::ZERO
     } else {
-        obs.replay_age
+        obs.replay_age.unwrap_or(Duration::MAX)
     };
     server.lag_ms.store(
         u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
@@ -304,17 +307,16 @@ fn judge(
                     "configured as a replica but not in recovery",
                 );
             } else if lag > settings.max_lag {
-                *server.last_error.lock().expect("health lock") = format!(
-                    "replication lag {lag:.1?} exceeds max_replica_lag {:?}",
-                    settings.max_lag
-                );
-                server.ban(
-                    settings.ban_time,
-                    &format!(
+                let reason = if lag == Duration::MAX {
+                    "behind the primary, replication lag unknown".to_owned()
+                } else {
+                    format!(
                         "replication lag {lag:.1?} exceeds max_replica_lag {:?}",
                         settings.max_lag
-                    ),
-                );
+                    )
+                };
+                (*server.last_error.lock().expect("health lock")).clone_from(&reason);
+                server.ban(settings.ban_time, &reason);
             }
             let usable = server.usable_replica(settings.max_lag);
             if usable && !server.usable.swap(true, Ordering::AcqRel) {
@@ -366,7 +368,7 @@ mod tests {
             Ok(Observation {
                 in_recovery: true,
                 lsn: 100,
-                replay_age: Duration::from_secs(30),
+                replay_age: Some(Duration::from_secs(30)),
             }),
             100,
             SETTINGS,
@@ -380,7 +382,7 @@ mod tests {
             Ok(Observation {
                 in_recovery: true,
                 lsn: 100,
-                replay_age: Duration::from_secs(3),
+                replay_age: Some(Duration::from_secs(3)),
             }),
             200,
             SETTINGS,
@@ -402,12 +404,47 @@ mod tests {
             Ok(Observation {
                 in_recovery: false,
                 lsn: 1,
-                replay_age: Duration::ZERO,
+                replay_age: Some(Duration::ZERO),
             }),
             0,
             SETTINGS,
         );
         assert!(r.is_banned(), "a promoted replica is not a replica");
+    }
+
+    #[test]
+    fn unknown_lag_keeps_a_replica_out() {
+        let r = replica();
+        judge(
+            &r,
+            Ok(Observation {
+                in_recovery: true,
+                lsn: 10,
+                replay_age: None,
+            }),
+            100,
+            SETTINGS,
+        );
+        assert!(
+            !r.usable_replica(SETTINGS.max_lag) && r.describe().contains("unknown"),
+            "{}",
+            r.describe()
+        );
+        let r = replica();
+        judge(
+            &r,
+            Ok(Observation {
+                in_recovery: true,
+                lsn: 100,
+                replay_age: None,
+            }),
+            100,
+            SETTINGS,
+        );
+        assert!(
+            r.usable_replica(SETTINGS.max_lag),
+            "caught up, nothing to replay"
+        );
     }
 
     #[test]
@@ -418,7 +455,7 @@ mod tests {
             Ok(Observation {
                 in_recovery: true,
                 lsn: 1,
-                replay_age: Duration::ZERO,
+                replay_age: Some(Duration::ZERO),
             }),
             0,
             SETTINGS,

@@ -117,6 +117,7 @@ fn check(c: &ProxyConfig, path: &str, errs: &mut Errors) {
         ("query_wait_timeout", c.query_wait_timeout),
         ("server_connect_timeout", c.server_connect_timeout),
         ("health_check_interval", c.health_check_interval),
+        ("ban_time", c.ban_time),
     ] {
         if value.is_zero() {
             errs.push(ConfigError::new(at(key), "must be greater than zero"));

@@ -71,8 +71,10 @@ impl Flow {
             }
             b'P' | b'B' | b'D' | b'C' => self.unsynced = true,
             b'c' | b'f' if self.client_copy => {
-                // The Syncs sent while the server was copying in were swallowed.
+                // The Syncs sent while the server was copying in were swallowed; the COPY
+                // started by an Execute is then answered only after the client's next Sync.
                 self.pending = self.pending.saturating_sub(self.syncs_since_exec);
+                self.unsynced |= self.exec_extended;
                 self.syncs_since_exec = 0;
                 self.client_copy = false;
             }
@@ -231,7 +233,9 @@ mod tests {
         client(&mut f, b"BES");
         f.on_server(b'2', None);
         f.on_server(b'G', None);
-        client(&mut f, b"dddcS");
+        client(&mut f, b"dddc");
+        assert!(!f.at_rest(), "the COPY's answer still needs the next Sync");
+        client(&mut f, b"S");
         assert!(!f.at_rest());
         ready(&mut f, b'I');
         assert!(f.idle());

@@ -117,6 +117,8 @@ struct Pump {
     scanner: Scanner,
     client_eof: bool,
     terminated: bool,
+    /// The client's next message starts a new request, held back until this one is done.
+    gated: bool,
     server_closed: bool,
     /// A write went out and its flush has not completed yet (matters for TLS streams).
     client_flush: bool,
@@ -137,7 +139,7 @@ impl Pump {
             if let Some(frame) = self.take_intercepted(client, flow, opts)? {
                 return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
             }
-            self.take_client_frames(client, flow)?;
+            self.take_client_frames(client, flow, opts.release_when_idle)?;
             self.take_server_messages(server, flow)?;
             if self.client_eof || (self.terminated && self.to_server.is_empty()) {
                 let server_dirty = !self.to_server.is_empty();
@@ -174,7 +176,7 @@ impl Pump {
             {
                 return Poll::Ready(Ok(RelayEnd::Idle));
             }
-            if self.to_server.len() < HIGH_WATER && !self.terminated {
+            if self.to_server.len() < HIGH_WATER && !self.terminated && !self.gated {
                 match read_some(cx, &mut client.io, &mut client.rbuf) {
                     Poll::Ready(Ok(n)) => {
                         self.client_eof = n == 0;
@@ -231,8 +233,15 @@ impl Pump {
         &mut self,
         client: &mut ClientStream<S>,
         flow: &mut Flow,
+        gate: bool,
     ) -> Result<(), Error> {
+        self.gated = false;
         while self.to_server.len() < HIGH_WATER && !self.terminated {
+            if gate && !may_forward(client.rbuf.first().copied(), flow) {
+                // the next request must be routed on its own once this one is answered
+                self.gated = true;
+                break;
+            }
             let Some(frame) = framing::decode(&mut client.rbuf, client.max_message)? else {
                 break;
             };
@@ -280,6 +289,16 @@ impl Pump {
         }
         Ok(())
     }
+}
+
+/// In transaction pooling, whether the client's next message (type `tag`) may follow the
+/// current request to this server. A new request outside a transaction block must be routed
+/// on its own (it may need another server), so it waits until the pair is idle; COPY data,
+/// the rest of an unfinished extended batch, and everything inside a transaction block go on.
+fn may_forward(tag: Option<u8>, flow: &Flow) -> bool {
+    matches!(tag, None | Some(b'd' | b'c' | b'f' | b'X'))
+        || flow.unsynced()
+        || flow.status() != TxStatus::Idle
 }
 
 /// The message types a client may send after login (PostgreSQL docs, "Message Formats").

@@ -15,7 +15,7 @@ use crate::backend::health::Lsn;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, TxStatus};
-use crate::router::classify::{Classification, TxControl};
+use crate::router::classify::{Access, Classification, TxControl, TxModes};
 use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
 use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Router, Target};
@@ -61,7 +61,9 @@ impl Request {
 pub struct HeldTx {
     /// BEGIN and any SET TRANSACTION, replayed on the server when the first statement comes.
     pub statements: Vec<String>,
-    pub read_only: bool,
+    pub modes: TxModes,
+    /// Hints on the BEGIN itself (`/* pgrouter: route=primary */ BEGIN READ ONLY`).
+    pub hints: Hints,
     /// Starting it on the server failed; the client must end it.
     pub failed: bool,
 }
@@ -140,32 +142,48 @@ impl RoutingState {
             }
         }
         let statements = self.statements(router, request)?;
-        let hints = statements
-            .iter()
-            .try_fold(Hints::default(), |acc, (sql, _)| {
-                let h = hint::parse_hints(sql).map_err(Error::Invalid)?;
-                Ok::<_, Error>(if h.is_empty() { acc } else { h })
-            })?;
+        let mut hinted = Vec::with_capacity(statements.len());
+        for (sql, class) in statements {
+            let hints = hint::parse_hints(&sql).map_err(Error::Invalid)?;
+            hinted.push((sql, class, hints));
+        }
+        let first_hints = || {
+            hinted
+                .iter()
+                .map(|(_, _, h)| h)
+                .find(|h| !h.is_empty())
+                .cloned()
+        };
         if let Some(held) = &self.held {
-            let decision = policy.transaction(held.read_only, &hints, self.route_setting);
-            let prelude = Some(held.statements.join("; "));
+            // a read-only transaction goes to a replica if its first statements are reads (a
+            // SET TRANSACTION SNAPSHOT, say, needs the primary)
+            let reads = hinted.iter().all(|(_, c, _)| c.access == Access::Read);
+            let hints = first_hints().unwrap_or_else(|| held.hints.clone());
+            policy.hinted_shard(&hints).map_err(PlanError::Undecided)?;
+            let decision =
+                policy.transaction(held.modes.on_standby() && reads, &hints, self.route_setting);
+            // newline before each `;` so a trailing `-- comment` cannot swallow what follows
+            let prelude = Some(held.statements.join("\n;\n"));
             return Ok(Plan::Server { decision, prelude });
         }
-        let begin = statements.iter().find_map(|(_, c)| match c.tx {
-            Some(TxControl::Begin { read_only, .. }) => Some(read_only),
+        let begin = hinted.iter().find_map(|(_, c, _)| match c.tx {
+            Some(TxControl::Begin { modes, .. }) => Some(modes),
             _ => None,
         });
-        if let Some(read_only) = begin {
+        if let Some(modes) = begin {
             // an extended-protocol BEGIN: the batch itself opens the transaction
+            let hints = first_hints().unwrap_or_default();
+            policy.hinted_shard(&hints).map_err(PlanError::Undecided)?;
+            let decision = policy.transaction(modes.on_standby(), &hints, self.route_setting);
             return Ok(Plan::Server {
-                decision: policy.transaction(read_only, &hints, self.route_setting),
+                decision,
                 prelude: None,
             });
         }
         let mut strongest: Option<Decision> = None;
-        for (sql, class) in &statements {
+        for (sql, class, hints) in &hinted {
             let d = policy
-                .decide(sql, class, &hints, self.route_setting)
+                .decide(sql, class, hints, self.route_setting)
                 .map_err(PlanError::Undecided)?;
             if strongest
                 .as_ref()
@@ -207,6 +225,13 @@ impl RoutingState {
                         b'P' => {
                             let (name, sql) = messages::parse_parse(frame.body())
                                 .ok_or_else(|| malformed("Parse"))?;
+                            if hint::session_command(sql).is_some() {
+                                // answering it would mean emulating the extended protocol:
+                                // refuse rather than let the server silently accept it
+                                return Err(Error::NotSupported(
+                                    "send SET/RESET/SHOW pgrouter.route as a simple query, not a prepared statement".into(),
+                                ));
+                            }
                             let class = router.classify(sql, &mut self.scratch);
                             let sql = Bytes::copy_from_slice(sql);
                             self.remember(
@@ -258,10 +283,12 @@ impl RoutingState {
             .trim_end_matches(';')
             .to_owned();
         match (tx, &mut self.held) {
-            (TxControl::Begin { read_only, tag }, None) => {
+            (TxControl::Begin { modes, tag }, None) => {
+                let hints = hint::parse_hints(sql).unwrap_or_default();
                 self.held = Some(HeldTx {
                     statements: vec![text],
-                    read_only,
+                    modes,
+                    hints,
                     failed: false,
                 });
                 Some(answer(tag, TxStatus::InTransaction))
@@ -276,12 +303,17 @@ impl RoutingState {
                 out.extend_from_slice(&answer(tag, TxStatus::InTransaction));
                 Some(out.freeze())
             }
-            (TxControl::SetTransaction { read_only }, Some(held)) => {
+            (TxControl::SetTransaction { modes }, Some(held)) => {
                 held.statements.push(text);
-                held.read_only = read_only;
+                held.modes = held.modes.then(modes);
                 Some(answer("SET", TxStatus::InTransaction))
             }
-            (TxControl::End { tag }, Some(_)) => {
+            // AND CHAIN starts the next transaction at once, with the same modes
+            (TxControl::End { tag, chain: true }, Some(held)) => {
+                held.failed = false;
+                Some(answer(tag, TxStatus::InTransaction))
+            }
+            (TxControl::End { tag, chain: false }, Some(_)) => {
                 self.held = None;
                 Some(answer(tag, TxStatus::Idle))
             }

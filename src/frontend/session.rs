@@ -386,7 +386,11 @@ impl<S: ClientIo> Session<S> {
             .ok_or_else(|| Error::Internal(format!("no shard {}", decision.shard)))?;
         let needs = self.read_needs(&mut decision, shard);
         let ban_time = self.app.config.proxy.ban_time;
+        // each failed replica is banned, so this ends; the bound guards against a ban that
+        // does not hold (a replica refusing only this user, say)
+        let mut attempts = shard.replicas.len() + 1;
         let checkout = loop {
+            attempts -= 1;
             let pool = match shard.pick(decision.target, needs, policy.load_balance) {
                 Some(pool) => Arc::clone(pool),
                 None => self.fallback(&mut decision, shard)?,
@@ -401,8 +405,10 @@ impl<S: ClientIo> Session<S> {
                 Ok(Some(checkout)) => break checkout,
                 Ok(None) => return Ok(false),
                 // nothing was sent yet: ban the replica and route again
-                Err(e @ Error::Connect { .. }) if pool.key.role == Role::Replica => {
-                    pool.health.ban(ban_time, &e.to_string())
+                Err(e @ Error::Connect { .. })
+                    if pool.key.role == Role::Replica && attempts > 0 =>
+                {
+                    pool.health.ban(ban_time, &e.to_string());
                 }
                 Err(e) => return Err(e),
             }
@@ -548,7 +554,7 @@ impl<S: ClientIo> Session<S> {
                 let rows = attached
                     .checkout
                     .conn()
-                    .query_rows("SELECT pg_current_wal_lsn()", LOOKUP_TIMEOUT)
+                    .query_rows("SELECT pg_current_wal_insert_lsn()", LOOKUP_TIMEOUT)
                     .await;
                 // if the position cannot be read, no replica qualifies until the next write
                 Some(
@@ -589,7 +595,10 @@ impl<S: ClientIo> Session<S> {
                 .health
                 .ban(self.app.config.proxy.ban_time, &error.to_string());
         }
-        if !attached.started_idle || self.params.mode == PoolMode::Session {
+        if !attached.started_idle
+            || self.flow.status() != TxStatus::Idle
+            || self.params.mode == PoolMode::Session
+        {
             return Ok(false);
         }
         drop(attached); // closes the dead connection
@@ -608,6 +617,10 @@ impl<S: ClientIo> Session<S> {
     async fn reject(&mut self, expects_ready: bool, err: &Error) -> Result<(), Error> {
         tracing::debug!(error = %err, kind = err.kind(), "request refused");
         self.client.send_error(Severity::Error, err).await;
+        // an error inside a transaction aborts it, as on PostgreSQL
+        if let Some(held) = &mut self.routing.held {
+            held.failed = true;
+        }
         if expects_ready {
             self.client
                 .send(&messages::ready_for_query(self.routing.client_status()))

@@ -25,15 +25,41 @@ pub enum Access {
     Write(String),
 }
 
+/// The transaction modes a BEGIN or SET TRANSACTION names (`None`: not mentioned).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxModes {
+    pub read_only: Option<bool>,
+    pub serializable: Option<bool>,
+}
+
+impl TxModes {
+    /// A READ ONLY transaction a hot standby can run: a standby refuses SERIALIZABLE ("cannot
+    /// use serializable mode in a hot standby").
+    #[must_use]
+    pub fn on_standby(self) -> bool {
+        self.read_only == Some(true) && self.serializable != Some(true)
+    }
+
+    /// These modes changed by a later SET TRANSACTION (what it mentions wins).
+    #[must_use]
+    pub fn then(self, later: TxModes) -> TxModes {
+        TxModes {
+            read_only: later.read_only.or(self.read_only),
+            serializable: later.serializable.or(self.serializable),
+        }
+    }
+}
+
 /// Transaction control, when a text is exactly one such statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxControl {
     /// BEGIN / START TRANSACTION; `tag` is the CommandComplete tag PostgreSQL answers with.
-    Begin { read_only: bool, tag: &'static str },
+    Begin { modes: TxModes, tag: &'static str },
     /// SET TRANSACTION ...
-    SetTransaction { read_only: bool },
-    /// COMMIT, END, ROLLBACK, ABORT; `tag` as PostgreSQL answers.
-    End { tag: &'static str },
+    SetTransaction { modes: TxModes },
+    /// COMMIT, END, ROLLBACK, ABORT; `tag` as PostgreSQL answers; `chain` for AND CHAIN,
+    /// which starts a new transaction with the same modes.
+    End { tag: &'static str, chain: bool },
     /// SAVEPOINT, RELEASE, ROLLBACK TO (only meaningful inside a transaction).
     Savepoint,
 }
@@ -73,11 +99,19 @@ impl Classification {
     }
 }
 
-/// Built-in functions that write or hold session state (DESIGN §4), matched on the bare name.
+/// Built-in functions that write, hold session state (DESIGN §4), or only mean something on
+/// the primary (WAL positions, signalling backends), matched on the bare name.
 fn builtin_writer(bare: &str) -> bool {
     matches!(
         bare,
-        "nextval"
+        "pg_current_wal_lsn"
+            | "pg_current_wal_insert_lsn"
+            | "pg_current_wal_flush_lsn"
+            | "pg_walfile_name"
+            | "pg_walfile_name_offset"
+            | "pg_terminate_backend"
+            | "pg_cancel_backend"
+            | "nextval"
             | "setval"
             | "lastval"
             | "currval"
@@ -129,9 +163,8 @@ pub fn classify(sql: &str) -> Classification {
         let one = classify_statement(stmt);
         if single {
             result.tx = one.tx;
-        } else if let Some(TxControl::Begin {
-            read_only: false, ..
-        }) = one.tx
+        } else if let Some(TxControl::Begin { modes, .. }) = one.tx
+            && !modes.on_standby()
         {
             result.opens_write_transaction = true;
         }
@@ -188,6 +221,16 @@ fn classify_statement(stmt: &Statement) -> Classification {
         } => scan(stmt),
         Statement::Copy { to: true, .. } => read(),
         Statement::Copy { to: false, .. } => Classification::write("COPY FROM writes rows"),
+        // drivers ask this to find the primary (libpq target_session_attrs, pgjdbc
+        // targetServerType): the answer must come from the primary
+        Statement::ShowVariable { variable }
+            if variable.len() == 1
+                && variable[0]
+                    .value
+                    .eq_ignore_ascii_case("transaction_read_only") =>
+        {
+            Classification::write("SHOW transaction_read_only is answered by the primary")
+        }
         Statement::ShowVariable { .. }
         | Statement::ShowVariables { .. }
         | Statement::ShowTables { .. } => read(),
@@ -198,7 +241,7 @@ fn classify_statement(stmt: &Statement) -> Classification {
             statements,
             ..
         } if statements.is_empty() => tx(TxControl::Begin {
-            read_only: read_only(modes),
+            modes: tx_modes(modes),
             tag: if *begin { "BEGIN" } else { "START TRANSACTION" },
         }),
         Statement::Set(Set::SetTransaction {
@@ -206,12 +249,19 @@ fn classify_statement(stmt: &Statement) -> Classification {
             session: false,
             snapshot: None,
         }) => tx(TxControl::SetTransaction {
-            read_only: read_only(modes),
+            modes: tx_modes(modes),
         }),
-        Statement::Commit { .. } => tx(TxControl::End { tag: "COMMIT" }),
+        Statement::Commit { chain, .. } => tx(TxControl::End {
+            tag: "COMMIT",
+            chain: *chain,
+        }),
         Statement::Rollback {
-            savepoint: None, ..
-        } => tx(TxControl::End { tag: "ROLLBACK" }),
+            savepoint: None,
+            chain,
+        } => tx(TxControl::End {
+            tag: "ROLLBACK",
+            chain: *chain,
+        }),
         Statement::Rollback { .. }
         | Statement::Savepoint { .. }
         | Statement::ReleaseSavepoint { .. } => tx(TxControl::Savepoint),
@@ -219,22 +269,19 @@ fn classify_statement(stmt: &Statement) -> Classification {
     }
 }
 
-/// READ ONLY, and runnable on a hot standby: a standby refuses SERIALIZABLE transactions
-/// ("cannot use serializable mode in a hot standby"), so those count as read-write.
-fn read_only(modes: &[TransactionMode]) -> bool {
-    let read_only = modes.iter().any(|m| {
-        matches!(
-            m,
-            TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)
-        )
-    });
-    let serializable = modes.iter().any(|m| {
-        matches!(
-            m,
-            TransactionMode::IsolationLevel(TransactionIsolationLevel::Serializable)
-        )
-    });
-    read_only && !serializable
+fn tx_modes(modes: &[TransactionMode]) -> TxModes {
+    let mut out = TxModes::default();
+    for m in modes {
+        match m {
+            TransactionMode::AccessMode(a) => {
+                out.read_only = Some(*a == TransactionAccessMode::ReadOnly)
+            }
+            TransactionMode::IsolationLevel(l) => {
+                out.serializable = Some(*l == TransactionIsolationLevel::Serializable);
+            }
+        }
+    }
+    out
 }
 
 /// `EXPLAIN (ANALYZE)`, `(ANALYZE true)`, `(ANALYZE on)`, `(ANALYZE 1)`.
@@ -290,7 +337,7 @@ impl Finder {
         let name = function_name(name);
         if builtin_writer(bare_name(&name)) {
             self.write(format!(
-                "calls {name}(), which writes or holds session state"
+                "calls {name}(), which writes, holds session state or needs the primary"
             ));
         } else {
             self.functions.push(name);
@@ -391,30 +438,35 @@ fn transaction_fallback(sql: &str) -> Option<Classification> {
         ["set", "transaction", rest @ ..] => ("SET", rest),
         _ => return None,
     };
-    let mut read_only = false;
-    let mut serializable = false;
+    let mut found = TxModes::default();
     let mut i = 0;
     while i < modes.len() {
         match &modes[i..] {
             ["isolation", "level", "serializable", ..] => {
-                serializable = true;
+                found.serializable = Some(true);
                 i += 3;
             }
-            ["isolation", "level", "repeatable" | "read", _, ..] => i += 4,
+            ["isolation", "level", "repeatable" | "read", _, ..] => {
+                found.serializable = Some(false);
+                i += 4;
+            }
             ["read", "only", ..] => {
-                read_only = true;
+                found.read_only = Some(true);
                 i += 2;
             }
-            ["read", "write", ..] | ["not", "deferrable", ..] => i += 2,
+            ["read", "write", ..] => {
+                found.read_only = Some(false);
+                i += 2;
+            }
+            ["not", "deferrable", ..] => i += 2,
             ["deferrable", ..] => i += 1,
             _ => return None,
         }
     }
-    let read_only = read_only && !serializable; // a standby refuses SERIALIZABLE
     let tx = if tag == "SET" {
-        TxControl::SetTransaction { read_only }
+        TxControl::SetTransaction { modes: found }
     } else {
-        TxControl::Begin { read_only, tag }
+        TxControl::Begin { modes: found, tag }
     };
     Some(Classification {
         access: Access::Read,

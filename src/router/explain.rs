@@ -63,10 +63,8 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
         }
     };
     let class = router.classify(sql.as_bytes(), &mut Vec::new());
-    if let Some(TxControl::Begin { read_only, .. } | TxControl::SetTransaction { read_only }) =
-        class.tx
-    {
-        let d = policy.transaction(read_only, &hints, None);
+    if let Some(TxControl::Begin { modes, .. } | TxControl::SetTransaction { modes }) = class.tx {
+        let d = policy.transaction(modes.on_standby(), &hints, None);
         line(
             &mut out,
             "route:",

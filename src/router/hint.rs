@@ -47,24 +47,38 @@ impl Hints {
 /// error (a hint silently ignored would be a silent misroute).
 pub fn parse_hints(sql: &[u8]) -> Result<Hints, String> {
     let mut hints = Hints::default();
-    let mut rest = sql;
-    loop {
-        rest = trim_start(rest);
-        let (body, after) = if let Some(r) = rest.strip_prefix(b"/*") {
-            match r.windows(2).position(|w| w == b"*/") {
-                Some(end) => (&r[..end], &r[end + 2..]),
-                None => return Ok(hints),
-            }
-        } else if let Some(r) = rest.strip_prefix(b"--") {
-            let end = r.iter().position(|&c| c == b'\n').unwrap_or(r.len());
-            (&r[..end], &r[end..])
-        } else {
-            return Ok(hints);
-        };
-        rest = after;
+    let (comments, _) = leading_comments(sql);
+    for body in comments {
         let text = String::from_utf8_lossy(body);
         if let Some(spec) = text.trim().strip_prefix("pgrouter:") {
             apply(spec, &mut hints)?;
+        }
+    }
+    Ok(hints)
+}
+
+/// The bodies of the comments before the first token, and the text after them. A `--`
+/// comment ends at a newline or carriage return, as in PostgreSQL's lexer.
+fn leading_comments(sql: &[u8]) -> (Vec<&[u8]>, &[u8]) {
+    let mut comments = Vec::new();
+    let mut rest = sql;
+    loop {
+        rest = trim_start(rest);
+        if let Some(r) = rest.strip_prefix(b"/*") {
+            let Some(end) = r.windows(2).position(|w| w == b"*/") else {
+                return (comments, rest);
+            };
+            comments.push(&r[..end]);
+            rest = &r[end + 2..];
+        } else if let Some(r) = rest.strip_prefix(b"--") {
+            let end = r
+                .iter()
+                .position(|&c| c == b'\n' || c == b'\r')
+                .unwrap_or(r.len());
+            comments.push(&r[..end]);
+            rest = &r[end..];
+        } else {
+            return (comments, rest);
         }
     }
 }
@@ -117,52 +131,52 @@ pub enum SessionCommand {
 }
 
 /// Recognises `SET [SESSION] pgrouter.route {=|TO} 'v'`, `RESET pgrouter.route` and
-/// `SHOW pgrouter.route` (case-insensitive, optional trailing semicolon). `Err` for a
-/// `pgrouter.*` setting that is not understood.
+/// `SHOW pgrouter.route` (case-insensitive, after any comments, optional trailing semicolon).
+/// `Err` for a command about a `pgrouter.*` setting that is not exactly one of those: it is
+/// refused rather than forwarded, so it can never be silently ignored.
 pub fn session_command(sql: &[u8]) -> Option<Result<SessionCommand, String>> {
-    let text = std::str::from_utf8(trim_start(sql)).ok()?;
-    let head = text.get(..text.len().min(48))?.to_ascii_lowercase();
-    if !head.contains("pgrouter.") {
+    let (_, body) = leading_comments(sql);
+    let head = &body[..body.len().min(64)];
+    if !head
+        .windows(9)
+        .any(|w| w.eq_ignore_ascii_case(b"pgrouter."))
+    {
         return None;
     }
-    let text = text.trim().trim_end_matches(';').trim();
-    let words: Vec<String> = text
-        .split_whitespace()
-        .map(str::to_ascii_lowercase)
-        .collect();
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let text = String::from_utf8_lossy(body)
+        .to_ascii_lowercase()
+        .replace('=', " = ");
+    let text = text.trim().trim_end_matches(';');
+    let words: Vec<&str> = text.split_whitespace().collect();
     let (verb, rest) = words.split_first()?;
-    let rest = match (*verb, rest.first()) {
-        ("set", Some(&"session")) => &rest[1..],
-        ("set" | "reset" | "show", _) => rest,
-        _ => return None,
-    };
-    let name = rest.first()?;
+    if !matches!(*verb, "set" | "reset" | "show") {
+        return None;
+    }
+    let name_at = usize::from(matches!(rest.first(), Some(&"session" | &"local")));
+    let name = rest.get(name_at)?;
     let setting = name.strip_prefix("pgrouter.")?;
-    let setting = setting.split('=').next().unwrap_or_default();
     if setting != "route" {
         return Some(Err(format!(
             "unrecognized configuration parameter \"pgrouter.{setting}\" (pgrouter knows pgrouter.route)"
         )));
     }
-    Some(match *verb {
-        "show" => Ok(SessionCommand::ShowRoute),
-        "reset" => Ok(SessionCommand::ResetRoute),
-        _ => {
-            // the value is whatever follows `=` or `TO`
-            let joined = rest.join(" ");
-            let value = joined
-                .split_once('=')
-                .map(|(_, v)| v.trim().to_owned())
-                .or_else(|| joined.strip_prefix("pgrouter.route to ").map(str::to_owned));
-            match value.as_deref().map(|v| v.trim_matches(|c| c == '\'' || c == '"')) {
-                Some("default") => Ok(SessionCommand::SetRoute(None)),
-                Some(v) => RouteHint::parse(v)
-                    .map(|h| SessionCommand::SetRoute(Some(h)))
-                    .ok_or_else(|| format!("invalid value for pgrouter.route: \"{v}\" (expected primary, replica or default)")),
-                None => Err("SET pgrouter.route needs a value: primary, replica or default".to_owned()),
+    const USAGE: &str = "pgrouter.route commands must be sent alone: SET pgrouter.route = 'primary' | 'replica' | 'default', RESET pgrouter.route or SHOW pgrouter.route";
+    Some(match (*verb, rest) {
+        ("show", [_]) => Ok(SessionCommand::ShowRoute),
+        ("reset", [_]) => Ok(SessionCommand::ResetRoute),
+        ("set", ["local", ..]) => Err(
+            "SET LOCAL pgrouter.route is not supported: pgrouter settings last for the session"
+                .into(),
+        ),
+        ("set", [_, "=" | "to", value] | ["session", _, "=" | "to", value]) => {
+            match value.trim_matches(|c| c == '\'' || c == '"') {
+                "default" => Ok(SessionCommand::SetRoute(None)),
+                v => RouteHint::parse(v).map(|h| SessionCommand::SetRoute(Some(h))).ok_or_else(|| {
+                    format!("invalid value for pgrouter.route: \"{v}\" (expected primary, replica or default)")
+                }),
             }
         }
+        _ => Err(USAGE.into()),
     })
 }
 
@@ -186,6 +200,12 @@ mod tests {
         );
         assert!(parse_hints(b"/* pgrouter: route=anywhere */ select 1").is_err());
         assert!(parse_hints(b"/* pgrouter: color=blue */ select 1").is_err());
+        let h = parse_hints(b"-- pgrouter: route=primary\rselect 1").unwrap();
+        assert_eq!(
+            h.route,
+            Some(RouteHint::Primary),
+            "-- comments end at a carriage return"
+        );
     }
 
     #[test]
@@ -216,6 +236,19 @@ mod tests {
             Some(Err(_))
         ));
         assert!(matches!(cmd("SET pgrouter.colour = 'red'"), Some(Err(_))));
+        assert_eq!(
+            cmd("/* app */ -- x\rSET pgrouter.route = replica"),
+            Some(Ok(SessionCommand::SetRoute(Some(RouteHint::Replica))))
+        );
+        assert!(
+            matches!(cmd("SHOW pgrouter.route ; DROP TABLE t"), Some(Err(_))),
+            "never drop the rest silently"
+        );
+        assert!(matches!(
+            cmd("SET LOCAL pgrouter.route = primary"),
+            Some(Err(_))
+        ));
+        assert!(matches!(cmd("SET pgrouter.route"), Some(Err(_))));
         assert_eq!(cmd("SET search_path = app"), None);
         assert_eq!(cmd("select 'pgrouter.route'"), None);
     }

@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use super::ShardId;
 use super::classify::{Access, Classification, bare_name};
@@ -13,6 +14,9 @@ use std::time::Duration;
 use crate::config::{
     DatabaseConfig, LoadBalance, ReadYourWrites, ReadsTo, ReplicaFallback, RoutingRule, RuleRoute,
 };
+
+/// How long a looked-up function volatility is trusted.
+const VOLATILITY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Which kind of server a statement needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +141,9 @@ pub struct Policy {
     /// Per shard: does it have replicas?
     replicas: Vec<bool>,
     /// User function name as called -> VOLATILE and user-defined.
-    volatile: Mutex<HashMap<String, bool>>,
+    /// Function name as called -> (VOLATILE and user-defined, when looked up). Entries expire
+    /// after [`VOLATILITY_TTL`], so a migration that creates or changes a function is noticed.
+    volatile: RwLock<HashMap<String, (bool, Instant)>>,
 }
 
 impl Policy {
@@ -165,7 +171,7 @@ impl Policy {
                 .collect(),
             home: ShardId(db.sharding.home_shard),
             replicas: db.shards.iter().map(|s| !s.replicas.is_empty()).collect(),
-            volatile: Mutex::new(HashMap::new()),
+            volatile: RwLock::new(HashMap::new()),
         })
     }
 
@@ -187,22 +193,7 @@ impl Policy {
         hints: &Hints,
         session: Option<RouteHint>,
     ) -> Result<Decision, Undecided> {
-        let shard = match hints.shard {
-            Some(n) if n >= self.replicas.len() => {
-                return Err(Undecided::Invalid(format!(
-                    "hint shard={n} names a shard that does not exist (database \"{}\" has {})",
-                    self.database,
-                    self.replicas.len()
-                )));
-            }
-            Some(n) => ShardId(n),
-            None => self.home,
-        };
-        if hints.shard_key.is_some() {
-            return Err(Undecided::Invalid(
-                "shard_key hints need sharding, which this build does not have yet".into(),
-            ));
-        }
+        let shard = self.hinted_shard(hints)?;
         let decided = |target, why| Ok(Decision { shard, target, why });
         if let Some(hint) = hints.route {
             return decided(hint_target(hint), Why::Hint(hint));
@@ -225,6 +216,24 @@ impl Policy {
         Ok(self.read(shard, Why::Read))
     }
 
+    /// The shard the hints name (the home shard if none), or why the hints are unusable.
+    pub fn hinted_shard(&self, hints: &Hints) -> Result<ShardId, Undecided> {
+        if hints.shard_key.is_some() {
+            return Err(Undecided::Invalid(
+                "shard_key hints need sharding, which this build does not have yet".into(),
+            ));
+        }
+        match hints.shard {
+            Some(n) if n >= self.replicas.len() => Err(Undecided::Invalid(format!(
+                "hint shard={n} names a shard that does not exist (database \"{}\" has {})",
+                self.database,
+                self.replicas.len()
+            ))),
+            Some(n) => Ok(ShardId(n)),
+            None => Ok(self.home),
+        }
+    }
+
     /// Where a read goes given `reads` and whether the shard has replicas.
     #[must_use]
     pub fn read(&self, shard: ShardId, why: Why) -> Decision {
@@ -245,10 +254,8 @@ impl Policy {
         hints: &Hints,
         session: Option<RouteHint>,
     ) -> Decision {
-        let shard = hints
-            .shard
-            .filter(|&n| n < self.replicas.len())
-            .map_or(self.home, ShardId);
+        // callers check the hints with `hinted_shard` first
+        let shard = self.hinted_shard(hints).unwrap_or(self.home);
         if let Some(hint) = hints.route.or(session) {
             let why = if hints.route.is_some() {
                 Why::Hint(hint)
@@ -300,7 +307,13 @@ impl Policy {
     /// functions: `Some(why)` if one makes the statement a write.
     fn function_verdict(&self, functions: &[String]) -> Result<Option<Why>, Undecided> {
         let mut unknown = Vec::new();
-        let volatile = self.volatile.lock().expect("volatility lock");
+        let volatile = self.volatile.read().expect("volatility lock");
+        let fresh = |f: &String| {
+            volatile
+                .get(f)
+                .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
+                .map(|(v, _)| *v)
+        };
         for f in functions {
             if listed(&self.write_functions, f) {
                 return Ok(Some(Why::WriteFunction(f.clone())));
@@ -308,7 +321,7 @@ impl Policy {
             if listed(&self.read_only_functions, f) {
                 continue;
             }
-            match volatile.get(f) {
+            match fresh(f) {
                 Some(true) => return Ok(Some(Why::VolatileFunction(f.clone()))),
                 Some(false) => {}
                 None => unknown.push(f.clone()),
@@ -323,19 +336,24 @@ impl Policy {
 
     /// Records looked-up volatility: `true` for a VOLATILE user-defined function.
     pub fn learn_volatility(&self, results: impl IntoIterator<Item = (String, bool)>) {
+        let now = Instant::now();
         self.volatile
-            .lock()
+            .write()
             .expect("volatility lock")
-            .extend(results);
+            .extend(results.into_iter().map(|(name, v)| (name, (v, now))));
     }
 
     /// The functions (among `names`) whose volatility is not known yet.
     #[must_use]
     pub fn unknown_functions(&self, names: &[String]) -> Vec<String> {
-        let volatile = self.volatile.lock().expect("volatility lock");
+        let volatile = self.volatile.read().expect("volatility lock");
         names
             .iter()
-            .filter(|n| !volatile.contains_key(*n))
+            .filter(|n| {
+                volatile
+                    .get(*n)
+                    .is_none_or(|(_, at)| at.elapsed() >= VOLATILITY_TTL)
+            })
             .cloned()
             .collect()
     }

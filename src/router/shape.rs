@@ -96,10 +96,11 @@ fn ident_before(out: &[u8]) -> bool {
     out.last().is_some_and(|&c| is_ident_char(c) || c == b'$')
 }
 
+/// PostgreSQL ends a `--` comment at a newline or a carriage return.
 fn skip_line_comment(sql: &[u8], i: usize) -> usize {
     sql[i..]
         .iter()
-        .position(|&c| c == b'\n')
+        .position(|&c| c == b'\n' || c == b'\r')
         .map_or(sql.len(), |p| i + p + 1)
 }
 
@@ -242,6 +243,11 @@ mod tests {
         assert_eq!(shape("/* a /* b */ c */ select 1"), "select ?");
         assert_eq!(shape("select 'unterminated"), "select ?");
         assert_eq!(shape("select $$never ends"), "select ?");
+    }
+
+    #[test]
+    fn line_comments_end_at_carriage_returns() {
+        assert_ne!(shape("SELECT 1 --x\r; DELETE FROM t"), shape("SELECT 1"));
     }
 
     #[test]

@@ -48,6 +48,9 @@ fn writes() {
         "SELECT pg_notify('ch', 'x')",
         "SELECT lo_create(0)",
         "SELECT txid_current()",
+        "SELECT pg_current_wal_lsn()",
+        "SELECT pg_terminate_backend(123)",
+        "SHOW transaction_read_only",
         "SELECT * INTO newtable FROM t",
         "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
         "WITH i AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM i",
@@ -83,88 +86,100 @@ fn explain_without_analyze_option_is_read() {
     assert!(!classify("EXPLAIN (ANALYZE off) SELECT 1").cacheable);
 }
 
+/// (runs on a standby, tag) of a BEGIN, or (runs on a standby, "SET") of a SET TRANSACTION.
+fn tx_start(sql: &str) -> Option<(bool, &'static str)> {
+    match classify(sql).tx? {
+        TxControl::Begin { modes, tag } => Some((modes.on_standby(), tag)),
+        TxControl::SetTransaction { modes } => Some((modes.on_standby(), "SET")),
+        _ => None,
+    }
+}
+
 #[test]
 fn transaction_control() {
     let tx = |sql: &str| classify(sql).tx;
+    assert_eq!(tx_start("BEGIN"), Some((false, "BEGIN")));
+    assert_eq!(tx_start("begin read only"), Some((true, "BEGIN")));
     assert_eq!(
-        tx("BEGIN"),
-        Some(TxControl::Begin {
-            read_only: false,
-            tag: "BEGIN"
-        })
+        tx_start("START TRANSACTION READ ONLY"),
+        Some((true, "START TRANSACTION"))
     );
     assert_eq!(
-        tx("begin read only"),
-        Some(TxControl::Begin {
-            read_only: true,
-            tag: "BEGIN"
-        })
-    );
-    assert_eq!(
-        tx("START TRANSACTION READ ONLY"),
-        Some(TxControl::Begin {
-            read_only: true,
-            tag: "START TRANSACTION"
-        })
-    );
-    assert_eq!(
-        tx("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE"),
-        Some(TxControl::Begin {
-            read_only: true,
-            tag: "BEGIN"
-        })
+        tx_start("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE"),
+        Some((true, "BEGIN"))
     );
     // a hot standby refuses SERIALIZABLE: such transactions go to the primary
     assert_eq!(
-        tx("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"),
-        Some(TxControl::Begin {
-            read_only: false,
-            tag: "BEGIN"
+        tx_start("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"),
+        Some((false, "BEGIN"))
+    );
+    assert_eq!(
+        tx_start("START TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY"),
+        Some((false, "START TRANSACTION"))
+    );
+    assert_eq!(
+        tx_start("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+        Some((false, "START TRANSACTION"))
+    );
+    assert_eq!(tx_start("SET TRANSACTION READ ONLY"), Some((true, "SET")));
+    assert_eq!(
+        tx_start("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"),
+        Some((false, "SET"))
+    );
+    assert_eq!(
+        tx_start("-- note\nbegin read only deferrable;"),
+        Some((true, "BEGIN"))
+    );
+    assert_eq!(tx_start("BEGIN deferrable nonsense"), None);
+    // SET TRANSACTION only changes what it mentions
+    let Some(TxControl::Begin {
+        modes: serializable,
+        ..
+    }) = tx("BEGIN ISOLATION LEVEL SERIALIZABLE")
+    else {
+        panic!()
+    };
+    let Some(TxControl::SetTransaction { modes: ro }) = tx("SET TRANSACTION READ ONLY") else {
+        panic!()
+    };
+    assert!(!serializable.then(ro).on_standby());
+    assert_eq!(
+        tx("COMMIT"),
+        Some(TxControl::End {
+            tag: "COMMIT",
+            chain: false
         })
     );
     assert_eq!(
-        tx("START TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY"),
-        Some(TxControl::Begin {
-            read_only: false,
-            tag: "START TRANSACTION"
+        tx("END"),
+        Some(TxControl::End {
+            tag: "COMMIT",
+            chain: false
         })
     );
     assert_eq!(
-        tx("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"),
-        Some(TxControl::SetTransaction { read_only: false })
-    );
-    assert_eq!(
-        tx("-- note\nbegin read only deferrable;"),
-        Some(TxControl::Begin {
-            read_only: true,
-            tag: "BEGIN"
+        tx("COMMIT AND CHAIN"),
+        Some(TxControl::End {
+            tag: "COMMIT",
+            chain: true
         })
     );
     assert_eq!(
-        tx("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
-        Some(TxControl::Begin {
-            read_only: false,
-            tag: "START TRANSACTION"
+        tx("ROLLBACK"),
+        Some(TxControl::End {
+            tag: "ROLLBACK",
+            chain: false
         })
     );
     assert_eq!(
-        tx("SET TRANSACTION READ ONLY"),
-        Some(TxControl::SetTransaction { read_only: true })
+        tx("ABORT"),
+        Some(TxControl::End {
+            tag: "ROLLBACK",
+            chain: false
+        })
     );
-    assert_eq!(tx("COMMIT"), Some(TxControl::End { tag: "COMMIT" }));
-    assert_eq!(tx("END"), Some(TxControl::End { tag: "COMMIT" }));
-    assert_eq!(tx("ROLLBACK"), Some(TxControl::End { tag: "ROLLBACK" }));
-    assert_eq!(tx("ABORT"), Some(TxControl::End { tag: "ROLLBACK" }));
     assert_eq!(tx("SAVEPOINT a"), Some(TxControl::Savepoint));
     assert_eq!(tx("ROLLBACK TO SAVEPOINT a"), Some(TxControl::Savepoint));
-    assert_eq!(tx("BEGIN deferrable nonsense"), None);
-    assert_eq!(
-        tx("-- note\nbegin read only deferrable;"),
-        Some(TxControl::Begin {
-            read_only: true,
-            tag: "BEGIN"
-        })
-    );
     let c = classify("BEGIN; SELECT 1; COMMIT");
     assert!(c.opens_write_transaction && c.tx.is_none(), "{c:?}");
     assert!(!classify("BEGIN READ ONLY; SELECT 1; COMMIT").opens_write_transaction);
