@@ -6,25 +6,28 @@
 //! When the client leaves, its server connection is only returned to the pool clean: a
 //! running statement is cancelled and the connection closed; an open transaction is rolled
 //! back; in session mode the connection is reset with DISCARD ALL.
+//!
+//! `attach` (a submodule) holds how a routed request gets its server connection.
+
+mod attach;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::cancel::{CancelTarget, Registration};
+use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
 use super::flow::Flow;
 use super::relay::{self, RelayEnd, RelayOptions};
-use super::routing::{Plan, PlanError, Request, RoutingState, WriteMark};
+use super::routing::{Plan, PlanError, Request, RoutingState};
 use crate::app::App;
 use crate::backend::conn::send_cancel;
-use crate::backend::health::parse_lsn;
-use crate::backend::{Checkout, ClusterPools, Pool, ReadNeeds};
-use crate::config::{PoolMode, ReadYourWrites, ReplicaFallback};
+use crate::backend::{Checkout, ClusterPools};
+use crate::config::PoolMode;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, Severity, TxStatus};
 use crate::router::hint;
-use crate::router::policy::{Undecided, volatility_query};
+use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Role, Target, Why};
 use bytes::BytesMut;
 
@@ -339,235 +342,6 @@ impl<S: ClientIo> Session<S> {
         Err(Error::Internal(
             "function volatility still unknown after looking it up".into(),
         ))
-    }
-
-    /// Asks the primary which of `names` are VOLATILE user functions, once per name.
-    async fn look_up_volatility(&mut self, names: &[String]) -> Result<(), Error> {
-        let policy = Arc::clone(&self.params.policy);
-        let pool = self
-            .params
-            .pools
-            .shard(policy.home())
-            .map(|s| Arc::clone(&s.primary))
-            .ok_or_else(|| Error::Internal("no home shard".into()))?;
-        let mut checkout = pool.checkout().await?;
-        let rows = checkout
-            .conn()
-            .query_rows(&volatility_query(names), LOOKUP_TIMEOUT)
-            .await
-            .map_err(|reason| Error::ServerLost {
-                server: pool.key.server.to_string(),
-                reason,
-            })?;
-        checkout.release();
-        let learned: Vec<(String, bool)> = rows
-            .into_iter()
-            .filter_map(|row| Some((row.first()?.clone()?, row.get(1)?.as_deref() == Some("t"))))
-            .collect();
-        tracing::debug!(database = %policy.database, ?learned, "function volatility looked up");
-        policy.learn_volatility(learned);
-        // names pg_proc does not know (not functions at all) are not writers
-        let unknown = policy.unknown_functions(names);
-        policy.learn_volatility(unknown.into_iter().map(|n| (n, false)));
-        Ok(())
-    }
-
-    /// Borrows a server connection as `decision` says, starting a held transaction on it.
-    /// `Ok(false)` if the client left while waiting.
-    async fn attach(
-        &mut self,
-        mut decision: Decision,
-        prelude: Option<String>,
-    ) -> Result<bool, Error> {
-        let policy = Arc::clone(&self.params.policy);
-        let pools = Arc::clone(&self.params.pools);
-        let shard = pools
-            .shard(decision.shard)
-            .ok_or_else(|| Error::Internal(format!("no shard {}", decision.shard)))?;
-        let needs = self.read_needs(&mut decision, shard);
-        let ban_time = self.app.config.proxy.ban_time;
-        // each failed replica is banned, so this ends; the bound guards against a ban that
-        // does not hold (a replica refusing only this user, say)
-        let mut attempts = shard.replicas.len() + 1;
-        let checkout = loop {
-            attempts -= 1;
-            let pool = match shard.pick(decision.target, needs, policy.load_balance) {
-                Some(pool) => Arc::clone(pool),
-                None => self.fallback(&mut decision, shard)?,
-            };
-            if pool.key.role == Role::Primary && decision.why.writes() && pool.health.in_recovery()
-            {
-                return Err(Error::PrimaryInRecovery {
-                    server: pool.key.server.to_string(),
-                });
-            }
-            match self.checkout(&pool).await {
-                Ok(Some(checkout)) => break checkout,
-                Ok(None) => return Ok(false),
-                // nothing was sent yet: ban the replica and route again
-                Err(e @ Error::Connect { .. })
-                    if pool.key.role == Role::Replica && attempts > 0 =>
-                {
-                    pool.health.ban(ban_time, &e.to_string());
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        let conn = checkout.conn_ref();
-        self.params.cancel.set_target(Some(CancelTarget {
-            addr: conn.addr.clone(),
-            key: conn.backend_key.clone(),
-        }));
-        self.flow = Flow::default();
-        let mut attached = Attached {
-            checkout,
-            decision,
-            started_idle: prelude.is_none(),
-        };
-        if let Some(prelude) = prelude {
-            let conn = attached.checkout.conn();
-            match conn.run_simple(&prelude, RESET_TIMEOUT).await {
-                Ok(status) => {
-                    self.flow.set_status(status);
-                    self.routing.held = None;
-                }
-                Err(reason) => {
-                    if let Some(held) = &mut self.routing.held {
-                        held.failed = true;
-                    }
-                    let server = conn.addr.to_string();
-                    if conn.status == TxStatus::Idle {
-                        attached.checkout.release();
-                    }
-                    self.params.cancel.set_target(None);
-                    return Err(Error::TransactionStart { server, reason });
-                }
-            }
-        }
-        self.server = Some(attached);
-        Ok(true)
-    }
-
-    /// What a read needs of a replica; read-your-writes may also send it to the primary.
-    fn read_needs(&self, decision: &mut Decision, shard: &crate::backend::ShardPools) -> ReadNeeds {
-        let policy = &self.params.policy;
-        let mut needs = ReadNeeds {
-            max_lag: policy.max_replica_lag,
-            min_lsn: None,
-        };
-        let Some(write) = self.routing.last_write else {
-            return needs;
-        };
-        if decision.target == Target::Primary {
-            return needs;
-        }
-        match policy.read_your_writes {
-            ReadYourWrites::Off => {}
-            ReadYourWrites::PrimaryAfterWrite if write.at.elapsed() < policy.max_replica_lag => {
-                *decision = Decision {
-                    target: Target::Primary,
-                    why: Why::ReadYourWrites,
-                    ..decision.clone()
-                };
-            }
-            ReadYourWrites::PrimaryAfterWrite => {}
-            ReadYourWrites::Lsn => {
-                let with_lsn = ReadNeeds {
-                    min_lsn: write.lsn,
-                    ..needs
-                };
-                if write.lsn.is_some()
-                    && shard
-                        .pick(decision.target, with_lsn, policy.load_balance)
-                        .is_none()
-                    && shard
-                        .pick(decision.target, needs, policy.load_balance)
-                        .is_some()
-                {
-                    // replicas are up but none has replayed this client's last write yet
-                    *decision = Decision {
-                        target: Target::Primary,
-                        why: Why::ReadYourWrites,
-                        ..decision.clone()
-                    };
-                }
-                needs = with_lsn;
-            }
-        }
-        needs
-    }
-
-    /// No replica qualifies: fall back to the primary or fail, as replica_fallback says.
-    fn fallback(
-        &self,
-        decision: &mut Decision,
-        shard: &crate::backend::ShardPools,
-    ) -> Result<Arc<Pool>, Error> {
-        let policy = &self.params.policy;
-        let report = shard.replica_report();
-        match policy.replica_fallback {
-            ReplicaFallback::Primary => {
-                *decision = Decision {
-                    target: Target::Primary,
-                    why: Why::Fallback(report),
-                    ..decision.clone()
-                };
-                Ok(Arc::clone(&shard.primary))
-            }
-            ReplicaFallback::Error => Err(Error::NoReplica {
-                database: policy.database.clone(),
-                shard: decision.shard.0,
-                report,
-            }),
-        }
-    }
-
-    /// Waits for a connection from `pool`; `None` if the client vanished while waiting. A
-    /// free connection is taken at once; a client that said goodbye with Terminate still has
-    /// what it sent before run, as PostgreSQL would.
-    async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Option<Checkout>, Error> {
-        tokio::select! {
-            biased;
-            checkout = pool.checkout() => checkout.map(Some),
-            said_goodbye = self.client.closed() => {
-                if said_goodbye { pool.checkout().await.map(Some) } else { Ok(None) }
-            }
-        }
-    }
-
-    /// After an idle point on the primary following a write: remember it for read-your-writes.
-    async fn note_write(&mut self) {
-        let policy = Arc::clone(&self.params.policy);
-        let Some(attached) = self.server.as_mut() else {
-            return;
-        };
-        if attached.role() != Role::Primary
-            || !attached.decision.why.writes()
-            || !policy.has_replicas(attached.decision.shard)
-        {
-            return;
-        }
-        let lsn = match policy.read_your_writes {
-            ReadYourWrites::Off => return,
-            ReadYourWrites::PrimaryAfterWrite => None,
-            ReadYourWrites::Lsn => {
-                let rows = attached
-                    .checkout
-                    .conn()
-                    .query_rows("SELECT pg_current_wal_insert_lsn()", LOOKUP_TIMEOUT)
-                    .await;
-                // if the position cannot be read, no replica qualifies until the next write
-                Some(
-                    rows.ok()
-                        .and_then(|r| r.first()?.first()?.as_deref().and_then(parse_lsn))
-                        .unwrap_or(u64::MAX),
-                )
-            }
-        };
-        self.routing.last_write = Some(WriteMark {
-            lsn,
-            at: Instant::now(),
-        });
     }
 
     fn detach(&mut self) {
