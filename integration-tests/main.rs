@@ -10,3 +10,4 @@ mod pooling;
 mod psql;
 mod routing;
 mod topology;
+mod transparency;

@@ -43,6 +43,8 @@ pub struct App {
     pub tracker: TaskTracker,
     /// Connected clients, for max_client_connections.
     pub clients: AtomicUsize,
+    /// Transaction-pooled clients pinned to a server connection (LISTEN, temp tables, ...).
+    pub pinned_clients: AtomicUsize,
 }
 
 /// A started proxy.
@@ -79,6 +81,7 @@ impl App {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             clients: AtomicUsize::new(0),
+            pinned_clients: AtomicUsize::new(0),
         });
         tokio::spawn(accept_loop(Arc::clone(&app), listener));
         tokio::spawn(upkeep(Arc::clone(&app)));

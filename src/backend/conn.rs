@@ -21,6 +21,10 @@ use crate::protocol::framing::{self, Frame};
 use crate::protocol::messages::{self, TxStatus, parse_error_fields};
 use crate::protocol::startup::CancelKey;
 
+/// Session settings (GUCs) by lower-cased name: what a client asked for, or what is in effect
+/// on a server connection beyond its defaults.
+pub type Settings = std::collections::BTreeMap<String, String>;
+
 /// Limit for the messages read while connecting and resetting (they are all small).
 const CONTROL_MESSAGE_MAX: usize = 1 << 20;
 
@@ -53,6 +57,8 @@ pub struct ServerConn {
     pub id: u64,
     pub created: Instant,
     pub last_used: Instant,
+    /// Session-level settings in effect beyond the connection's defaults (source "session").
+    pub settings: Settings,
     /// A request of the proxy's own failed midway (timeout, read error): the answer may still
     /// arrive, so the connection must never be reused.
     pub broken: bool,
@@ -95,6 +101,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             broken: false,
+            settings: Settings::new(),
         };
         let mut out = BytesMut::new();
         let params = [

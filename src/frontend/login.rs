@@ -12,12 +12,18 @@ use bytes::BytesMut;
 use super::auth::authenticate;
 use super::client::{ClientIo, ClientStream};
 use super::session::{Session, SessionParams};
+use super::settings;
 use crate::app::App;
+use crate::backend::Pool;
+use crate::backend::conn::Settings;
+use crate::backend::pool::ServerParams;
 use crate::error::Error;
 use crate::protocol::messages::{self, Severity, TxStatus};
 use crate::protocol::startup::{StartupMessage, StartupPacket};
 use crate::router::Route;
 
+/// How long applying a client's startup settings may take.
+const SETTINGS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a forwarded cancel may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// SSLRequest and GSSENCRequest may each come once before the startup message.
@@ -112,7 +118,8 @@ async fn login<S: ClientIo>(
     let pool = pools
         .pool(Route::primary(policy.home()))
         .ok_or_else(|| Error::Internal("home shard has no primary pool".into()))?;
-    let server_params = pool.server_params().await?;
+    let mut settings = settings::from_startup(&startup.params)?;
+    let server_params = greeting_params(pool, &mut settings).await?;
     let cancel = app.cancels.register();
 
     let mut greeting = BytesMut::new();
@@ -127,10 +134,59 @@ async fn login<S: ClientIo>(
         user: user.name.clone(),
         database: db.name.clone(),
         mode: db.pool_mode,
+        settings,
         pools,
         policy,
         cancel,
     }))
+}
+
+/// The ParameterStatus values a new client sees, and its startup settings reduced to those
+/// that differ from the server's defaults. A setting whose effect the proxy cannot know
+/// without the server (anything but `application_name` that is not already the default) is
+/// applied on a server connection right away, so an invalid one fails the login as it would
+/// on PostgreSQL, and the values reported are the server's own (`DateStyle=ISO` is reported
+/// as `ISO, MDY`). Most clients (only `client_encoding=UTF8`, say) need no server at login.
+async fn greeting_params(pool: &Arc<Pool>, settings: &mut Settings) -> Result<ServerParams, Error> {
+    let defaults = pool.server_params().await?;
+    let default_of = |name: &str| {
+        defaults
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    settings.retain(|name, value| default_of(name) != Some(value.as_str()));
+    if settings.keys().all(|name| name == "application_name") {
+        let mut params: Vec<(String, String)> = defaults.iter().cloned().collect();
+        if let Some(app) = settings.get("application_name") {
+            match params.iter_mut().find(|(k, _)| k == "application_name") {
+                Some(slot) => slot.1.clone_from(app),
+                None => params.push(("application_name".into(), app.clone())),
+            }
+        }
+        return Ok(Arc::new(params));
+    }
+    let mut checkout = pool.checkout().await?;
+    let conn = checkout.conn();
+    if let Some(sql) = settings::apply_sql(settings, &conn.settings) {
+        match conn.run_simple(&sql, SETTINGS_TIMEOUT).await {
+            Ok(TxStatus::Idle) => conn.settings.clone_from(settings),
+            Ok(_) => {
+                return Err(Error::Internal(
+                    "applying startup parameters left a transaction open".into(),
+                ));
+            }
+            Err(reason) => {
+                checkout.release();
+                return Err(Error::Invalid(format!(
+                    "invalid startup parameter: {reason}"
+                )));
+            }
+        }
+    }
+    let params = Arc::new(conn.params.clone());
+    checkout.release();
+    Ok(params)
 }
 
 /// Reads packets until the StartupMessage, answering encryption requests and forwarding a

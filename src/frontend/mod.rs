@@ -13,3 +13,4 @@ pub mod login;
 pub mod relay;
 pub mod routing;
 pub mod session;
+pub mod settings;

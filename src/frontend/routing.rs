@@ -87,11 +87,33 @@ struct Prepared {
 pub enum Plan {
     /// Answered by the proxy; these bytes go to the client.
     Local(Bytes),
-    /// Send to a server as `decision` says; `prelude` (a held BEGIN) runs there first.
-    Server {
-        decision: Decision,
-        prelude: Option<String>,
-    },
+    /// Send to a server.
+    Server(Routed),
+}
+
+/// Where a request goes and what it does to the session.
+#[derive(Debug)]
+pub struct Routed {
+    pub decision: Decision,
+    /// A held BEGIN (and SET TRANSACTION) to run on the server first.
+    pub prelude: Option<String>,
+    /// The request may change session settings; they are read back before release.
+    pub session_state: bool,
+    /// The request creates state that cannot move: the client keeps its connection.
+    pub pins: Option<&'static str>,
+}
+
+impl Routed {
+    /// Everything on the primary of `shard` (session pooling, pinned clients).
+    #[must_use]
+    pub fn primary(decision: Decision) -> Self {
+        Self {
+            decision,
+            prelude: None,
+            session_state: false,
+            pins: None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -154,6 +176,16 @@ impl RoutingState {
                 .find(|h| !h.is_empty())
                 .cloned()
         };
+        let session_state = hinted.iter().any(|(_, c, _)| c.session_state);
+        let pins = hinted.iter().find_map(|(_, c, _)| c.pins);
+        let routed = |decision, prelude| {
+            Ok(Plan::Server(Routed {
+                decision,
+                prelude,
+                session_state,
+                pins,
+            }))
+        };
         if let Some(held) = &self.held {
             // a read-only transaction goes to a replica if its first statements are reads (a
             // SET TRANSACTION SNAPSHOT, say, needs the primary)
@@ -164,7 +196,7 @@ impl RoutingState {
                 policy.transaction(held.modes.on_standby() && reads, &hints, self.route_setting);
             // newline before each `;` so a trailing `-- comment` cannot swallow what follows
             let prelude = Some(held.statements.join("\n;\n"));
-            return Ok(Plan::Server { decision, prelude });
+            return routed(decision, prelude);
         }
         let begin = hinted.iter().find_map(|(_, c, _)| match c.tx {
             Some(TxControl::Begin { modes, .. }) => Some(modes),
@@ -175,10 +207,7 @@ impl RoutingState {
             let hints = first_hints().unwrap_or_default();
             policy.hinted_shard(&hints).map_err(PlanError::Undecided)?;
             let decision = policy.transaction(modes.on_standby(), &hints, self.route_setting);
-            return Ok(Plan::Server {
-                decision,
-                prelude: None,
-            });
+            return routed(decision, None);
         }
         let mut strongest: Option<Decision> = None;
         for (sql, class, hints) in &hinted {
@@ -194,10 +223,7 @@ impl RoutingState {
         }
         let decision =
             strongest.unwrap_or_else(|| policy.read(policy.home(), crate::router::Why::Read));
-        Ok(Plan::Server {
-            decision,
-            prelude: None,
-        })
+        routed(decision, None)
     }
 
     /// The statements a request carries, with their classifications. Parses are

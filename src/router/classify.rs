@@ -79,6 +79,13 @@ pub struct Classification {
     /// False when the result depends on a literal (EXPLAIN option values), so it must not be
     /// shared through the shape cache.
     pub cacheable: bool,
+    /// The text may change session settings (SET, RESET, DISCARD, set_config), which the
+    /// proxy must carry to the client's next server connection.
+    pub session_state: bool,
+    /// The text creates state that cannot move to another server connection (LISTEN, a
+    /// session advisory lock, a temporary table, SQL-level PREPARE, a WITH HOLD cursor): the
+    /// client must keep its connection. The reason, for logs.
+    pub pins: Option<&'static str>,
 }
 
 impl Classification {
@@ -95,6 +102,8 @@ impl Classification {
             tx: None,
             opens_write_transaction: false,
             cacheable: true,
+            session_state: false,
+            pins: None,
         }
     }
 }
@@ -144,8 +153,14 @@ pub fn classify(sql: &str) -> Classification {
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
         Err(e) => {
-            return transaction_fallback(sql)
-                .unwrap_or_else(|| Classification::write(format!("does not parse ({e})")));
+            return transaction_fallback(sql).unwrap_or_else(|| {
+                let (session_state, pins) = unparsed_effects(sql);
+                Classification {
+                    session_state,
+                    pins,
+                    ..Classification::write(format!("does not parse ({e})"))
+                }
+            });
         }
     };
     if statements.is_empty() {
@@ -173,6 +188,10 @@ pub fn classify(sql: &str) -> Classification {
         }
         result.functions.extend(one.functions);
         result.cacheable &= one.cacheable;
+        let mut effects = Effects::default();
+        let _ = stmt.visit(&mut effects);
+        result.session_state |= effects.session_state;
+        result.pins = result.pins.or(effects.pins);
     }
     result.functions.sort();
     result.functions.dedup();
@@ -313,10 +332,87 @@ fn scan(stmt: &Statement) -> Classification {
     Classification {
         access: finder.write.map_or(Access::Read, Access::Write),
         functions: finder.functions,
-        tx: None,
-        opens_write_transaction: false,
-        cacheable: true,
+        ..Classification::write("")
     }
+}
+
+/// What a statement does to the session beyond its result: settings and pinned state.
+#[derive(Default)]
+struct Effects {
+    session_state: bool,
+    pins: Option<&'static str>,
+}
+
+impl Effects {
+    fn pin(&mut self, why: &'static str) {
+        self.pins = self.pins.or(Some(why));
+    }
+}
+
+impl Visitor for Effects {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
+        match stmt {
+            Statement::Set(Set::SetTransaction { .. }) => {}
+            Statement::Set(_) | Statement::Reset(_) | Statement::Discard { .. } => {
+                self.session_state = true
+            }
+            Statement::LISTEN { .. } => self.pin("LISTEN"),
+            Statement::Prepare { .. } => self.pin("SQL-level PREPARE"),
+            Statement::CreateTable(t) if t.temporary => self.pin("a temporary table"),
+            Statement::Declare { stmts, .. } if stmts.iter().any(|d| d.hold == Some(true)) => {
+                self.pin("a WITH HOLD cursor");
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        if select.into.as_ref().is_some_and(|i| i.temporary) {
+            self.pin("a temporary table");
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = expr {
+            match bare_name(&function_name(&f.name)) {
+                "set_config" => self.session_state = true,
+                "pg_advisory_lock"
+                | "pg_advisory_lock_shared"
+                | "pg_try_advisory_lock"
+                | "pg_try_advisory_lock_shared" => {
+                    self.pin("a session advisory lock");
+                }
+                _ => {}
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Effects of a statement sqlparser cannot parse, read from its shape's first words.
+fn unparsed_effects(sql: &str) -> (bool, Option<&'static str>) {
+    let mut shape = Vec::new();
+    super::shape::shape_into(sql.as_bytes(), &mut shape);
+    let text = String::from_utf8_lossy(&shape);
+    let words: Vec<&str> = text.split_whitespace().take(3).collect();
+    let session_state = matches!(words.first(), Some(&("set" | "reset" | "discard")))
+        || text.contains("set_config(");
+    let pins = match words.as_slice() {
+        ["listen", ..] => Some("LISTEN"),
+        ["prepare", w, ..] if *w != "transaction" => Some("SQL-level PREPARE"),
+        ["create", "temp" | "temporary", ..]
+        | ["create", "local" | "global", "temp" | "temporary"] => Some("a temporary table"),
+        ["declare", ..] if text.contains(" with hold ") => Some("a WITH HOLD cursor"),
+        _ if text.contains("pg_advisory_lock(") || text.contains("pg_try_advisory_lock(") => {
+            Some("a session advisory lock")
+        }
+        _ => None,
+    };
+    (session_state, pins)
 }
 
 #[derive(Default)]

@@ -404,7 +404,8 @@ pub fn volatility_query(names: &[String]) -> String {
 }
 
 /// A string literal that means the same whatever `standard_conforming_strings` says.
-fn quote_literal(s: &str) -> String {
+#[must_use]
+pub fn quote_literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 

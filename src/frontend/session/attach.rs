@@ -13,7 +13,8 @@ use crate::error::Error;
 use crate::frontend::cancel::CancelTarget;
 use crate::frontend::client::ClientIo;
 use crate::frontend::flow::Flow;
-use crate::frontend::routing::WriteMark;
+use crate::frontend::routing::{Routed, WriteMark};
+use crate::frontend::settings;
 use crate::protocol::messages::TxStatus;
 use crate::router::policy::volatility_query;
 use crate::router::{Decision, Role, Target, Why};
@@ -52,11 +53,13 @@ impl<S: ClientIo> Session<S> {
 
     /// Borrows a server connection as `decision` says, starting a held transaction on it.
     /// `Ok(false)` if the client left while waiting.
-    pub(super) async fn attach(
-        &mut self,
-        mut decision: Decision,
-        prelude: Option<String>,
-    ) -> Result<bool, Error> {
+    pub(super) async fn attach(&mut self, routed: Routed) -> Result<bool, Error> {
+        let Routed {
+            mut decision,
+            prelude,
+            session_state,
+            pins,
+        } = routed;
         let policy = Arc::clone(&self.params.policy);
         let pools = Arc::clone(&self.params.pools);
         let shard = pools
@@ -91,6 +94,8 @@ impl<S: ClientIo> Session<S> {
                 Err(e) => return Err(e),
             }
         };
+        let mut checkout = checkout;
+        self.apply_settings(&mut checkout).await?;
         let conn = checkout.conn_ref();
         self.params.cancel.set_target(Some(CancelTarget {
             addr: conn.addr.clone(),
@@ -101,6 +106,8 @@ impl<S: ClientIo> Session<S> {
             checkout,
             decision,
             started_idle: prelude.is_none(),
+            session_state,
+            pins,
         };
         if let Some(prelude) = prelude {
             let conn = attached.checkout.conn();
@@ -124,6 +131,64 @@ impl<S: ClientIo> Session<S> {
         }
         self.server = Some(attached);
         Ok(true)
+    }
+
+    /// Makes the connection's session settings the client's (one round trip, only when they
+    /// differ). A setting the server refuses is the client's error, as at PostgreSQL's login.
+    async fn apply_settings(&mut self, checkout: &mut Checkout) -> Result<(), Error> {
+        let conn = checkout.conn();
+        let Some(sql) = settings::apply_sql(&self.settings, &conn.settings) else {
+            return Ok(());
+        };
+        match conn.run_simple(&sql, RESET_TIMEOUT).await {
+            Ok(TxStatus::Idle) => {
+                conn.settings.clone_from(&self.settings);
+                Ok(())
+            }
+            Ok(_) | Err(_) if conn.broken => Err(Error::ServerLost {
+                server: conn.addr.to_string(),
+                reason: "no answer while applying session settings".into(),
+            }),
+            Ok(_) => Err(Error::Internal(
+                "applying session settings left a transaction open".into(),
+            )),
+            Err(reason) => Err(Error::Invalid(format!(
+                "cannot apply session settings: {reason}"
+            ))),
+        }
+    }
+
+    /// After a request on a transaction-pooled connection, before the connection is given
+    /// back: read back settings the request may have changed, pin the client if it created
+    /// state that cannot move, and remember a write for read-your-writes.
+    pub(super) async fn after_request(&mut self) {
+        let Some(attached) = self.server.as_mut() else {
+            return;
+        };
+        if attached.session_state {
+            let conn = attached.checkout.conn();
+            match conn.query_rows(settings::CAPTURE_SQL, LOOKUP_TIMEOUT).await {
+                Ok(rows) => {
+                    self.settings = settings::from_rows(rows);
+                    conn.settings.clone_from(&self.settings);
+                }
+                Err(e) => {
+                    tracing::warn!(server = %conn.addr, error = %e, "cannot read back session settings; the connection will be closed");
+                    conn.broken = true;
+                }
+            }
+        }
+        if let Some(why) = attached.pins {
+            self.pinned = Some(why);
+            let pinned = self
+                .app
+                .pinned_clients
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            tracing::info!(user = %self.params.user, database = %self.params.database, reason = why, pinned_clients = pinned,
+                "client pinned to its server connection until it disconnects");
+        }
+        self.note_write().await;
     }
 
     /// What a read needs of a replica; read-your-writes may also send it to the primary.

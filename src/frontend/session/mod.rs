@@ -18,8 +18,10 @@ use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
 use super::flow::Flow;
 use super::relay::{self, RelayEnd, RelayOptions};
-use super::routing::{Plan, PlanError, Request, RoutingState};
+use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
+use super::settings;
 use crate::app::App;
+use crate::backend::conn::Settings;
 use crate::backend::conn::send_cancel;
 use crate::backend::{Checkout, ClusterPools};
 use crate::config::PoolMode;
@@ -67,6 +69,8 @@ pub struct SessionParams {
     pub user: String,
     pub database: String,
     pub mode: PoolMode,
+    /// The session settings the client asked for at startup (name lower-cased -> value).
+    pub settings: Settings,
     pub pools: Arc<ClusterPools>,
     pub policy: Arc<Policy>,
     pub cancel: Registration,
@@ -79,6 +83,9 @@ struct Attached {
     /// The attachment began outside a transaction block, so losing the server loses no
     /// state the client relies on.
     started_idle: bool,
+    /// What the request does to the session (settings to read back, state that pins).
+    session_state: bool,
+    pins: Option<&'static str>,
 }
 
 impl Attached {
@@ -98,10 +105,16 @@ pub struct Session<S> {
     skip_until_sync: bool,
     /// Set when the client left while the relay ran.
     left: Option<Departure>,
+    /// The session settings the client has made (from startup, SET, RESET, set_config),
+    /// applied to each server connection it borrows.
+    settings: Settings,
+    /// Why the client keeps its server connection for good (transaction pooling), if it does.
+    pinned: Option<&'static str>,
 }
 
 impl<S: ClientIo> Session<S> {
     pub fn new(app: Arc<App>, client: ClientStream<S>, params: SessionParams) -> Self {
+        let settings = params.settings.clone();
         Self {
             app,
             client,
@@ -109,6 +122,8 @@ impl<S: ClientIo> Session<S> {
             server: None,
             flow: Flow::default(),
             routing: RoutingState::default(),
+            settings,
+            pinned: None,
             skip_until_sync: false,
             left: None,
         }
@@ -145,6 +160,11 @@ impl<S: ClientIo> Session<S> {
             Err(Error::ServerLost { .. } | Error::ServerProtocol { .. })
         );
         self.dispose_server(server_usable).await;
+        if self.pinned.is_some() {
+            self.app
+                .pinned_clients
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     async fn serve(&mut self) -> Result<Exit, Error> {
@@ -157,7 +177,7 @@ impl<S: ClientIo> Session<S> {
                     Waited::Exit(exit) => return Ok(exit),
                 };
                 let attached = match self.route(&request).await {
-                    Ok(Some((decision, prelude))) => self.attach(decision, prelude).await,
+                    Ok(Some(routed)) => self.attach(routed).await,
                     Ok(None) => continue,
                     Err(e) => Err(e),
                 };
@@ -171,7 +191,8 @@ impl<S: ClientIo> Session<S> {
                 }
             };
             let opts = RelayOptions {
-                release_when_idle: self.params.mode == PoolMode::Transaction,
+                release_when_idle: self.params.mode == PoolMode::Transaction
+                    && self.pinned.is_none(),
                 shutdown: &self.app.shutdown,
                 intercept: |sql| hint::session_command(sql).is_some(),
             };
@@ -217,9 +238,11 @@ impl<S: ClientIo> Session<S> {
                     self.client.send(&answer).await?;
                 }
                 Ok(RelayEnd::Idle) => {
-                    if self.params.mode == PoolMode::Transaction {
-                        self.note_write().await;
-                        self.detach();
+                    if self.params.mode == PoolMode::Transaction && self.pinned.is_none() {
+                        self.after_request().await;
+                        if self.pinned.is_none() {
+                            self.detach();
+                        }
                     }
                     if self.app.shutdown.is_cancelled() {
                         return Ok(Exit::Shutdown);
@@ -294,20 +317,15 @@ impl<S: ClientIo> Session<S> {
     }
 
     /// Decides where a request goes; `None` when the proxy answered it itself.
-    async fn route(
-        &mut self,
-        request: &Request,
-    ) -> Result<Option<(Decision, Option<String>)>, Error> {
+    async fn route(&mut self, request: &Request) -> Result<Option<Routed>, Error> {
         let policy = Arc::clone(&self.params.policy);
         if self.params.mode == PoolMode::Session {
-            return Ok(Some((
-                Decision {
-                    shard: policy.home(),
-                    target: Target::Primary,
-                    why: Why::SessionPooling,
-                },
-                None,
-            )));
+            let decision = Decision {
+                shard: policy.home(),
+                target: Target::Primary,
+                why: Why::SessionPooling,
+            };
+            return Ok(Some(Routed::primary(decision)));
         }
         for _ in 0..2 {
             match self.routing.plan(&self.app.router, &policy, request) {
@@ -315,7 +333,7 @@ impl<S: ClientIo> Session<S> {
                     self.client.send(&answer).await?;
                     return Ok(None);
                 }
-                Ok(Plan::Server { decision, prelude }) => return Ok(Some((decision, prelude))),
+                Ok(Plan::Server(routed)) => return Ok(Some(routed)),
                 Err(PlanError::Error(e)) => return Err(e),
                 Err(PlanError::Undecided(Undecided::Invalid(msg))) => {
                     return Err(Error::Invalid(msg));
@@ -327,14 +345,12 @@ impl<S: ClientIo> Session<S> {
                             "{} (volatility unknown: {e})",
                             names.join(", ")
                         ));
-                        return Ok(Some((
-                            Decision {
-                                shard: policy.home(),
-                                target: Target::Primary,
-                                why,
-                            },
-                            None,
-                        )));
+                        let decision = Decision {
+                            shard: policy.home(),
+                            target: Target::Primary,
+                            why,
+                        };
+                        return Ok(Some(Routed::primary(decision)));
                     }
                 }
             }
@@ -437,10 +453,19 @@ impl<S: ClientIo> Session<S> {
         {
             return;
         }
-        if self.params.mode == PoolMode::Session
-            && conn.run_simple("DISCARD ALL", RESET_TIMEOUT).await != Ok(TxStatus::Idle)
-        {
-            return;
+        if self.params.mode == PoolMode::Session || self.pinned.is_some() {
+            // a dedicated connection: DISCARD ALL drops settings, prepared statements, LISTEN,
+            // temporary tables, advisory locks and cursors in one go
+            if conn.run_simple("DISCARD ALL", RESET_TIMEOUT).await != Ok(TxStatus::Idle) {
+                return;
+            }
+            conn.settings.clear();
+        } else if attached.session_state {
+            // the client changed settings and left before they were read back
+            match conn.query_rows(settings::CAPTURE_SQL, RESET_TIMEOUT).await {
+                Ok(rows) => conn.settings = settings::from_rows(rows),
+                Err(_) => return,
+            }
         }
         attached.checkout.release();
     }

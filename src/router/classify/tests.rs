@@ -195,3 +195,54 @@ fn user_functions_are_reported() {
         vec!["MixedCase", "app.price_of", "coalesce", "my_srf"]
     );
 }
+
+#[test]
+fn session_effects() {
+    for sql in [
+        "SET search_path = s1",
+        "set session timezone to 'UTC'",
+        "RESET ALL",
+        "RESET work_mem",
+        "DISCARD ALL",
+        "SELECT set_config('search_path', 's1', false)",
+        "insert into t select 1 from (select set_config('a.b', 'c', false)) x",
+    ] {
+        assert!(classify(sql).session_state, "{sql}");
+    }
+    for sql in [
+        "SELECT 1",
+        "SET TRANSACTION READ ONLY",
+        "BEGIN",
+        "SHOW search_path",
+    ] {
+        assert!(!classify(sql).session_state, "{sql}");
+    }
+    for (sql, why) in [
+        ("LISTEN ch", "LISTEN"),
+        ("SELECT pg_advisory_lock(1)", "a session advisory lock"),
+        (
+            "select pg_try_advisory_lock(1, 2)",
+            "a session advisory lock",
+        ),
+        ("CREATE TEMP TABLE x (a int)", "a temporary table"),
+        ("CREATE TEMPORARY TABLE x AS SELECT 1", "a temporary table"),
+        ("SELECT 1 INTO TEMP x", "a temporary table"),
+        ("PREPARE q AS SELECT 1", "SQL-level PREPARE"),
+        (
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "a WITH HOLD cursor",
+        ),
+    ] {
+        assert_eq!(classify(sql).pins, Some(why), "{sql}");
+    }
+    for sql in [
+        "SELECT pg_advisory_xact_lock(1)",
+        "UNLISTEN ch",
+        "NOTIFY ch",
+        "DECLARE c CURSOR FOR SELECT 1",
+        "PREPARE TRANSACTION 'x'",
+        "CREATE TABLE t (a int)",
+    ] {
+        assert_eq!(classify(sql).pins, None, "{sql}");
+    }
+}
