@@ -22,10 +22,7 @@ fn message(tag: u8, body: &[u8]) -> Vec<u8> {
 
 /// What pgbench -S sends per transaction in extended mode: Parse, Bind, Describe, Execute, Sync.
 fn extended_batch() -> Vec<u8> {
-    let mut v = message(
-        b'P',
-        b"\0SELECT abalance FROM pgbench_accounts WHERE aid = $1;\0\0\0",
-    );
+    let mut v = message(b'P', b"\0SELECT abalance FROM pgbench_accounts WHERE aid = $1;\0\0\0");
     v.extend(message(b'B', b"\0\0\0\0\0\x01\0\0\0\x0512345\0\0"));
     v.extend(message(b'D', b"P\0"));
     v.extend(message(b'E', b"\0\0\0\0\0"));

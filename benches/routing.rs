@@ -23,10 +23,7 @@ const STATEMENTS: &[(&str, &str)] = &[
         "django insert returning",
         "INSERT INTO \"shop_order\" (\"customer_id\", \"total\", \"status\", \"created_at\") VALUES (17, 99.50, 'new', '2024-05-01T10:00:00+00:00'::timestamptz) RETURNING \"shop_order\".\"id\"",
     ),
-    (
-        "pgbench select",
-        "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;",
-    ),
+    ("pgbench select", "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;"),
 ];
 
 fn classification(c: &mut Criterion) {
@@ -43,9 +40,7 @@ fn classification(c: &mut Criterion) {
         group.bench_function(format!("shape only: {name}"), |b| {
             b.iter(|| shape_into(black_box(sql.as_bytes()), &mut scratch));
         });
-        group.bench_function(format!("full parse: {name}"), |b| {
-            b.iter(|| black_box(classify(black_box(sql))))
-        });
+        group.bench_function(format!("full parse: {name}"), |b| b.iter(|| black_box(classify(black_box(sql)))));
     }
     group.finish();
 }

@@ -3,10 +3,7 @@
 use std::process::Command;
 
 fn pgrouter(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pgrouter"))
-        .args(args)
-        .output()
-        .expect("run pgrouter")
+    Command::new(env!("CARGO_BIN_EXE_pgrouter")).args(args).output().expect("run pgrouter")
 }
 
 #[test]
@@ -14,15 +11,9 @@ fn check_accepts_the_example_config() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pgrouter.toml");
     let out = pgrouter(&["check", "--config", path]);
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("OK")
-            && text.contains("database app")
-            && text.contains("shard 1: primary 127.0.0.1:5442"),
+        text.contains("OK") && text.contains("database app") && text.contains("shard 1: primary 127.0.0.1:5442"),
         "{text}"
     );
 }
@@ -75,10 +66,7 @@ fn demo_starts_serves_and_cleans_up() {
     let mut config = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some(path) = line
-            .trim()
-            .strip_prefix(&format!("pgrouter on 127.0.0.1:{port}, config "))
-        {
+        if let Some(path) = line.trim().strip_prefix(&format!("pgrouter on 127.0.0.1:{port}, config ")) {
             config = Some(std::path::PathBuf::from(path));
         }
         let done = line.contains("Press Ctrl-C to stop");
@@ -89,47 +77,17 @@ fn demo_starts_serves_and_cleans_up() {
     }
     let config = config.unwrap_or_else(|| panic!("demo did not start:\n{}", seen.join("\n")));
     let base = config.parent().unwrap().to_owned();
-    let psql_line = seen
-        .iter()
-        .find(|l| l.trim_start().starts_with("psql "))
-        .expect("a psql line");
-    let url = psql_line
-        .trim()
-        .trim_start_matches("psql ")
-        .trim_matches('"')
-        .to_owned();
-    let out = crate::harness::pg_tool("psql")
-        .args(["-X", "-At", &url, "-c", "select 40 + 2"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "42",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        seen.iter().any(|l| l.contains("replica")) && seen.iter().any(|l| l.contains("shard2")),
-        "{seen:?}"
-    );
+    let psql_line = seen.iter().find(|l| l.trim_start().starts_with("psql ")).expect("a psql line");
+    let url = psql_line.trim().trim_start_matches("psql ").trim_matches('"').to_owned();
+    let out = crate::harness::pg_tool("psql").args(["-X", "-At", &url, "-c", "select 40 + 2"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(seen.iter().any(|l| l.contains("replica")) && seen.iter().any(|l| l.contains("shard2")), "{seen:?}");
 
-    let ok = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
+    let ok = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
     assert!(ok);
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {rest:?}");
-    assert!(
-        rest.iter()
-            .any(|l| l.contains("stopped pgrouter and PostgreSQL")),
-        "{rest:?}"
-    );
-    assert!(
-        crate::harness::wait_until(Duration::from_secs(5), || !base.exists()),
-        "{} left behind",
-        base.display()
-    );
+    assert!(rest.iter().any(|l| l.contains("stopped pgrouter and PostgreSQL")), "{rest:?}");
+    assert!(crate::harness::wait_until(Duration::from_secs(5), || !base.exists()), "{} left behind", base.display());
 }

@@ -8,23 +8,15 @@ use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::types::Type;
 
 use crate::harness::{
-    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, sqlstate,
-    stdout, wait_until,
+    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, sqlstate, stdout, wait_until,
 };
 
 fn pgbench_ok(env: &Env, db: &str, args: &[&str]) -> String {
     let out = env.proxy.pgbench(db, args);
     assert_ok(&out, &format!("pgbench {args:?} on {db}"));
     let text = stdout(&out);
-    assert!(
-        text.contains("number of failed transactions: 0 (0.000%)"),
-        "pgbench {args:?}:\n{text}"
-    );
-    let tps = text
-        .lines()
-        .find(|l| l.starts_with("tps"))
-        .unwrap_or("tps = ?")
-        .to_owned();
+    assert!(text.contains("number of failed transactions: 0 (0.000%)"), "pgbench {args:?}:\n{text}");
+    let tps = text.lines().find(|l| l.starts_with("tps")).unwrap_or("tps = ?").to_owned();
     eprintln!("measured: pgbench {args:?} on {db}: {tps}");
     text
 }
@@ -33,44 +25,26 @@ fn pgbench_ok(env: &Env, db: &str, args: &[&str]) -> String {
 /// pooling with 16 clients over pool_size 4; the TPC-B invariant holds afterwards.
 #[test]
 fn pgbench_in_both_pool_modes_keeps_the_invariant() {
-    let env = Env::start(EnvOptions {
-        pool_size: 4,
-        ..EnvOptions::default()
-    });
+    let env = Env::start(EnvOptions { pool_size: 4, ..EnvOptions::default() });
     let out = env.proxy.pgbench("app", &["-i", "-s", "1", "-q"]);
     assert_ok(&out, "pgbench -i");
     for mode in ["simple", "extended", "prepared"] {
-        pgbench_ok(
-            &env,
-            "app_session",
-            &["-n", "-c", "4", "-j", "2", "-t", "150", "-M", mode],
-        );
+        pgbench_ok(&env, "app_session", &["-n", "-c", "4", "-j", "2", "-t", "150", "-M", mode]);
     }
     for mode in ["simple", "extended"] {
-        pgbench_ok(
-            &env,
-            "app",
-            &["-n", "-c", "16", "-j", "2", "-t", "100", "-M", mode],
-        );
+        pgbench_ok(&env, "app", &["-n", "-c", "16", "-j", "2", "-t", "100", "-M", mode]);
     }
     let counts = env.primary_sql(
         "select (select sum(abalance) from pgbench_accounts) = (select sum(delta) from pgbench_history), \
          (select count(*) from pgbench_history)",
     );
-    assert_eq!(
-        counts,
-        format!("t|{}", 3 * 4 * 150 + 2 * 16 * 100),
-        "TPC-B invariant or history count"
-    );
+    assert_eq!(counts, format!("t|{}", 3 * 4 * 150 + 2 * 16 * 100), "TPC-B invariant or history count");
     // at most pool_size server connections per pool were ever needed
     let servers: u32 = env
         .primary_sql("select count(*) from pg_stat_activity where usename = 'app' and application_name <> 'pgrouter health check'")
         .parse()
         .unwrap();
-    assert!(
-        servers <= 8,
-        "{servers} server connections for two pools of 4"
-    );
+    assert!(servers <= 8, "{servers} server connections for two pools of 4");
 }
 
 /// 200 concurrent clients over pool_size 5 in transaction mode all succeed.
@@ -93,10 +67,7 @@ fn two_hundred_clients_over_five_connections() {
                     for j in 0..5i64 {
                         // unnamed statements: named ones across transactions arrive with issue 4
                         let rows = client
-                            .query_typed(
-                                "select $1::int8 * 10 + $2::int8",
-                                &[(&i, Type::INT8), (&j, Type::INT8)],
-                            )
+                            .query_typed("select $1::int8 * 10 + $2::int8", &[(&i, Type::INT8), (&j, Type::INT8)])
                             .await
                             .map_err(|e| describe(&e))?;
                         sum += rows[0].get::<_, i64>(0);
@@ -117,19 +88,10 @@ fn two_hundred_clients_over_five_connections() {
         out
     });
     let failures: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of 200 clients failed, e.g. {:?}",
-        failures.len(),
-        failures.first()
-    );
+    assert!(failures.is_empty(), "{} of 200 clients failed, e.g. {:?}", failures.len(), failures.first());
     for (i, r) in results.iter().enumerate() {
         let i = i as i64;
-        assert_eq!(
-            *r.as_ref().unwrap(),
-            50 * i + 10,
-            "client {i} got someone else's answer"
-        );
+        assert_eq!(*r.as_ref().unwrap(), 50 * i + 10, "client {i} got someone else's answer");
     }
     let servers: u32 = env
         .primary_sql("select count(*) from pg_stat_activity where usename = 'app' and application_name <> 'pgrouter health check'")
@@ -142,11 +104,8 @@ fn two_hundred_clients_over_five_connections() {
 /// after about query_wait_timeout, its session stays usable, and other pools keep serving.
 #[test]
 fn pool_wait_timeout_names_the_pool_and_the_wait() {
-    let env = Env::start(EnvOptions {
-        pool_size: 2,
-        proxy: "query_wait_timeout = \"1s\"".into(),
-        ..EnvOptions::default()
-    });
+    let env =
+        Env::start(EnvOptions { pool_size: 2, proxy: "query_wait_timeout = \"1s\"".into(), ..EnvOptions::default() });
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
     let rt = runtime();
     rt.block_on(async {
@@ -158,38 +117,22 @@ fn pool_wait_timeout_names_the_pool_and_the_wait() {
         }
         let waiter = connect(&url).await.unwrap();
         let started = Instant::now();
-        let err = waiter
-            .simple_query("select 1")
-            .await
-            .expect_err("pool is exhausted");
+        let err = waiter.simple_query("select 1").await.expect_err("pool is exhausted");
         let waited = started.elapsed();
         eprintln!("measured: pool timeout error after {waited:?} (query_wait_timeout = 1s)");
         assert_eq!(sqlstate(&err).as_deref(), Some("53000"), "{err}");
         let msg = err.as_db_error().unwrap().message().to_owned();
         assert!(
-            msg.contains("app/app@127.0.0.1:")
-                && msg.contains("query_wait_timeout")
-                && msg.contains("waited"),
+            msg.contains("app/app@127.0.0.1:") && msg.contains("query_wait_timeout") && msg.contains("waited"),
             "{msg}"
         );
-        assert!(
-            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
-            "waited {waited:?}"
-        );
+        assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "waited {waited:?}");
         // extended protocol: the error is followed by a usable session too
-        let err = waiter
-            .query_typed("select $1::int", &[(&1i32, Type::INT4)])
-            .await
-            .expect_err("still exhausted");
+        let err = waiter.query_typed("select $1::int", &[(&1i32, Type::INT4)]).await.expect_err("still exhausted");
         assert_eq!(sqlstate(&err).as_deref(), Some("53000"), "{err}");
         // other pools are unaffected meanwhile
-        let other = connect(&env.proxy.url(APP_USER, APP_PASSWORD, "app_session"))
-            .await
-            .unwrap();
-        other
-            .simple_query("select 1")
-            .await
-            .expect("another pool serves");
+        let other = connect(&env.proxy.url(APP_USER, APP_PASSWORD, "app_session")).await.unwrap();
+        other.simple_query("select 1").await.expect("another pool serves");
         // the holders finish; the waiter's session works again
         for h in &holders {
             h.batch_execute("commit").await.unwrap();
@@ -212,28 +155,11 @@ fn idle_in_transaction(env: &Env) -> u32 {
 /// rolled back, and the next clients get clean connections.
 #[test]
 fn client_killed_mid_transaction_leaves_no_open_transaction() {
-    let env = Env::start(EnvOptions {
-        pool_size: 1,
-        ..EnvOptions::default()
-    });
-    assert_ok(
-        &env.proxy
-            .psql("app", &["-c", "create table killed (id int)"]),
-        "create table",
-    );
+    let env = Env::start(EnvOptions { pool_size: 1, ..EnvOptions::default() });
+    assert_ok(&env.proxy.psql("app", &["-c", "create table killed (id int)"]), "create table");
     for db in ["app", "app_session"] {
         let mut psql = crate::harness::pg_tool("psql")
-            .args([
-                "-X",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &env.proxy.port.to_string(),
-                "-U",
-                APP_USER,
-                "-d",
-                db,
-            ])
+            .args(["-X", "-h", "127.0.0.1", "-p", &env.proxy.port.to_string(), "-U", APP_USER, "-d", db])
             .env("PGPASSWORD", APP_PASSWORD)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -242,9 +168,7 @@ fn client_killed_mid_transaction_leaves_no_open_transaction() {
         {
             use std::io::Write;
             let stdin = psql.stdin.as_mut().unwrap();
-            stdin
-                .write_all(b"begin;\ninsert into killed values (1);\nset work_mem = '1MB';\n")
-                .unwrap();
+            stdin.write_all(b"begin;\ninsert into killed values (1);\nset work_mem = '1MB';\n").unwrap();
             stdin.flush().unwrap();
         }
         assert!(
@@ -263,20 +187,10 @@ fn client_killed_mid_transaction_leaves_no_open_transaction() {
             "{db}: the killed client's insert was committed"
         );
         // pool_size 1: the next client gets that same server connection, and it is clean
-        let out = env.proxy.psql(
-            db,
-            &[
-                "-At",
-                "-c",
-                "select current_setting('work_mem'), now() = statement_timestamp()",
-            ],
-        );
+        let out =
+            env.proxy.psql(db, &["-At", "-c", "select current_setting('work_mem'), now() = statement_timestamp()"]);
         assert_ok(&out, "next client");
-        assert_eq!(
-            stdout(&out).trim(),
-            "4MB|t",
-            "{db}: next client saw leftover state"
-        );
+        assert_eq!(stdout(&out).trim(), "4MB|t", "{db}: next client saw leftover state");
     }
 }
 
@@ -302,18 +216,14 @@ fn client_killed_mid_statement_stops_the_statement() {
         .spawn()
         .unwrap();
     let sleeping = || {
-        env.primary_sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'")
+        env.primary_sql(
+            "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'",
+        )
     };
-    assert!(
-        wait_until(Duration::from_secs(10), || sleeping() == "1"),
-        "statement never started"
-    );
+    assert!(wait_until(Duration::from_secs(10), || sleeping() == "1"), "statement never started");
     psql.kill().unwrap();
     psql.wait().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || sleeping() == "0"),
-        "statement kept running after its client died"
-    );
+    assert!(wait_until(Duration::from_secs(10), || sleeping() == "0"), "statement kept running after its client died");
 }
 
 /// A CancelRequest with the proxy's key cancels the client's running statement.
@@ -326,28 +236,16 @@ fn cancel_request_reaches_the_right_statement() {
         let bystander = connect(&url).await.unwrap();
         let token = victim.cancel_token();
         let bystander_task = tokio::spawn(async move {
-            bystander
-                .query_typed("select 7 from pg_sleep(1.5)", &[])
-                .await
-                .map(|r| r[0].get::<_, i32>(0))
+            bystander.query_typed("select 7 from pg_sleep(1.5)", &[]).await.map(|r| r[0].get::<_, i32>(0))
         });
         let running = tokio::spawn(async move { victim.simple_query("select pg_sleep(30)").await });
         tokio::time::sleep(Duration::from_millis(500)).await;
         let started = Instant::now();
-        token
-            .cancel_query(tokio_postgres::NoTls)
-            .await
-            .expect("send cancel");
+        token.cancel_query(tokio_postgres::NoTls).await.expect("send cancel");
         let err = running.await.unwrap().expect_err("statement was cancelled");
         assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
-        assert_eq!(
-            bystander_task
-                .await
-                .unwrap()
-                .expect("bystander not cancelled"),
-            7
-        );
+        assert_eq!(bystander_task.await.unwrap().expect("bystander not cancelled"), 7);
     });
 }
 
@@ -355,10 +253,7 @@ fn cancel_request_reaches_the_right_statement() {
 /// protocol (Bind/Execute/Sync, CopyData, CopyDone/Sync) both ways.
 #[test]
 fn pipelining_and_extended_protocol_copy() {
-    let env = Env::start(EnvOptions {
-        pool_size: 2,
-        ..EnvOptions::default()
-    });
+    let env = Env::start(EnvOptions { pool_size: 2, ..EnvOptions::default() });
     for db in ["app", "app_session"] {
         let url = env.proxy.url(APP_USER, APP_PASSWORD, db);
         runtime().block_on(async {
@@ -368,76 +263,38 @@ fn pipelining_and_extended_protocol_copy() {
                 .iter()
                 .map(|i| {
                     let client = &client;
-                    async move {
-                        client
-                            .query_typed("select $1::int4 * 2", &[(i, Type::INT4)])
-                            .await
-                    }
+                    async move { client.query_typed("select $1::int4 * 2", &[(i, Type::INT4)]).await }
                 })
                 .collect();
-            let results = futures_util::future::try_join_all(futures)
-                .await
-                .expect("pipelined queries");
+            let results = futures_util::future::try_join_all(futures).await.expect("pipelined queries");
             for (i, rows) in results.iter().enumerate() {
                 assert_eq!(rows[0].get::<_, i32>(0), 2 * i as i32);
             }
             let table = format!("xcopy_{db}");
-            client
-                .batch_execute(&format!("create table {table} (id int, v text)"))
-                .await
-                .unwrap();
-            let sink = client
-                .copy_in(&format!("copy {table} from stdin"))
-                .await
-                .unwrap();
+            client.batch_execute(&format!("create table {table} (id int, v text)")).await.unwrap();
+            let sink = client.copy_in(&format!("copy {table} from stdin")).await.unwrap();
             futures_util::pin_mut!(sink);
             for i in 0..1000 {
-                sink.send(bytes::Bytes::from(format!("{i}\tvalue {i}\n")))
-                    .await
-                    .unwrap();
+                sink.send(bytes::Bytes::from(format!("{i}\tvalue {i}\n"))).await.unwrap();
             }
             assert_eq!(sink.finish().await.unwrap(), 1000);
             // after the COPY the connection is at rest and reusable
-            let n: i64 = client
-                .query_typed(&format!("select count(*) from {table}"), &[])
-                .await
-                .unwrap()[0]
-                .get(0);
+            let n: i64 = client.query_typed(&format!("select count(*) from {table}"), &[]).await.unwrap()[0].get(0);
             assert_eq!(n, 1000);
-            let stream = client
-                .copy_out(&format!(
-                    "copy (select * from {table} order by id) to stdout"
-                ))
-                .await
-                .unwrap();
+            let stream = client.copy_out(&format!("copy (select * from {table} order by id) to stdout")).await.unwrap();
             let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
-            let text: String = chunks
-                .iter()
-                .map(|c| String::from_utf8_lossy(c).into_owned())
-                .collect();
+            let text: String = chunks.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
             assert_eq!(text.lines().count(), 1000);
             assert!(text.starts_with("0\tvalue 0\n"));
             // a failed COPY (bad data) leaves the session usable
-            let sink = client
-                .copy_in(&format!("copy {table} from stdin"))
-                .await
-                .unwrap();
+            let sink = client.copy_in(&format!("copy {table} from stdin")).await.unwrap();
             futures_util::pin_mut!(sink);
-            sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n"))
-                .await
-                .unwrap();
+            sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
             assert!(sink.finish().await.is_err());
-            let n: i64 = client
-                .query_typed(&format!("select count(*) from {table}"), &[])
-                .await
-                .unwrap()[0]
-                .get(0);
+            let n: i64 = client.query_typed(&format!("select count(*) from {table}"), &[]).await.unwrap()[0].get(0);
             assert_eq!(n, 1000);
             client.simple_query("select 1").await.unwrap();
-            let rows = client
-                .query_raw("select generate_series(1, 3)", std::iter::empty::<i32>())
-                .await
-                .unwrap();
+            let rows = client.query_raw("select generate_series(1, 3)", std::iter::empty::<i32>()).await.unwrap();
             futures_util::pin_mut!(rows);
             let mut count = 0;
             while let Some(row) = rows.next().await {
@@ -451,10 +308,7 @@ fn pipelining_and_extended_protocol_copy() {
 
 fn app_backend_pids(env: &Env) -> Vec<String> {
     let pids = env.primary_sql("select coalesce(string_agg(pid::text, ',' order by pid), '') from pg_stat_activity where usename = 'app' and application_name <> 'pgrouter health check'");
-    pids.split(',')
-        .filter(|p| !p.is_empty())
-        .map(str::to_owned)
-        .collect()
+    pids.split(',').filter(|p| !p.is_empty()).map(str::to_owned).collect()
 }
 
 /// Pool upkeep: min_pool_size is kept open, idle connections expire after server_idle_timeout,
@@ -469,32 +323,23 @@ fn pool_upkeep_and_broken_connections() {
         ..EnvOptions::default()
     });
     let pid_of = |db: &str| {
-        let out = env
-            .proxy
-            .psql(db, &["-At", "-c", "select pg_backend_pid()"]);
+        let out = env.proxy.psql(db, &["-At", "-c", "select pg_backend_pid()"]);
         assert_ok(&out, "query through pgrouter");
         stdout(&out).trim().to_owned()
     };
     // a broken idle connection is never handed out: terminate it behind pgrouter's back
     let first = pid_of("app");
     env.primary_sql(&format!("select pg_terminate_backend({first})"));
-    assert!(wait_until(Duration::from_secs(5), || !app_backend_pids(
-        &env
-    )
-    .contains(&first)));
+    assert!(wait_until(Duration::from_secs(5), || !app_backend_pids(&env).contains(&first)));
     let second = pid_of("app");
-    assert_ne!(
-        first, second,
-        "a new server connection replaced the terminated one"
-    );
+    assert_ne!(first, second, "a new server connection replaced the terminated one");
     // a restarted server: every pooled connection is dead, the next client still succeeds
     env.topo.primary.restart().expect("restart primary");
     let third = pid_of("app");
     assert_ne!(second, third);
     // server_idle_timeout: idle connections are closed
     assert!(
-        wait_until(Duration::from_secs(10), || app_backend_pids(&env)
-            .is_empty()),
+        wait_until(Duration::from_secs(10), || app_backend_pids(&env).is_empty()),
         "idle connections were not closed"
     );
     // server_lifetime: a connection older than 3s is not reused even if busy in between
@@ -502,24 +347,15 @@ fn pool_upkeep_and_broken_connections() {
     runtime().block_on(async {
         let client = connect(&url).await.unwrap();
         let pid = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i32>(0);
-        let a = pid(client
-            .query_typed("select pg_backend_pid()", &[])
-            .await
-            .unwrap());
+        let a = pid(client.query_typed("select pg_backend_pid()", &[]).await.unwrap());
         let mut b = a;
         let started = Instant::now();
         while b == a && started.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            b = pid(client
-                .query_typed("select pg_backend_pid()", &[])
-                .await
-                .unwrap());
+            b = pid(client.query_typed("select pg_backend_pid()", &[]).await.unwrap());
         }
         assert_ne!(a, b, "connection outlived server_lifetime");
-        eprintln!(
-            "measured: server connection replaced after {:?} (server_lifetime = 3s)",
-            started.elapsed()
-        );
+        eprintln!("measured: server connection replaced after {:?} (server_lifetime = 3s)", started.elapsed());
     });
 }
 
@@ -532,19 +368,9 @@ fn min_pool_size_is_kept_open() {
             .to_owned(),
         ..EnvOptions::default()
     });
-    assert!(
-        wait_until(Duration::from_secs(10), || app_backend_pids(&env).len()
-            == 3),
-        "{:?}",
-        app_backend_pids(&env)
-    );
+    assert!(wait_until(Duration::from_secs(10), || app_backend_pids(&env).len() == 3), "{:?}", app_backend_pids(&env));
     let before = app_backend_pids(&env);
-    let out = env
-        .proxy
-        .psql("warm", &["-At", "-c", "select pg_backend_pid()"]);
+    let out = env.proxy.psql("warm", &["-At", "-c", "select pg_backend_pid()"]);
     assert_ok(&out, "query on the warm pool");
-    assert!(
-        before.contains(&stdout(&out).trim().to_owned()),
-        "the query used a pre-opened connection"
-    );
+    assert!(before.contains(&stdout(&out).trim().to_owned()), "the query used a pre-opened connection");
 }

@@ -6,40 +6,19 @@ use crate::harness::{Env, EnvOptions, assert_ok, stderr, stdout};
 fn multi_statement_query_and_error_recovery() {
     let env = Env::start(EnvOptions::default());
     for db in ["app", "app_session"] {
-        let out = env.proxy.psql(
-            db,
-            &["-At", "-c", "select 1 as a; select 'two' as b; select 3"],
-        );
+        let out = env.proxy.psql(db, &["-At", "-c", "select 1 as a; select 'two' as b; select 3"]);
         assert_ok(&out, "multi-statement query");
-        assert_eq!(
-            stdout(&out).lines().collect::<Vec<_>>(),
-            ["1", "two", "3"],
-            "{db}"
-        );
+        assert_eq!(stdout(&out).lines().collect::<Vec<_>>(), ["1", "two", "3"], "{db}");
 
         // An error in the middle of a session; the session keeps working afterwards.
         let script = "select 1 as before;\nselect 1/0;\nselect 'still alive' as after;\nbegin;\nselect 1/0;\nselect 1;\nrollback;\nselect 'after rollback';\n";
-        let out = env
-            .proxy
-            .psql(db, &["-At", "-c", "\\set ON_ERROR_STOP 0", "-f", "-"]);
+        let out = env.proxy.psql(db, &["-At", "-c", "\\set ON_ERROR_STOP 0", "-f", "-"]);
         let _ = out;
         let out = run_psql_script(&env, db, script);
         let text = stdout(&out);
-        assert!(
-            text.contains("still alive") && text.contains("after rollback"),
-            "{db}: {text}\n{}",
-            stderr(&out)
-        );
-        assert!(
-            stderr(&out).contains("division by zero"),
-            "{db}: {}",
-            stderr(&out)
-        );
-        assert!(
-            stderr(&out).contains("current transaction is aborted"),
-            "{db}: {}",
-            stderr(&out)
-        );
+        assert!(text.contains("still alive") && text.contains("after rollback"), "{db}: {text}\n{}", stderr(&out));
+        assert!(stderr(&out).contains("division by zero"), "{db}: {}", stderr(&out));
+        assert!(stderr(&out).contains("current transaction is aborted"), "{db}: {}", stderr(&out));
     }
 }
 
@@ -56,9 +35,7 @@ fn copy_in_and_out_with_backslash_copy() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.csv");
     let output = dir.path().join("out.csv");
-    let rows: String = (1..=5000)
-        .map(|i| format!("{i},name {i},\"quoted, {i}\"\n"))
-        .collect();
+    let rows: String = (1..=5000).map(|i| format!("{i},name {i},\"quoted, {i}\"\n")).collect();
     std::fs::write(&input, &rows).unwrap();
     for db in ["app", "app_session"] {
         let table = format!("copy_{db}");
@@ -70,15 +47,9 @@ fn copy_in_and_out_with_backslash_copy() {
                 "-c",
                 &format!("create table {table} (id int primary key, name text, note text)"),
                 "-c",
-                &format!(
-                    "\\copy {table} from '{}' with (format csv)",
-                    input.display()
-                ),
+                &format!("\\copy {table} from '{}' with (format csv)", input.display()),
                 "-c",
-                &format!(
-                    "\\copy (select * from {table} order by id) to '{}' with (format csv)",
-                    output.display()
-                ),
+                &format!("\\copy (select * from {table} order by id) to '{}' with (format csv)", output.display()),
                 "-At",
                 "-c",
                 &format!("select count(*), sum(id) from {table}"),
@@ -86,11 +57,7 @@ fn copy_in_and_out_with_backslash_copy() {
         );
         assert_ok(&out, "\\copy");
         assert!(stdout(&out).contains("5000|12502500"), "{}", stdout(&out));
-        assert_eq!(
-            std::fs::read_to_string(&output).unwrap(),
-            rows,
-            "{db}: COPY TO output differs from the input"
-        );
+        assert_eq!(std::fs::read_to_string(&output).unwrap(), rows, "{db}: COPY TO output differs from the input");
         // A COPY that fails half-way leaves the session usable.
         let bad = dir.path().join("bad.csv");
         std::fs::write(&bad, "9001,a,b\nnot-a-number,c,d\n").unwrap();
@@ -104,11 +71,7 @@ fn copy_in_and_out_with_backslash_copy() {
                 &format!("select count(*) from {table}"),
             ],
         );
-        assert!(
-            stderr(&out).contains("invalid input syntax"),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains("invalid input syntax"), "{}", stderr(&out));
         assert!(stdout(&out).contains("5000"), "{}", stdout(&out));
     }
 }
@@ -123,13 +86,7 @@ fn million_row_result_streams_in_bounded_memory() {
     let before = env.proxy.mem_kib("VmRSS");
     let out = env.proxy.psql(
         "app",
-        &[
-            "-At",
-            "-o",
-            "/dev/null",
-            "-c",
-            "select g, repeat('x', 100) from generate_series(1, 1000000) g",
-        ],
+        &["-At", "-o", "/dev/null", "-c", "select g, repeat('x', 100) from generate_series(1, 1000000) g"],
     );
     assert_ok(&out, "1M-row query");
     let peak = env.proxy.mem_kib("VmHWM");
@@ -139,13 +96,7 @@ fn million_row_result_streams_in_bounded_memory() {
     );
     assert!(growth_mib < 50.0, "peak RSS grew by {growth_mib:.1} MiB");
     // and the row count is right
-    let out = env.proxy.psql(
-        "app",
-        &[
-            "-At",
-            "-c",
-            "select count(*) from (select g from generate_series(1, 1000000) g) s",
-        ],
-    );
+    let out =
+        env.proxy.psql("app", &["-At", "-c", "select count(*) from (select g from generate_series(1, 1000000) g) s"]);
     assert_eq!(stdout(&out).trim(), "1000000");
 }

@@ -8,8 +8,7 @@ use pgrouter::router::classify::TxModes;
 use tokio_postgres::types::Type;
 
 use crate::harness::{
-    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, stdout,
-    wait_until,
+    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, stdout, wait_until,
 };
 
 /// An environment with a replica, quick health checks and extra databases.
@@ -49,13 +48,7 @@ pub fn wait_replica_caught_up(env: &Env) {
     let target = env.primary_sql("select pg_current_wal_lsn()");
     let replica = env.topo.replica.as_ref().expect("replica");
     let caught_up = wait_until(Duration::from_secs(20), || {
-        replica
-            .psql(
-                "postgres",
-                &format!("select pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"),
-            )
-            .ok()
-            .as_deref()
+        replica.psql("postgres", &format!("select pg_last_wal_replay_lsn() >= '{target}'::pg_lsn")).ok().as_deref()
             == Some("t")
     });
     assert!(caught_up, "the replica did not replay up to {target}");
@@ -63,9 +56,7 @@ pub fn wait_replica_caught_up(env: &Env) {
 
 /// Waits until reads through `db` reach the replica (its first health check passed).
 fn wait_replica_in_rotation(env: &Env, db: &str) {
-    let ok = wait_until(Duration::from_secs(20), || {
-        value(env, db, "select pg_is_in_recovery()") == "t"
-    });
+    let ok = wait_until(Duration::from_secs(20), || value(env, db, "select pg_is_in_recovery()") == "t");
     assert!(ok, "reads never reached the replica");
 }
 
@@ -74,79 +65,33 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
     let rule = "[[databases.routing.rules]]\npattern = \"(?i)as forced_to_primary\"\nroute = \"primary\"\n";
     let env = replica_env("", &database("ruled", rule), &[]);
     assert_ok(
-        &env.proxy.psql(
-            "app",
-            &[
-                "-c",
-                "create table t (id serial primary key, v int); create sequence s",
-            ],
-        ),
+        &env.proxy.psql("app", &["-c", "create table t (id serial primary key, v int); create sequence s"]),
         "DDL",
     );
     wait_replica_caught_up(&env);
     wait_replica_in_rotation(&env, "app");
     let on = |sql: &str| value(&env, "app", sql);
     // writes: each would fail on the standby, and reports where it ran
-    assert_eq!(
-        on("insert into t (v) values (1) returning pg_is_in_recovery()"),
-        "f"
-    );
+    assert_eq!(on("insert into t (v) values (1) returning pg_is_in_recovery()"), "f");
     assert_eq!(on("update t set v = 2 returning pg_is_in_recovery()"), "f");
-    assert_eq!(
-        on("with d as (delete from t where id < 0 returning 1) select pg_is_in_recovery()"),
-        "f"
-    );
+    assert_eq!(on("with d as (delete from t where id < 0 returning 1) select pg_is_in_recovery()"), "f");
     assert_eq!(on("select pg_is_in_recovery() from t for update"), "f");
     assert_eq!(
         on("select pg_is_in_recovery() from t for no key update"),
         "f",
         "sqlparser cannot parse this: fails closed"
     );
-    assert_eq!(
-        on("select nextval('s') > 0 and not pg_is_in_recovery()"),
-        "t"
-    );
-    assert_ok(
-        &env.proxy.psql(
-            "app",
-            &["-c", "select pg_is_in_recovery() as r into t_into"],
-        ),
-        "SELECT INTO",
-    );
-    assert_ok(
-        &env.proxy.psql(
-            "app",
-            &["-c", "create table t_ddl (a int); drop table t_ddl"],
-        ),
-        "DDL",
-    );
+    assert_eq!(on("select nextval('s') > 0 and not pg_is_in_recovery()"), "t");
+    assert_ok(&env.proxy.psql("app", &["-c", "select pg_is_in_recovery() as r into t_into"]), "SELECT INTO");
+    assert_ok(&env.proxy.psql("app", &["-c", "create table t_ddl (a int); drop table t_ddl"]), "DDL");
     assert_eq!(on("delete from t where id < 0 returning 1"), "");
     wait_replica_caught_up(&env);
     // reads
     assert_eq!(on("select pg_is_in_recovery()"), "t");
-    assert_eq!(
-        on("select r from t_into"),
-        "f",
-        "SELECT INTO ran on the primary"
-    );
-    assert_eq!(
-        on("/* pgrouter: route=primary */ select pg_is_in_recovery()"),
-        "f",
-        "hint"
-    );
-    assert_eq!(
-        value(
-            &env,
-            "ruled",
-            "select pg_is_in_recovery() as forced_to_primary"
-        ),
-        "f",
-        "rule"
-    );
-    assert_eq!(
-        value(&env, "ruled", "select pg_is_in_recovery() as free"),
-        "t"
-    );
+    assert_eq!(on("select r from t_into"), "f", "SELECT INTO ran on the primary");
+    assert_eq!(on("/* pgrouter: route=primary */ select pg_is_in_recovery()"), "f", "hint");
+    assert_eq!(value(&env, "ruled", "select pg_is_in_recovery() as forced_to_primary"), "f", "rule");
+    assert_eq!(value(&env, "ruled", "select pg_is_in_recovery() as free"), "t");
     // SET pgrouter.route is answered by pgrouter and sticks to the session
     let out = env.proxy.psql(
         "app",
@@ -166,10 +111,7 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
     );
     assert_ok(&out, "SET pgrouter.route");
     assert_eq!(
-        stdout(&out)
-            .split_whitespace()
-            .filter(|w| !matches!(*w, "SET" | "RESET"))
-            .collect::<Vec<_>>(),
+        stdout(&out).split_whitespace().filter(|w| !matches!(*w, "SET" | "RESET")).collect::<Vec<_>>(),
         ["primary", "f", "t"]
     );
 
@@ -179,19 +121,14 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
         let recovery = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
             rows.into_iter()
                 .find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => {
-                        Some(r.get(0).unwrap().to_owned())
-                    }
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_owned()),
                     _ => None,
                 })
                 .unwrap()
         };
         // a read-write transaction runs on the primary, held BEGIN and all
         c.simple_query("BEGIN").await.unwrap();
-        assert_eq!(
-            recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()),
-            "f"
-        );
+        assert_eq!(recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()), "f");
         c.simple_query("update t set v = v + 1").await.unwrap();
         c.simple_query("COMMIT").await.unwrap();
         // read-only transactions run on the replica, however they are written (a client that
@@ -204,11 +141,7 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE",
         ] {
             c.simple_query(begin).await.unwrap();
-            assert_eq!(
-                recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()),
-                "t",
-                "{begin}"
-            );
+            assert_eq!(recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()), "t", "{begin}");
             c.simple_query("COMMIT").await.unwrap();
         }
         c.simple_query("BEGIN").await.unwrap();
@@ -222,24 +155,14 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
         // inside a transaction on a server, SET pgrouter.route is still pgrouter's, never the server's
         c.simple_query("BEGIN").await.unwrap();
         c.simple_query("select 1").await.unwrap();
-        c.simple_query("SET pgrouter.route = 'primary'")
-            .await
-            .unwrap();
+        c.simple_query("SET pgrouter.route = 'primary'").await.unwrap();
         let seen = recovery(
-            c.simple_query("select coalesce(current_setting('pgrouter.route', true), 'unset')")
-                .await
-                .unwrap(),
+            c.simple_query("select coalesce(current_setting('pgrouter.route', true), 'unset')").await.unwrap(),
         );
         assert_eq!(seen, "unset", "the server saw SET pgrouter.route");
         c.simple_query("COMMIT").await.unwrap();
-        assert_eq!(
-            recovery(c.simple_query("SHOW pgrouter.route").await.unwrap()),
-            "primary"
-        );
-        assert_eq!(
-            recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()),
-            "f"
-        );
+        assert_eq!(recovery(c.simple_query("SHOW pgrouter.route").await.unwrap()), "primary");
+        assert_eq!(recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()), "f");
         c.simple_query("RESET pgrouter.route").await.unwrap();
         // pipelined requests are routed one by one: a write behind a read still reaches the primary
         let p = connect(&url).await.unwrap(); // no earlier write: read-your-writes stays out of it
@@ -256,30 +179,18 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
         // the extended protocol routes the same way
         let c = writer;
         let reader = connect(&url).await.unwrap();
-        let rows = reader
-            .query_typed("select pg_is_in_recovery()", &[])
-            .await
-            .unwrap();
+        let rows = reader.query_typed("select pg_is_in_recovery()", &[]).await.unwrap();
         assert!(rows[0].get::<_, bool>(0));
         let rows = c
-            .query_typed(
-                "insert into t (v) values ($1) returning pg_is_in_recovery()",
-                &[(&5i32, Type::INT4)],
-            )
+            .query_typed("insert into t (v) values ($1) returning pg_is_in_recovery()", &[(&5i32, Type::INT4)])
             .await
             .unwrap();
         assert!(!rows[0].get::<_, bool>(0));
         // a tokio-postgres transaction (BEGIN as a simple query, then extended statements)
         let mut c = c;
         let tx = c.transaction().await.unwrap();
-        let rows = tx
-            .query_typed("select pg_is_in_recovery()", &[])
-            .await
-            .unwrap();
-        assert!(
-            !rows[0].get::<_, bool>(0),
-            "read-write transaction on the primary"
-        );
+        let rows = tx.query_typed("select pg_is_in_recovery()", &[]).await.unwrap();
+        assert!(!rows[0].get::<_, bool>(0), "read-write transaction on the primary");
         tx.commit().await.unwrap();
     });
 }
@@ -289,39 +200,20 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
 #[test]
 fn proxy_errors_abort_the_held_transaction() {
     let env = replica_env("", "", &[]);
-    assert_ok(
-        &env.proxy
-            .psql("app", &["-c", "create table aborted (id int)"]),
-        "DDL",
-    );
+    assert_ok(&env.proxy.psql("app", &["-c", "create table aborted (id int)"]), "DDL");
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
     runtime().block_on(async {
         let c = connect(&url).await.unwrap();
         c.simple_query("BEGIN").await.unwrap();
-        let err = c
-            .simple_query("/* pgrouter: shard=9 */ insert into aborted values (1)")
-            .await
-            .unwrap_err();
-        assert!(
-            describe(&err).starts_with("22023") && describe(&err).contains("shard=9"),
-            "{}",
-            describe(&err)
-        );
-        let err = c
-            .simple_query("insert into aborted values (2)")
-            .await
-            .unwrap_err();
+        let err = c.simple_query("/* pgrouter: shard=9 */ insert into aborted values (1)").await.unwrap_err();
+        assert!(describe(&err).starts_with("22023") && describe(&err).contains("shard=9"), "{}", describe(&err));
+        let err = c.simple_query("insert into aborted values (2)").await.unwrap_err();
         assert!(describe(&err).starts_with("25P02"), "{}", describe(&err));
         c.simple_query("COMMIT").await.unwrap();
         // and the session is usable afterwards
-        c.simple_query("insert into aborted values (3)")
-            .await
-            .unwrap();
+        c.simple_query("insert into aborted values (3)").await.unwrap();
     });
-    assert_eq!(
-        env.primary_sql("select string_agg(id::text, ',') from aborted"),
-        "3"
-    );
+    assert_eq!(env.primary_sql("select string_agg(id::text, ',') from aborted"), "3");
 }
 
 /// A misconfigured "primary" that is in fact a standby: writes are refused with a clear
@@ -358,25 +250,12 @@ fn writes_are_never_sent_to_a_server_in_recovery() {
 /// with off, stale reads happen (so the test can fail).
 #[test]
 fn read_your_writes_on_a_delayed_replica() {
-    let dbs = [
-        ("ryw_lsn", "lsn"),
-        ("ryw_paw", "primary_after_write"),
-        ("ryw_off", "off"),
-    ]
-    .iter()
-    .map(|(name, mode)| database(name, &format!("read_your_writes = \"{mode}\"")))
-    .collect::<String>();
+    let dbs = [("ryw_lsn", "lsn"), ("ryw_paw", "primary_after_write"), ("ryw_off", "off")]
+        .iter()
+        .map(|(name, mode)| database(name, &format!("read_your_writes = \"{mode}\"")))
+        .collect::<String>();
     let env = replica_env("", &dbs, &["recovery_min_apply_delay = '500ms'"]);
-    assert_ok(
-        &env.proxy.psql(
-            "app",
-            &[
-                "-c",
-                "create table ryw (mode text, id int, primary key (mode, id))",
-            ],
-        ),
-        "DDL",
-    );
+    assert_ok(&env.proxy.psql("app", &["-c", "create table ryw (mode text, id int, primary key (mode, id))"]), "DDL");
     wait_replica_caught_up(&env);
     for (db, _) in [("ryw_lsn", ()), ("ryw_paw", ()), ("ryw_off", ())] {
         wait_replica_in_rotation(&env, db);
@@ -389,12 +268,7 @@ fn read_your_writes_on_a_delayed_replica() {
             let c = connect(&url).await.unwrap();
             let mut misses = 0;
             for i in 0..1000i32 {
-                c.query_typed(
-                    "insert into ryw values ($1, $2)",
-                    &[(&db, Type::TEXT), (&i, Type::INT4)],
-                )
-                .await
-                .unwrap();
+                c.query_typed("insert into ryw values ($1, $2)", &[(&db, Type::TEXT), (&i, Type::INT4)]).await.unwrap();
                 let rows = c
                     .query_typed(
                         "select count(*) from ryw where mode = $1 and id = $2",
@@ -408,17 +282,12 @@ fn read_your_writes_on_a_delayed_replica() {
             }
             misses
         });
-        eprintln!(
-            "measured: read_your_writes via {db}: {misses} of 1000 reads missed the row just written"
-        );
+        eprintln!("measured: read_your_writes via {db}: {misses} of 1000 reads missed the row just written");
         stale.push(misses);
     }
     assert_eq!(stale[0], 0, "lsn: stale reads");
     assert_eq!(stale[1], 0, "primary_after_write: stale reads");
-    assert!(
-        stale[2] > 0,
-        "off: no stale read observed, so the test proves nothing"
-    );
+    assert!(stale[2] > 0, "off: no stale read observed, so the test proves nothing");
     // with lsn, reads return to the replica once it has replayed the client's writes
     wait_replica_in_rotation(&env, "ryw_lsn");
 }
@@ -426,18 +295,8 @@ fn read_your_writes_on_a_delayed_replica() {
 /// A replica lagging beyond max_replica_lag is skipped; when it catches up, reads return.
 #[test]
 fn lagging_replica_is_skipped_until_it_catches_up() {
-    let env = replica_env(
-        "",
-        &database("lagged", "max_replica_lag = \"1s\""),
-        &["recovery_min_apply_delay = '4s'"],
-    );
-    assert_ok(
-        &env.proxy.psql(
-            "app",
-            &["-c", "create table ticks (at timestamptz default now())"],
-        ),
-        "DDL",
-    );
+    let env = replica_env("", &database("lagged", "max_replica_lag = \"1s\""), &["recovery_min_apply_delay = '4s'"]);
+    assert_ok(&env.proxy.psql("app", &["-c", "create table ticks (at timestamptz default now())"]), "DDL");
     wait_replica_caught_up(&env);
     wait_replica_in_rotation(&env, "lagged");
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
@@ -445,42 +304,22 @@ fn lagging_replica_is_skipped_until_it_catches_up() {
     let writer = rt.spawn(async move {
         let c = connect(&url).await.unwrap();
         for _ in 0..300 {
-            c.simple_query("insert into ticks default values")
-                .await
-                .unwrap();
+            c.simple_query("insert into ticks default values").await.unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
     let started = Instant::now();
-    let skipped = wait_until(Duration::from_secs(15), || {
-        value(&env, "lagged", "select pg_is_in_recovery()") == "f"
-    });
+    let skipped = wait_until(Duration::from_secs(15), || value(&env, "lagged", "select pg_is_in_recovery()") == "f");
     assert!(skipped, "reads kept going to a replica 4s behind");
-    eprintln!(
-        "measured: lagging replica skipped after {:?}",
-        started.elapsed()
-    );
-    assert!(
-        env.proxy.log().contains("exceeds max_replica_lag"),
-        "no log line gives the reason"
-    );
+    eprintln!("measured: lagging replica skipped after {:?}", started.elapsed());
+    assert!(env.proxy.log().contains("exceeds max_replica_lag"), "no log line gives the reason");
     let replica = env.topo.replica.as_ref().unwrap();
-    replica
-        .psql("postgres", "alter system set recovery_min_apply_delay = 0")
-        .unwrap();
+    replica.psql("postgres", "alter system set recovery_min_apply_delay = 0").unwrap();
     replica.psql("postgres", "select pg_reload_conf()").unwrap();
     let started = Instant::now();
-    let back = wait_until(Duration::from_secs(15), || {
-        value(&env, "lagged", "select pg_is_in_recovery()") == "t"
-    });
-    assert!(
-        back,
-        "reads did not return to the replica after it caught up"
-    );
-    eprintln!(
-        "measured: caught-up replica back in rotation after {:?}",
-        started.elapsed()
-    );
+    let back = wait_until(Duration::from_secs(15), || value(&env, "lagged", "select pg_is_in_recovery()") == "t");
+    assert!(back, "reads did not return to the replica after it caught up");
+    eprintln!("measured: caught-up replica back in rotation after {:?}", started.elapsed());
     writer.abort();
 }
 
@@ -497,11 +336,7 @@ enum Outcome {
 #[test]
 fn replica_failure_under_read_load() {
     const INTERVAL: Duration = Duration::from_millis(300);
-    let env = replica_env(
-        "health_check_interval = \"300ms\"\nban_time = \"300ms\"",
-        "",
-        &[],
-    );
+    let env = replica_env("health_check_interval = \"300ms\"\nban_time = \"300ms\"", "", &[]);
     wait_replica_in_rotation(&env, "app");
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
     let rt = runtime();
@@ -534,10 +369,7 @@ fn replica_failure_under_read_load() {
     std::thread::sleep(Duration::from_secs(3));
     replica.start().expect("restart replica");
     let restarted_at = epoch.elapsed();
-    let logs: Vec<_> = clients
-        .into_iter()
-        .flat_map(|h| rt.block_on(h).unwrap())
-        .collect();
+    let logs: Vec<_> = clients.into_iter().flat_map(|h| rt.block_on(h).unwrap()).collect();
 
     let failures: Vec<_> = logs
         .iter()
@@ -549,20 +381,13 @@ fn replica_failure_under_read_load() {
     for (_, _, message) in &failures {
         assert!(message.starts_with("08006"), "unclear error: {message}");
     }
-    let last_failure_start = failures
-        .iter()
-        .map(|(s, _, _)| **s)
-        .max()
-        .unwrap_or(stopped_at);
+    let last_failure_start = failures.iter().map(|(s, _, _)| **s).max().unwrap_or(stopped_at);
     assert!(
         last_failure_start < stopped_at + 4 * INTERVAL,
         "statements kept failing {:?} after the stop",
         last_failure_start - stopped_at
     );
-    let after_ban: Vec<_> = logs
-        .iter()
-        .filter(|(s, _, _)| *s > last_failure_start && *s < restarted_at)
-        .collect();
+    let after_ban: Vec<_> = logs.iter().filter(|(s, _, _)| *s > last_failure_start && *s < restarted_at).collect();
     assert!(
         !after_ban.is_empty() && after_ban.iter().all(|(_, _, o)| *o == Outcome::Primary),
         "statements after the ban must succeed on the primary"
@@ -616,9 +441,7 @@ fn predicted_target(
         (_, Some((_, Some(target)))) => return *target,
         (_, Some((modes, chosen @ None))) => {
             let on_standby = modes.on_standby() && class.access == Access::Read;
-            let target = policy
-                .transaction(on_standby, &Hints::default(), None)
-                .target;
+            let target = policy.transaction(on_standby, &Hints::default(), None).target;
             *chosen = Some(target);
             return target;
         }
@@ -633,16 +456,9 @@ fn predicted_target(
                     volatility_query(&names)
                 ));
                 policy.learn_volatility(
-                    rows.split(',')
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.to_owned(), v == "true")),
+                    rows.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v == "true")),
                 );
-                policy.learn_volatility(
-                    policy
-                        .unknown_functions(&names)
-                        .into_iter()
-                        .map(|n| (n, false)),
-                );
+                policy.learn_volatility(policy.unknown_functions(&names).into_iter().map(|n| (n, false)));
             }
             Err(e) => panic!("{sql}: {e:?}"),
         }
@@ -663,22 +479,13 @@ fn misroute_oracle() {
     let policy = pgrouter::router::Policy::new(config.database("oracle").unwrap());
     let router = pgrouter::router::Router::new(4096);
     let corpus = include_str!("corpus/routing.sql");
-    let entries: Vec<&str> = corpus
-        .split("\n---\n")
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .collect();
-    assert!(
-        entries.len() >= 300,
-        "only {} corpus entries",
-        entries.len()
-    );
+    let entries: Vec<&str> = corpus.split("\n---\n").map(str::trim).filter(|e| !e.is_empty()).collect();
+    assert!(entries.len() >= 300, "only {} corpus entries", entries.len());
 
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "oracle");
     let rt = runtime();
     let client = rt.block_on(connect(&url)).unwrap();
-    let (mut to_replica, mut to_primary, mut misroutes, mut failures) =
-        (0, 0, Vec::new(), Vec::new());
+    let (mut to_replica, mut to_primary, mut misroutes, mut failures) = (0, 0, Vec::new(), Vec::new());
     let mut in_tx = None;
     for entry in &entries {
         let was_in_tx = in_tx.is_some();
@@ -705,15 +512,8 @@ fn misroute_oracle() {
         misroutes.len()
     );
     assert!(misroutes.is_empty(), "misroutes:\n{}", misroutes.join("\n"));
-    assert!(
-        failures.is_empty(),
-        "entries failed:\n{}",
-        failures.join("\n")
-    );
-    assert!(
-        to_replica >= 100,
-        "too few reads to prove anything: {to_replica}"
-    );
+    assert!(failures.is_empty(), "entries failed:\n{}", failures.join("\n"));
+    assert!(to_replica >= 100, "too few reads to prove anything: {to_replica}");
 }
 
 /// Runs one corpus entry. COPY goes through psql (COPY FROM STDIN with no rows): psql runs it
@@ -730,23 +530,9 @@ fn run_entry(
 ) -> Result<(), String> {
     let upper = entry.to_ascii_uppercase();
     if upper.contains("COPY ") && (upper.contains("STDIN") || upper.contains("STDOUT")) {
-        assert!(
-            !in_tx,
-            "corpus: a COPY entry inside a transaction block spanning entries: {entry}"
-        );
-        let out = env.proxy.psql(
-            "oracle",
-            &[
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-v",
-                "VERBOSITY=sqlstate",
-                "-c",
-                entry,
-            ],
-        );
+        assert!(!in_tx, "corpus: a COPY entry inside a transaction block spanning entries: {entry}");
+        let out =
+            env.proxy.psql("oracle", &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=sqlstate", "-c", entry]);
         let err = crate::harness::stderr(&out);
         return if out.status.success() {
             Ok(())
@@ -754,7 +540,5 @@ fn run_entry(
             Err(err.trim().trim_start_matches("ERROR:").trim().to_owned())
         };
     }
-    rt.block_on(client.simple_query(entry))
-        .map(drop)
-        .map_err(|e| describe(&e))
+    rt.block_on(client.simple_query(entry)).map(drop).map_err(|e| describe(&e))
 }

@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::harness::{
-    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, stdout,
-    wait_until,
+    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, stdout, wait_until,
 };
 
 /// The first value of the first row of a simple query.
@@ -27,12 +26,12 @@ async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
 /// 8 other clients on the same server connections never see it.
 #[test]
 fn settings_follow_their_client_and_never_leak() {
-    let env = Env::start(EnvOptions {
-        pool_size: 2,
-        ..EnvOptions::default()
-    });
+    let env = Env::start(EnvOptions { pool_size: 2, ..EnvOptions::default() });
     assert_ok(
-        &env.proxy.psql("app", &["-c", "create schema s1; create table s1.marker (v text); insert into s1.marker values ('s1')"]),
+        &env.proxy.psql(
+            "app",
+            &["-c", "create schema s1; create table s1.marker (v text); insert into s1.marker values ('s1')"],
+        ),
         "schema",
     );
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
@@ -75,39 +74,26 @@ fn settings_follow_their_client_and_never_leak() {
 
 #[test]
 fn set_local_reset_all_set_config_and_rollback() {
-    let env = Env::start(EnvOptions {
-        pool_size: 1,
-        ..EnvOptions::default()
-    });
+    let env = Env::start(EnvOptions { pool_size: 1, ..EnvOptions::default() });
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
     runtime().block_on(async {
         let a = connect(&url).await.unwrap();
         let b = connect(&url).await.unwrap();
         // SET LOCAL ends with its transaction
-        a.simple_query("begin; set local work_mem = '7MB'")
-            .await
-            .unwrap();
+        a.simple_query("begin; set local work_mem = '7MB'").await.unwrap();
         assert_eq!(one(&a, "show work_mem").await, "7MB");
         a.simple_query("commit").await.unwrap();
         assert_eq!(one(&a, "show work_mem").await, "4MB");
         // a SET inside a rolled-back transaction is undone
-        a.simple_query("begin; set work_mem = '9MB'; rollback")
-            .await
-            .unwrap();
+        a.simple_query("begin; set work_mem = '9MB'; rollback").await.unwrap();
         assert_eq!(one(&a, "show work_mem").await, "4MB");
         // set_config(..., false) sticks to the client only
         one(&a, "select set_config('statement_timeout', '12s', false)").await;
         assert_eq!(one(&a, "show statement_timeout").await, "12s");
-        assert_eq!(
-            one(&b, "show statement_timeout").await,
-            "0",
-            "b shares the only server connection"
-        );
+        assert_eq!(one(&b, "show statement_timeout").await, "0", "b shares the only server connection");
         assert_eq!(one(&a, "show statement_timeout").await, "12s");
         // RESET ALL and DISCARD ALL clear it
-        a.simple_query("set timezone = 'Asia/Tokyo'; reset all")
-            .await
-            .unwrap();
+        a.simple_query("set timezone = 'Asia/Tokyo'; reset all").await.unwrap();
         assert_eq!(one(&a, "show statement_timeout").await, "0");
         a.simple_query("set timezone = 'Asia/Tokyo'").await.unwrap();
         a.simple_query("discard all").await.unwrap();
@@ -119,17 +105,11 @@ fn set_local_reset_all_set_config_and_rollback() {
 /// server connection, and an invalid one fails the login like PostgreSQL.
 #[test]
 fn startup_parameters_follow_the_client() {
-    let env = Env::start(EnvOptions {
-        pool_size: 1,
-        ..EnvOptions::default()
-    });
+    let env = Env::start(EnvOptions { pool_size: 1, ..EnvOptions::default() });
     let run = |app: &str, options: &str, sql: &str| {
         let out = crate::harness::pg_tool("psql")
             .args(["-X", "-At", "-c", sql])
-            .arg(format!(
-                "{} application_name={app} options='{options}'",
-                env.proxy.url(APP_USER, APP_PASSWORD, "app")
-            ))
+            .arg(format!("{} application_name={app} options='{options}'", env.proxy.url(APP_USER, APP_PASSWORD, "app")))
             .output()
             .unwrap();
         (stdout(&out).trim().to_owned(), crate::harness::stderr(&out))
@@ -147,25 +127,17 @@ fn startup_parameters_follow_the_client() {
     );
     assert_eq!(out, "second|\"$user\", public|ISO, MDY", "{err}");
     let (_, err) = run("third", "-c work_mem=lots", "select 1");
-    assert!(
-        err.contains("invalid startup parameter") && err.contains("work_mem"),
-        "{err}"
-    );
+    assert!(err.contains("invalid startup parameter") && err.contains("work_mem"), "{err}");
 }
 
 /// LISTEN pins the client: it keeps its connection, receives NOTIFY from others, and the
 /// proxy logs the pinned count. Others still share the rest of the pool.
 #[test]
 fn listen_pins_the_client_and_notifications_arrive() {
-    let env = Env::start(EnvOptions {
-        pool_size: 2,
-        ..EnvOptions::default()
-    });
+    let env = Env::start(EnvOptions { pool_size: 2, ..EnvOptions::default() });
     let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
     runtime().block_on(async {
-        let (listener, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
+        let (listener, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -180,26 +152,13 @@ fn listen_pins_the_client_and_notifications_arrive() {
         let backend = one(&listener, "select pg_backend_pid()").await;
         let other = connect(&url).await.unwrap();
         for i in 0..5 {
-            other
-                .simple_query(&format!("NOTIFY jobs, 'job {i}'"))
-                .await
-                .unwrap();
-            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .expect("notification arrives");
+            other.simple_query(&format!("NOTIFY jobs, 'job {i}'")).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("notification arrives");
             assert_eq!(got.as_deref(), Some(format!("job {i}").as_str()));
         }
-        assert_eq!(
-            one(&listener, "select pg_backend_pid()").await,
-            backend,
-            "the pinned client kept its connection"
-        );
+        assert_eq!(one(&listener, "select pg_backend_pid()").await, backend, "the pinned client kept its connection");
     });
-    assert!(
-        env.proxy.log().contains("pinned_clients=1"),
-        "{}",
-        env.proxy.log()
-    );
+    assert!(env.proxy.log().contains("pinned_clients=1"), "{}", env.proxy.log());
 }
 
 /// A client cancels its own pg_sleep(30): it ends within a second with 57014. A CancelRequest
@@ -232,8 +191,7 @@ fn cancel_ends_the_query_and_a_wrong_secret_does_nothing() {
     // a wrong secret: the statement runs to completion
     runtime().block_on(async {
         let c = connect(&url).await.unwrap();
-        let running =
-            tokio::spawn(async move { c.simple_query("select pg_sleep(1.5)").await.map(drop) });
+        let running = tokio::spawn(async move { c.simple_query("select pg_sleep(1.5)").await.map(drop) });
         tokio::time::sleep(Duration::from_millis(300)).await;
         // BackendKeyData from our own login is not exposed by tokio-postgres: forge one with
         // every pid pgrouter may have handed out and a secret that is surely wrong
@@ -245,16 +203,96 @@ fn cancel_ends_the_query_and_a_wrong_secret_does_nothing() {
             packet.extend(0x5eed_u32.to_be_bytes());
             s.write_all(&packet).unwrap();
         }
-        running
-            .await
-            .unwrap()
-            .expect("nothing cancelled the statement");
+        running.await.unwrap().expect("nothing cancelled the statement");
     });
     assert!(
-        wait_until(Duration::from_secs(2), || env
-            .proxy
-            .log()
-            .contains("wrong secret")),
+        wait_until(Duration::from_secs(2), || env.proxy.log().contains("wrong secret")),
         "no log of the refused cancel"
+    );
+}
+
+/// Named prepared statements under transaction pooling: many clients preparing once and
+/// executing many times over a pool of 2, each on whichever connection it gets.
+#[test]
+fn named_prepared_statements_move_between_connections() {
+    let env = Env::start(EnvOptions { pool_size: 2, ..EnvOptions::default() });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    let rt = runtime();
+    let failures: Vec<String> = rt.block_on(async {
+        let tasks: Vec<_> = (0..20i64)
+            .map(|i| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let c = connect(&url).await.map_err(|e| describe(&e))?;
+                    let double = c.prepare("select $1::int8 * 2").await.map_err(|e| describe(&e))?;
+                    let text = c.prepare("select $1::text || '-' || $2::int8").await.map_err(|e| describe(&e))?;
+                    for j in 0..50i64 {
+                        let row = c.query_one(&double, &[&(i * 1000 + j)]).await.map_err(|e| describe(&e))?;
+                        if row.get::<_, i64>(0) != 2 * (i * 1000 + j) {
+                            return Err(format!("client {i}: wrong answer"));
+                        }
+                        let row = c.query_one(&text, &[&format!("c{i}"), &j]).await.map_err(|e| describe(&e))?;
+                        if row.get::<_, String>(0) != format!("c{i}-{j}") {
+                            return Err(format!("client {i}: wrong text"));
+                        }
+                    }
+                    Ok::<_, String>(())
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for t in tasks {
+            if let Err(e) = t.await.unwrap() {
+                failures.push(e);
+            }
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "{failures:?}");
+    // at most 2 distinct statements per server connection, whatever the number of clients
+    let prepared: u32 = env
+        .primary_sql("select count(*) from pg_stat_activity where usename = 'app' and application_name <> 'pgrouter health check'")
+        .parse()
+        .unwrap();
+    assert!(prepared <= 2);
+    rt.block_on(async {
+        let c = connect(&url).await.unwrap();
+        let s = c.prepare("select 1").await.unwrap();
+        c.query_one(&s, &[]).await.unwrap();
+        // DEALLOCATE ALL is honoured: the statement is gone for this client
+        c.simple_query("DEALLOCATE ALL").await.unwrap();
+        let err = c.query_one(&s, &[]).await.unwrap_err();
+        assert!(describe(&err).starts_with("26000"), "{}", describe(&err));
+        // and DISCARD ALL too
+        let s = c.prepare("select 2").await.unwrap();
+        c.simple_query("DISCARD ALL").await.unwrap();
+        let err = c.query_one(&s, &[]).await.unwrap_err();
+        assert!(describe(&err).starts_with("26000"), "{}", describe(&err));
+        // a pipeline with an error in the middle follows Sync semantics
+        let good = c.prepare("select 3").await.unwrap();
+        let bad = c.prepare("select 1 / $1::int").await.unwrap();
+        let (a, b, d) = tokio::join!(c.query_one(&good, &[]), c.query_one(&bad, &[&0i32]), c.query_one(&good, &[]));
+        assert_eq!(a.unwrap().get::<_, i32>(0), 3);
+        assert!(describe(&b.unwrap_err()).starts_with("22012"));
+        assert_eq!(d.unwrap().get::<_, i32>(0), 3);
+    });
+}
+
+/// pgbench -M prepared in transaction pooling, 16 clients over pool_size 4.
+#[test]
+fn pgbench_prepared_in_transaction_mode() {
+    let env = Env::start(EnvOptions { pool_size: 4, ..EnvOptions::default() });
+    assert_ok(&env.proxy.pgbench("app", &["-i", "-s", "1", "-q"]), "pgbench -i");
+    let out = env.proxy.pgbench("app", &["-n", "-c", "16", "-j", "2", "-t", "100", "-M", "prepared"]);
+    assert_ok(&out, "pgbench -M prepared");
+    let text = stdout(&out);
+    assert!(text.contains("number of failed transactions: 0 (0.000%)"), "{text}");
+    eprintln!(
+        "measured: pgbench -M prepared, transaction pooling, 16 clients over pool_size 4: {}",
+        text.lines().find(|l| l.starts_with("tps")).unwrap_or("")
+    );
+    assert_eq!(
+        env.primary_sql("select (select sum(abalance) from pgbench_accounts) = (select sum(delta) from pgbench_history), (select count(*) from pgbench_history)"),
+        "t|1600"
     );
 }

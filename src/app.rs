@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::frontend::auth::Verifiers;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::listener::accept_loop;
+use crate::frontend::prepared::Registry;
 use crate::router::{Policy, Router};
 
 /// How often idle server connections are checked for expiry and min_pool_size is topped up.
@@ -43,6 +44,8 @@ pub struct App {
     pub tracker: TaskTracker,
     /// Connected clients, for max_client_connections.
     pub clients: AtomicUsize,
+    /// Proxy-wide names of prepared statements (transaction pooling).
+    pub statements: Registry,
     /// Transaction-pooled clients pinned to a server connection (LISTEN, temp tables, ...).
     pub pinned_clients: AtomicUsize,
 }
@@ -70,11 +73,7 @@ impl App {
         let app = Arc::new(Self {
             pools: Pools::build(&config),
             router: Router::new(SHAPE_CACHE_CAPACITY),
-            policies: config
-                .databases
-                .iter()
-                .map(|db| (db.name.clone(), Policy::new(db)))
-                .collect(),
+            policies: config.databases.iter().map(|db| (db.name.clone(), Policy::new(db))).collect(),
             verifiers: Verifiers::build(&config),
             config: Arc::new(config),
             cancels: Arc::new(CancelRegistry::default()),
@@ -82,6 +81,7 @@ impl App {
             tracker: TaskTracker::new(),
             clients: AtomicUsize::new(0),
             pinned_clients: AtomicUsize::new(0),
+            statements: Registry::default(),
         });
         tokio::spawn(accept_loop(Arc::clone(&app), listener));
         tokio::spawn(upkeep(Arc::clone(&app)));
@@ -100,14 +100,9 @@ impl Running {
         app.tracker.close();
         let limit = app.config.proxy.shutdown_timeout;
         tracing::info!(clients = app.tracker.len(), timeout = ?limit, "draining");
-        let done = tokio::time::timeout(limit, app.tracker.wait())
-            .await
-            .is_ok();
+        let done = tokio::time::timeout(limit, app.tracker.wait()).await.is_ok();
         if !done {
-            tracing::warn!(
-                clients = app.tracker.len(),
-                "shutdown_timeout reached with clients still connected"
-            );
+            tracing::warn!(clients = app.tracker.len(), "shutdown_timeout reached with clients still connected");
         }
         done
     }
@@ -137,11 +132,7 @@ fn start_health_checks(app: &Arc<App>) {
             ban_time: app.config.proxy.ban_time,
             max_lag: policy.max_replica_lag,
         };
-        tokio::spawn(run_checks(
-            Arc::clone(shard),
-            settings,
-            app.shutdown.clone(),
-        ));
+        tokio::spawn(run_checks(Arc::clone(shard), settings, app.shutdown.clone()));
     }
 }
 

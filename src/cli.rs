@@ -10,11 +10,7 @@ use crate::app::{App, Stop, wait_for_stop};
 use crate::config::{Config, LogFormat, Scheme};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "pgrouter",
-    version,
-    about = "PostgreSQL routing proxy: pooling, read/write split, sharding"
-)]
+#[command(name = "pgrouter", version, about = "PostgreSQL routing proxy: pooling, read/write split, sharding")]
 pub struct Cli {
     /// Config file (TOML)
     #[arg(long, short = 'c', env = "PGROUTER_CONFIG", global = true)]
@@ -93,12 +89,7 @@ fn check(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     println!("{}: OK", path.display());
-    println!(
-        "listen {}  users {}  databases {}",
-        config.proxy.listen,
-        config.users.len(),
-        config.databases.len()
-    );
+    println!("listen {}  users {}  databases {}", config.proxy.listen, config.users.len(), config.databases.len());
     for db in &config.databases {
         println!(
             "database {} (server database {}): {} pooling, pool_size {}, {} shard(s)",
@@ -110,11 +101,7 @@ fn check(path: &Path) -> ExitCode {
         );
         for (i, shard) in db.shards.iter().enumerate() {
             let replicas: Vec<String> = shard.replicas.iter().map(ToString::to_string).collect();
-            println!(
-                "  shard {i}: primary {}  replicas [{}]",
-                shard.primary,
-                replicas.join(", ")
-            );
+            println!("  shard {i}: primary {}  replicas [{}]", shard.primary, replicas.join(", "));
         }
         for t in &db.sharded_tables {
             let scheme = match t.scheme {
@@ -122,10 +109,7 @@ fn check(path: &Path) -> ExitCode {
                 Scheme::Range => format!("range, {} ranges", t.ranges.len()),
                 Scheme::List => format!("list, {} lists", t.lists.len()),
             };
-            println!(
-                "  sharded table {} by {} ({}, {scheme})",
-                t.table, t.column, t.key_type
-            );
+            println!("  sharded table {} by {} ({}, {scheme})", t.table, t.column, t.key_type);
         }
         for (i, rule) in db.routing.rules.iter().enumerate() {
             println!("  rule {i}: /{}/ -> {}", rule.pattern, rule.route);
@@ -144,11 +128,7 @@ fn explain(path: &Path, database: Option<&str>, sql: &str) -> ExitCode {
         None => config.databases.first(),
     };
     let Some(db) = db else {
-        eprintln!(
-            "pgrouter explain: no database \"{}\" in {}",
-            database.unwrap_or_default(),
-            path.display()
-        );
+        eprintln!("pgrouter explain: no database \"{}\" in {}", database.unwrap_or_default(), path.display());
         return ExitCode::FAILURE;
     };
     print!("{}", crate::router::explain::explain(db, sql));
@@ -214,10 +194,7 @@ pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

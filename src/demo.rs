@@ -15,9 +15,7 @@ const PASSWORD: &str = "app-secret";
 
 pub fn run(listen: SocketAddr) -> ExitCode {
     init_logging(LogFormat::Text);
-    println!(
-        "pgrouter demo: starting PostgreSQL (primary, streaming replica, two shard primaries)..."
-    );
+    println!("pgrouter demo: starting PostgreSQL (primary, streaming replica, two shard primaries)...");
     let topology = match Topology::start(TopologyOptions::default()) {
         Ok(t) => t,
         Err(e) => {
@@ -45,11 +43,7 @@ pub fn run(listen: SocketAddr) -> ExitCode {
 }
 
 fn config_text(topology: &Topology, listen: SocketAddr) -> String {
-    let replicas: Vec<String> = topology
-        .replica
-        .iter()
-        .map(|r| format!("\"{}\"", r.addr()))
-        .collect();
+    let replicas: Vec<String> = topology.replica.iter().map(|r| format!("\"{}\"", r.addr())).collect();
     let mut text = format!(
         "# Written by `pgrouter demo`.\n[proxy]\nlisten = \"{listen}\"\nshutdown_timeout = \"5s\"\n\n\
          [[users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n\n\
@@ -61,12 +55,7 @@ fn config_text(topology: &Topology, listen: SocketAddr) -> String {
     );
     text.push_str("\n# The two shard primaries, as one database.\n[[databases]]\nname = \"shop\"\nserver_database = \"app\"\npool_size = 10\n");
     for shard in &topology.shards {
-        write!(
-            text,
-            "\n[[databases.shards]]\nprimary = \"{}\"\n",
-            shard.addr()
-        )
-        .expect("write to String");
+        write!(text, "\n[[databases.shards]]\nprimary = \"{}\"\n", shard.addr()).expect("write to String");
     }
     text.push_str("\n[[databases.sharded_tables]]\ntable = \"orders\"\ncolumn = \"customer_id\"\ntype = \"bigint\"\n");
     text
@@ -80,16 +69,8 @@ fn print_banner(topology: &Topology, listen: SocketAddr, config: &std::path::Pat
     println!("  pgrouter on {listen}, config {}", config.display());
     println!();
     println!("Connect with:");
-    println!(
-        "  psql \"postgres://{USER}:{PASSWORD}@{}:{}/app\"",
-        listen.ip(),
-        listen.port()
-    );
-    println!(
-        "  pgbench -i \"postgres://{USER}:{PASSWORD}@{}:{}/app\"",
-        listen.ip(),
-        listen.port()
-    );
+    println!("  psql \"postgres://{USER}:{PASSWORD}@{}:{}/app\"", listen.ip(), listen.port());
+    println!("  pgbench -i \"postgres://{USER}:{PASSWORD}@{}:{}/app\"", listen.ip(), listen.port());
     println!();
     println!("In database app, reads go to the streaming replica and writes to the primary");
     println!("(try `select pg_is_in_recovery()`). Sharded routing for shop is not built yet:");

@@ -63,11 +63,7 @@ pub enum Error {
     Invalid(String),
 
     #[error("no replica available for database \"{database}\" shard {shard}: {report}")]
-    NoReplica {
-        database: String,
-        shard: usize,
-        report: String,
-    },
+    NoReplica { database: String, shard: usize, report: String },
 
     #[error("refusing to send a write to {server}: it reports that it is in recovery (a standby)")]
     PrimaryInRecovery { server: String },
@@ -154,13 +150,7 @@ impl Error {
     /// Whether the client may simply retry the same statement later.
     #[must_use]
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::PoolTimeout { .. }
-                | Self::Connect { .. }
-                | Self::Shutdown
-                | Self::NoReplica { .. }
-        )
+        matches!(self, Self::PoolTimeout { .. } | Self::Connect { .. } | Self::Shutdown | Self::NoReplica { .. })
     }
 
     /// A short stable name for logs and the `pgrouter_errors_total{kind}` metric.

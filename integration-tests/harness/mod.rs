@@ -63,21 +63,9 @@ impl Env {
             replica: opts.replica,
             shards: opts.shards,
             users: vec![
-                UserSpec {
-                    name: APP_USER.into(),
-                    password: APP_PASSWORD.into(),
-                    auth: AuthMethod::ScramSha256,
-                },
-                UserSpec {
-                    name: MD5_USER.into(),
-                    password: MD5_PASSWORD.into(),
-                    auth: AuthMethod::Md5,
-                },
-                UserSpec {
-                    name: CLEAR_USER.into(),
-                    password: CLEAR_PASSWORD.into(),
-                    auth: AuthMethod::Cleartext,
-                },
+                UserSpec { name: APP_USER.into(), password: APP_PASSWORD.into(), auth: AuthMethod::ScramSha256 },
+                UserSpec { name: MD5_USER.into(), password: MD5_PASSWORD.into(), auth: AuthMethod::Md5 },
+                UserSpec { name: CLEAR_USER.into(), password: CLEAR_PASSWORD.into(), auth: AuthMethod::Cleartext },
             ],
             databases: vec!["app".into()],
             extra_conf: opts.pg_conf.clone(),
@@ -90,20 +78,14 @@ impl Env {
 
     /// A superuser query on the primary, bypassing the proxy.
     pub fn primary_sql(&self, sql: &str) -> String {
-        self.topo
-            .primary
-            .psql("app", sql)
-            .expect("query on primary")
+        self.topo.primary.psql("app", sql).expect("query on primary")
     }
 }
 
 /// The config a test environment runs with: `app` (transaction pooling) and `app_session`
 /// (session pooling) on the primary, plus whatever the options add.
 pub fn config_text(topo: &Topology, opts: &EnvOptions, port: u16) -> String {
-    let mut shards = format!(
-        "[[databases.shards]]\nprimary = \"{}\"\n",
-        topo.primary.addr()
-    );
+    let mut shards = format!("[[databases.shards]]\nprimary = \"{}\"\n", topo.primary.addr());
     if let Some(replica) = &topo.replica {
         writeln!(shards, "replicas = [\"{}\"]", replica.addr()).unwrap();
     }
@@ -140,12 +122,7 @@ password = "{CLEAR_PASSWORD}"
     }
     // `{PRIMARY}` and `{REPLICA}` in extra databases stand for those servers' addresses.
     let replica = topo.replica.as_ref().map(|r| r.addr()).unwrap_or_default();
-    text.push_str(
-        &opts
-            .databases
-            .replace("{PRIMARY}", &topo.primary.addr())
-            .replace("{REPLICA}", &replica),
-    );
+    text.push_str(&opts.databases.replace("{PRIMARY}", &topo.primary.addr()).replace("{REPLICA}", &replica));
     text
 }
 
@@ -213,11 +190,8 @@ impl Proxy {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .expect("kill")
-            .success();
+        let ok =
+            Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().expect("kill").success();
         assert!(ok, "kill -{sig} failed");
     }
 
@@ -236,10 +210,7 @@ impl Proxy {
     /// A libpq connection string for this proxy.
     #[must_use]
     pub fn url(&self, user: &str, password: &str, db: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user={user} password={password} dbname={db} connect_timeout=10", self.port)
     }
 
     /// Runs psql against the proxy (as `app` unless the args say otherwise).
@@ -249,17 +220,7 @@ impl Proxy {
 
     pub fn psql_as(&self, user: &str, password: &str, db: &str, args: &[&str]) -> Output {
         pg_tool("psql")
-            .args([
-                "-X",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                user,
-                "-d",
-                db,
-            ])
+            .args(["-X", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", user, "-d", db])
             .args(args)
             .env("PGPASSWORD", password)
             .env("PGCONNECT_TIMEOUT", "10")
@@ -271,14 +232,7 @@ impl Proxy {
     /// Runs pgbench against the proxy as `app`.
     pub fn pgbench(&self, db: &str, args: &[&str]) -> Output {
         pg_tool("pgbench")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                APP_USER,
-            ])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", APP_USER])
             .args(args)
             .arg(db)
             .env("PGPASSWORD", APP_PASSWORD)
@@ -318,11 +272,7 @@ fn spawn_proxy(config: &Path, log: &Path) -> Child {
 
 /// A PostgreSQL client program from the server's bindir (falls back to PATH).
 pub fn pg_tool(name: &str) -> Command {
-    let path = pg_bindir()
-        .map(|d| d.join(name))
-        .ok()
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(name));
+    let path = pg_bindir().map(|d| d.join(name)).ok().filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from(name));
     Command::new(path)
 }
 
@@ -333,13 +283,7 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .expect("read /proc status");
     text.lines()
         .find_map(|l| {
-            l.strip_prefix(field).and_then(|rest| {
-                rest.trim_start_matches(':')
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            l.strip_prefix(field).and_then(|rest| rest.trim_start_matches(':').split_whitespace().next()?.parse().ok())
         })
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
@@ -379,11 +323,7 @@ pub fn assert_ok(out: &Output, what: &str) {
 
 /// A multi-threaded runtime for tests that drive async clients.
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
 /// Connects with tokio-postgres and drives the connection on the current runtime.

@@ -59,6 +59,8 @@ pub struct ServerConn {
     pub last_used: Instant,
     /// Session-level settings in effect beyond the connection's defaults (source "session").
     pub settings: Settings,
+    /// The proxy-wide prepared statements this connection has (transaction pooling).
+    pub statements: super::statements::ServerStatements,
     /// A request of the proxy's own failed midway (timeout, read error): the answer may still
     /// arrive, so the connection must never be reused.
     pub broken: bool,
@@ -83,18 +85,13 @@ impl ServerConn {
         let stream = TcpStream::connect((spec.addr.host.as_str(), spec.addr.port))
             .await
             .map_err(|e| connect_error(spec, e.to_string()))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| connect_error(spec, e.to_string()))?;
+        stream.set_nodelay(true).map_err(|e| connect_error(spec, e.to_string()))?;
         let now = Instant::now();
         let mut conn = Self {
             stream,
             rbuf: BytesMut::with_capacity(8192),
             addr: spec.addr.clone(),
-            backend_key: CancelKey {
-                pid: 0,
-                secret: Vec::new(),
-            },
+            backend_key: CancelKey { pid: 0, secret: Vec::new() },
             params: Vec::new(),
             status: TxStatus::Idle,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -102,6 +99,7 @@ impl ServerConn {
             last_used: now,
             broken: false,
             settings: Settings::new(),
+            statements: super::statements::ServerStatements::default(),
         };
         let mut out = BytesMut::new();
         let params = [
@@ -109,11 +107,8 @@ impl ServerConn {
             ("database", spec.database.as_str()),
             ("application_name", spec.application_name),
         ];
-        frontend::startup_message(params.iter().copied(), &mut out)
-            .map_err(|e| connect_error(spec, e.to_string()))?;
-        conn.send(&out)
-            .await
-            .map_err(|e| connect_error(spec, e.to_string()))?;
+        frontend::startup_message(params.iter().copied(), &mut out).map_err(|e| connect_error(spec, e.to_string()))?;
+        conn.send(&out).await.map_err(|e| connect_error(spec, e.to_string()))?;
         conn.authenticate(spec).await?;
         conn.await_ready(spec).await?;
         Ok(conn)
@@ -124,10 +119,7 @@ impl ServerConn {
             spec.password.as_deref().ok_or_else(|| {
                 connect_error(
                     spec,
-                    format!(
-                        "the server asks for a password and none is configured for user \"{}\"",
-                        spec.user
-                    ),
+                    format!("the server asks for a password and none is configured for user \"{}\"", spec.user),
                 )
             })
         };
@@ -137,8 +129,7 @@ impl ServerConn {
             match self.read_control(spec).await? {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password()?.as_bytes(), &mut out)
-                        .map_err(io_to(spec))?;
+                    frontend::password_message(password()?.as_bytes(), &mut out).map_err(io_to(spec))?;
                 }
                 Message::AuthenticationMd5Password(body) => {
                     let hash = postgres_protocol::authentication::md5_hash(
@@ -151,8 +142,8 @@ impl ServerConn {
                 Message::AuthenticationSasl(body) => {
                     let mut mechanisms = body.mechanisms();
                     let mut offered = false;
-                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)
-                        .map_err(io_to(spec))?
+                    while let Some(m) =
+                        fallible_iterator::FallibleIterator::next(&mut mechanisms).map_err(io_to(spec))?
                     {
                         offered |= m == sasl::SCRAM_SHA_256;
                     }
@@ -162,32 +153,22 @@ impl ServerConn {
                             "the server offers no SASL mechanism pgrouter supports".into(),
                         ));
                     }
-                    let client =
-                        ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        client.message(),
-                        &mut out,
-                    )
-                    .map_err(io_to(spec))?;
+                    let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, client.message(), &mut out)
+                        .map_err(io_to(spec))?;
                     scram = Some(client);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let client = scram
-                        .as_mut()
-                        .ok_or_else(|| protocol_error(spec, "SASL continue without SASL start"))?;
-                    client
-                        .update(body.data())
-                        .map_err(|e| connect_error(spec, format!("SCRAM: {e}")))?;
+                    let client =
+                        scram.as_mut().ok_or_else(|| protocol_error(spec, "SASL continue without SASL start"))?;
+                    client.update(body.data()).map_err(|e| connect_error(spec, format!("SCRAM: {e}")))?;
                     frontend::sasl_response(client.message(), &mut out).map_err(io_to(spec))?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let client = scram
-                        .as_mut()
-                        .ok_or_else(|| protocol_error(spec, "SASL final without SASL start"))?;
-                    client.finish(body.data()).map_err(|e| {
-                        connect_error(spec, format!("SCRAM: server signature: {e}"))
-                    })?;
+                    let client = scram.as_mut().ok_or_else(|| protocol_error(spec, "SASL final without SASL start"))?;
+                    client
+                        .finish(body.data())
+                        .map_err(|e| connect_error(spec, format!("SCRAM: server signature: {e}")))?;
                     continue;
                 }
                 _ => return Err(protocol_error(spec, "unsupported authentication request")),
@@ -206,10 +187,8 @@ impl ServerConn {
                     self.set_param(name, value);
                 }
                 Message::BackendKeyData(body) => {
-                    self.backend_key = CancelKey {
-                        pid: body.process_id(),
-                        secret: body.secret_key().to_be_bytes().to_vec(),
-                    };
+                    self.backend_key =
+                        CancelKey { pid: body.process_id(), secret: body.secret_key().to_be_bytes().to_vec() };
                 }
                 Message::ReadyForQuery(_) => return Ok(()),
                 Message::NoticeResponse(_) => {}
@@ -221,16 +200,10 @@ impl ServerConn {
     /// Reads one message during connect; an ErrorResponse becomes a connect error carrying the
     /// server's own message (e.g. "password authentication failed for user ...").
     async fn read_control(&mut self, spec: &ConnectSpec) -> Result<Message, Error> {
-        let frame = self
-            .read_frame()
-            .await
-            .map_err(|e| connect_error(spec, e))?;
+        let frame = self.read_frame().await.map_err(|e| connect_error(spec, e))?;
         if frame.tag() == b'E' {
             let f = parse_error_fields(frame.body());
-            return Err(connect_error(
-                spec,
-                format!("{} {}: {}", f.severity, f.code, f.message),
-            ));
+            return Err(connect_error(spec, format!("{} {}: {}", f.severity, f.code, f.message)));
         }
         let mut bytes = BytesMut::from(frame.as_bytes());
         match Message::parse(&mut bytes) {
@@ -242,9 +215,7 @@ impl ServerConn {
     /// Reads one whole (small) message, for control exchanges outside the relay.
     pub(crate) async fn read_frame(&mut self) -> Result<Frame, String> {
         loop {
-            if let Some(frame) =
-                framing::decode(&mut self.rbuf, CONTROL_MESSAGE_MAX).map_err(|e| e.to_string())?
-            {
+            if let Some(frame) = framing::decode(&mut self.rbuf, CONTROL_MESSAGE_MAX).map_err(|e| e.to_string())? {
                 return Ok(frame);
             }
             match self.stream.read_buf(&mut self.rbuf).await {
@@ -275,26 +246,16 @@ impl ServerConn {
 
     /// Runs a query and returns its rows as text (NULL as `None`), for the proxy's own
     /// questions (health, WAL position, function volatility). Fails on an ErrorResponse.
-    pub async fn query_rows(
-        &mut self,
-        sql: &str,
-        limit: Duration,
-    ) -> Result<Vec<Vec<Option<String>>>, String> {
+    pub async fn query_rows(&mut self, sql: &str, limit: Duration) -> Result<Vec<Vec<Option<String>>>, String> {
         self.exchange(sql, limit).await
     }
 
     /// Sends one Query and reads everything up to its ReadyForQuery. If that cannot be done
     /// (timeout, I/O error, garbage) the connection is marked broken: an answer may still be
     /// on its way, so it must not be lent to anyone.
-    async fn exchange(
-        &mut self,
-        sql: &str,
-        limit: Duration,
-    ) -> Result<Vec<Vec<Option<String>>>, String> {
+    async fn exchange(&mut self, sql: &str, limit: Duration) -> Result<Vec<Vec<Option<String>>>, String> {
         let work = async {
-            self.send(&messages::query(sql))
-                .await
-                .map_err(|e| e.to_string())?;
+            self.send(&messages::query(sql)).await.map_err(|e| e.to_string())?;
             let mut rows = Vec::new();
             let mut error = None;
             loop {
@@ -309,11 +270,7 @@ impl ServerConn {
                         }
                     }
                     b'Z' => {
-                        self.status = body
-                            .first()
-                            .copied()
-                            .and_then(TxStatus::from_byte)
-                            .ok_or("bad ReadyForQuery")?;
+                        self.status = body.first().copied().and_then(TxStatus::from_byte).ok_or("bad ReadyForQuery")?;
                         // a clean answer: the server reported the error, the connection is fine
                         return Ok(error.map_or(Ok(rows), Err));
                     }
@@ -350,19 +307,11 @@ impl ServerConn {
 
 /// Asks `addr` to cancel whatever the backend with `key` is running (a new connection carrying
 /// a CancelRequest; the server answers nothing and closes).
-pub async fn send_cancel(
-    addr: &ServerAddr,
-    key: &CancelKey,
-    limit: Duration,
-) -> std::io::Result<()> {
+pub async fn send_cancel(addr: &ServerAddr, key: &CancelKey, limit: Duration) -> std::io::Result<()> {
     let work = async {
         let mut stream = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
         let mut buf = BytesMut::with_capacity(16 + key.secret.len());
-        buf.extend_from_slice(
-            &u32::try_from(12 + key.secret.len())
-                .unwrap_or(16)
-                .to_be_bytes(),
-        );
+        buf.extend_from_slice(&u32::try_from(12 + key.secret.len()).unwrap_or(16).to_be_bytes());
         buf.extend_from_slice(&80_877_102u32.to_be_bytes());
         buf.extend_from_slice(&key.pid.to_be_bytes());
         buf.extend_from_slice(&key.secret);
@@ -371,23 +320,15 @@ pub async fn send_cancel(
         let _ = stream.read(&mut sink).await;
         Ok(())
     };
-    tokio::time::timeout(limit, work)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 fn connect_error(spec: &ConnectSpec, reason: String) -> Error {
-    Error::Connect {
-        server: spec.addr.to_string(),
-        reason,
-    }
+    Error::Connect { server: spec.addr.to_string(), reason }
 }
 
 fn protocol_error(spec: &ConnectSpec, what: &str) -> Error {
-    Error::ServerProtocol {
-        server: spec.addr.to_string(),
-        what: what.to_owned(),
-    }
+    Error::ServerProtocol { server: spec.addr.to_string(), what: what.to_owned() }
 }
 
 fn io_to(spec: &ConnectSpec) -> impl Fn(std::io::Error) -> Error + '_ {

@@ -105,18 +105,12 @@ impl ServerHealth {
 
     /// Bans the server for `ban_time` unless it is banned already; logs the reason once.
     pub fn ban(&self, ban_time: Duration, reason: &str) {
-        let until = self
-            .now_ms()
-            .saturating_add(u64::try_from(ban_time.as_millis()).unwrap_or(u64::MAX));
+        let until = self.now_ms().saturating_add(u64::try_from(ban_time.as_millis()).unwrap_or(u64::MAX));
         let previous = self.banned_until_ms.load(Ordering::Acquire);
         if self.now_ms() < previous {
             return;
         }
-        if self
-            .banned_until_ms
-            .compare_exchange(previous, until, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if self.banned_until_ms.compare_exchange(previous, until, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.usable.store(false, Ordering::Release);
             tracing::warn!(database = %self.database, shard = %self.shard, role = self.role.as_str(), server = %self.addr,
                 reason, ban_time = ?ban_time, "server banned");
@@ -133,10 +127,7 @@ impl ServerHealth {
     #[cfg(test)]
     pub(crate) fn set_observed(&self, lsn: Lsn, lag: Duration) {
         self.lsn.store(lsn, Ordering::Release);
-        self.lag_ms.store(
-            u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
-            Ordering::Release,
-        );
+        self.lag_ms.store(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX), Ordering::Release);
         self.ok.store(true, Ordering::Release);
         self.checked.store(true, Ordering::Release);
     }
@@ -149,11 +140,7 @@ impl ServerHealth {
         }
         if self.is_banned() || !self.ok.load(Ordering::Acquire) {
             let error = self.last_error.lock().expect("health lock").clone();
-            return format!(
-                "{} banned ({})",
-                self.addr,
-                if error.is_empty() { "lagging" } else { &error }
-            );
+            return format!("{} banned ({})", self.addr, if error.is_empty() { "lagging" } else { &error });
         }
         format!("{} lag {:?}", self.addr, self.lag())
     }
@@ -181,18 +168,9 @@ const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) ELSE 0 END";
 
 /// Checks one shard's servers every interval until `shutdown`.
-pub async fn run_checks(
-    shard: Arc<ShardHealth>,
-    settings: CheckSettings,
-    shutdown: CancellationToken,
-) {
-    let mut conns: Vec<Option<ServerConn>> = std::iter::repeat_with(|| None)
-        .take(1 + shard.replicas.len())
-        .collect();
-    let servers: Vec<Arc<ServerHealth>> = std::iter::once(&shard.primary)
-        .chain(&shard.replicas)
-        .cloned()
-        .collect();
+pub async fn run_checks(shard: Arc<ShardHealth>, settings: CheckSettings, shutdown: CancellationToken) {
+    let mut conns: Vec<Option<ServerConn>> = std::iter::repeat_with(|| None).take(1 + shard.replicas.len()).collect();
+    let servers: Vec<Arc<ServerHealth>> = std::iter::once(&shard.primary).chain(&shard.replicas).cloned().collect();
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut previous_primary_lsn: Lsn = 0;
@@ -201,10 +179,8 @@ pub async fn run_checks(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let checks = servers
-            .iter()
-            .zip(conns.iter_mut())
-            .map(|(server, conn)| check_one(&shard.spec, server, conn, settings));
+        let checks =
+            servers.iter().zip(conns.iter_mut()).map(|(server, conn)| check_one(&shard.spec, server, conn, settings));
         let results = futures_util::future::join_all(checks).await;
         let primary_lsn = results[0].as_ref().map_or(previous_primary_lsn, |r| r.lsn);
         if previous_primary_lsn == 0 {
@@ -232,15 +208,8 @@ async fn check_one(
     settings: CheckSettings,
 ) -> Result<Observation, String> {
     if conn.is_none() {
-        let spec = ConnectSpec {
-            addr: server.addr.clone(),
-            ..spec.clone()
-        };
-        *conn = Some(
-            ServerConn::connect(&spec)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+        let spec = ConnectSpec { addr: server.addr.clone(), ..spec.clone() };
+        *conn = Some(ServerConn::connect(&spec).await.map_err(|e| e.to_string())?);
     }
     let c = conn.as_mut().expect("connected above");
     let limit = settings.interval.max(Duration::from_secs(1));
@@ -251,9 +220,7 @@ async fn check_one(
             in_recovery: text(0).as_deref() == Some("t"),
             lsn: text(1).as_deref().and_then(parse_lsn).unwrap_or(0),
             // NULL while the replica has not replayed any transaction yet
-            replay_age: text(2)
-                .and_then(|s| s.parse::<f64>().ok())
-                .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+            replay_age: text(2).and_then(|s| s.parse::<f64>().ok()).map(|secs| Duration::from_secs_f64(secs.max(0.0))),
         })
     });
     if result.is_err() {
@@ -263,12 +230,7 @@ async fn check_one(
 }
 
 /// Applies one observation: records it, bans on failure or lag, logs returns to rotation.
-fn judge(
-    server: &ServerHealth,
-    result: Result<Observation, String>,
-    primary_lsn: Lsn,
-    settings: CheckSettings,
-) {
+fn judge(server: &ServerHealth, result: Result<Observation, String>, primary_lsn: Lsn, settings: CheckSettings) {
     let obs = match result {
         Ok(obs) => obs,
         Err(error) => {
@@ -282,15 +244,8 @@ fn judge(
     // Caught up with where the primary was one check ago: no lag worth the name. Otherwise
     // the lag is the age of the last transaction the replica replayed; behind with nothing
     // replayed yet, it is unknown, which counts as too much.
-    let lag = if obs.lsn >= primary_lsn {
-        Duration::ZERO
-    } else {
-        obs.replay_age.unwrap_or(Duration::MAX)
-    };
-    server.lag_ms.store(
-        u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
-        Ordering::Release,
-    );
+    let lag = if obs.lsn >= primary_lsn { Duration::ZERO } else { obs.replay_age.unwrap_or(Duration::MAX) };
+    server.lag_ms.store(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX), Ordering::Release);
     server.ok.store(true, Ordering::Release);
     server.checked.store(true, Ordering::Release);
     server.last_error.lock().expect("health lock").clear();
@@ -302,18 +257,12 @@ fn judge(
         }
         Role::Replica => {
             if !obs.in_recovery {
-                server.ban(
-                    settings.ban_time,
-                    "configured as a replica but not in recovery",
-                );
+                server.ban(settings.ban_time, "configured as a replica but not in recovery");
             } else if lag > settings.max_lag {
                 let reason = if lag == Duration::MAX {
                     "behind the primary, replication lag unknown".to_owned()
                 } else {
-                    format!(
-                        "replication lag {lag:.1?} exceeds max_replica_lag {:?}",
-                        settings.max_lag
-                    )
+                    format!("replication lag {lag:.1?} exceeds max_replica_lag {:?}", settings.max_lag)
                 };
                 (*server.last_error.lock().expect("health lock")).clone_from(&reason);
                 server.ban(settings.ban_time, &reason);
@@ -338,15 +287,7 @@ mod tests {
     }
 
     fn replica() -> Arc<ServerHealth> {
-        ServerHealth::new(
-            "app",
-            ShardId(0),
-            Role::Replica,
-            ServerAddr {
-                host: "h".into(),
-                port: 1,
-            },
-        )
+        ServerHealth::new("app", ShardId(0), Role::Replica, ServerAddr { host: "h".into(), port: 1 })
     }
 
     const SETTINGS: CheckSettings = CheckSettings {
@@ -365,101 +306,40 @@ mod tests {
         let r = replica();
         judge(
             &r,
-            Ok(Observation {
-                in_recovery: true,
-                lsn: 100,
-                replay_age: Some(Duration::from_secs(30)),
-            }),
+            Ok(Observation { in_recovery: true, lsn: 100, replay_age: Some(Duration::from_secs(30)) }),
             100,
             SETTINGS,
         );
-        assert!(
-            r.usable_replica(SETTINGS.max_lag),
-            "caught up with the primary: no lag"
-        );
+        assert!(r.usable_replica(SETTINGS.max_lag), "caught up with the primary: no lag");
         judge(
             &r,
-            Ok(Observation {
-                in_recovery: true,
-                lsn: 100,
-                replay_age: Some(Duration::from_secs(3)),
-            }),
+            Ok(Observation { in_recovery: true, lsn: 100, replay_age: Some(Duration::from_secs(3)) }),
             200,
             SETTINGS,
         );
-        assert!(
-            !r.usable_replica(SETTINGS.max_lag) && r.is_banned(),
-            "3s behind: banned"
-        );
+        assert!(!r.usable_replica(SETTINGS.max_lag) && r.is_banned(), "3s behind: banned");
         let r = replica();
         judge(&r, Err("connection refused".into()), 0, SETTINGS);
-        assert!(
-            r.is_banned() && r.describe().contains("connection refused"),
-            "{}",
-            r.describe()
-        );
+        assert!(r.is_banned() && r.describe().contains("connection refused"), "{}", r.describe());
         let r = replica();
-        judge(
-            &r,
-            Ok(Observation {
-                in_recovery: false,
-                lsn: 1,
-                replay_age: Some(Duration::ZERO),
-            }),
-            0,
-            SETTINGS,
-        );
+        judge(&r, Ok(Observation { in_recovery: false, lsn: 1, replay_age: Some(Duration::ZERO) }), 0, SETTINGS);
         assert!(r.is_banned(), "a promoted replica is not a replica");
     }
 
     #[test]
     fn unknown_lag_keeps_a_replica_out() {
         let r = replica();
-        judge(
-            &r,
-            Ok(Observation {
-                in_recovery: true,
-                lsn: 10,
-                replay_age: None,
-            }),
-            100,
-            SETTINGS,
-        );
-        assert!(
-            !r.usable_replica(SETTINGS.max_lag) && r.describe().contains("unknown"),
-            "{}",
-            r.describe()
-        );
+        judge(&r, Ok(Observation { in_recovery: true, lsn: 10, replay_age: None }), 100, SETTINGS);
+        assert!(!r.usable_replica(SETTINGS.max_lag) && r.describe().contains("unknown"), "{}", r.describe());
         let r = replica();
-        judge(
-            &r,
-            Ok(Observation {
-                in_recovery: true,
-                lsn: 100,
-                replay_age: None,
-            }),
-            100,
-            SETTINGS,
-        );
-        assert!(
-            r.usable_replica(SETTINGS.max_lag),
-            "caught up, nothing to replay"
-        );
+        judge(&r, Ok(Observation { in_recovery: true, lsn: 100, replay_age: None }), 100, SETTINGS);
+        assert!(r.usable_replica(SETTINGS.max_lag), "caught up, nothing to replay");
     }
 
     #[test]
     fn bans_expire() {
         let r = replica();
-        judge(
-            &r,
-            Ok(Observation {
-                in_recovery: true,
-                lsn: 1,
-                replay_age: Some(Duration::ZERO),
-            }),
-            0,
-            SETTINGS,
-        );
+        judge(&r, Ok(Observation { in_recovery: true, lsn: 1, replay_age: Some(Duration::ZERO) }), 0, SETTINGS);
         r.ban(Duration::from_millis(30), "test");
         assert!(!r.usable_replica(SETTINGS.max_lag));
         std::thread::sleep(Duration::from_millis(40));

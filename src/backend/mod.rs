@@ -8,6 +8,7 @@
 pub mod conn;
 pub mod health;
 pub mod pool;
+pub mod statements;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,18 +41,12 @@ pub struct ReadNeeds {
 impl ShardPools {
     /// Picks a server for `target`. `None` when a replica is required and none qualifies.
     #[must_use]
-    pub fn pick(
-        &self,
-        target: Target,
-        needs: ReadNeeds,
-        balance: LoadBalance,
-    ) -> Option<&Arc<Pool>> {
+    pub fn pick(&self, target: Target, needs: ReadNeeds, balance: LoadBalance) -> Option<&Arc<Pool>> {
         if target == Target::Primary {
             return Some(&self.primary);
         }
         let usable = |p: &&Arc<Pool>| {
-            p.health.usable_replica(needs.max_lag)
-                && needs.min_lsn.is_none_or(|lsn| p.health.lsn() >= lsn)
+            p.health.usable_replica(needs.max_lag) && needs.min_lsn.is_none_or(|lsn| p.health.lsn() >= lsn)
         };
         let mut candidates: Vec<&Arc<Pool>> = self.replicas.iter().filter(usable).collect();
         if target == Target::Any {
@@ -65,13 +60,9 @@ impl ShardPools {
                 // ties go round-robin, so an idle system still spreads its reads
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 let n = candidates.len();
-                (0..n)
-                    .map(|i| candidates[(start + i) % n])
-                    .min_by_key(|p| p.busy())
+                (0..n).map(|i| candidates[(start + i) % n]).min_by_key(|p| p.busy())
             }
-            LoadBalance::RoundRobin => {
-                Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()])
-            }
+            LoadBalance::RoundRobin => Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]),
             LoadBalance::Random => Some(candidates[rand::random_range(0..candidates.len())]),
         }
     }
@@ -82,11 +73,7 @@ impl ShardPools {
         if self.replicas.is_empty() {
             return "no replicas configured".into();
         }
-        self.replicas
-            .iter()
-            .map(|p| p.health.describe())
-            .collect::<Vec<_>>()
-            .join("; ")
+        self.replicas.iter().map(|p| p.health.describe()).collect::<Vec<_>>().join("; ")
     }
 }
 
@@ -112,9 +99,7 @@ impl ClusterPools {
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.shards
-            .iter()
-            .flat_map(|s| std::iter::once(&s.primary).chain(&s.replicas))
+        self.shards.iter().flat_map(|s| std::iter::once(&s.primary).chain(&s.replicas))
     }
 }
 
@@ -145,17 +130,7 @@ impl Pools {
                     .enumerate()
                     .map(|(i, (shard, h))| {
                         let pool = |role, addr: &ServerAddr, health: &Arc<ServerHealth>| {
-                            new_pool(
-                                config,
-                                db,
-                                user,
-                                Route {
-                                    shard: ShardId(i),
-                                    role,
-                                },
-                                addr,
-                                Arc::clone(health),
-                            )
+                            new_pool(config, db, user, Route { shard: ShardId(i), role }, addr, Arc::clone(health))
                         };
                         ShardPools {
                             primary: pool(Role::Primary, &shard.primary, &h.primary),
@@ -169,17 +144,11 @@ impl Pools {
                         }
                     })
                     .collect();
-                by_login.insert(
-                    (db.name.clone(), user.name.clone()),
-                    Arc::new(ClusterPools { shards }),
-                );
+                by_login.insert((db.name.clone(), user.name.clone()), Arc::new(ClusterPools { shards }));
             }
             all_health.extend(health);
         }
-        Self {
-            by_login,
-            health: all_health,
-        }
+        Self { by_login, health: all_health }
     }
 
     #[must_use]
@@ -203,23 +172,12 @@ fn shard_health(
     let checker = config.users.first().expect("validated: at least one user");
     Arc::new(ShardHealth {
         primary: ServerHealth::new(&db.name, shard, Role::Primary, primary.clone()),
-        replicas: replicas
-            .iter()
-            .map(|r| ServerHealth::new(&db.name, shard, Role::Replica, r.clone()))
-            .collect(),
-        spec: ConnectSpec {
-            application_name: "pgrouter health check",
-            ..connect_spec(config, db, checker, primary)
-        },
+        replicas: replicas.iter().map(|r| ServerHealth::new(&db.name, shard, Role::Replica, r.clone())).collect(),
+        spec: ConnectSpec { application_name: "pgrouter health check", ..connect_spec(config, db, checker, primary) },
     })
 }
 
-fn connect_spec(
-    config: &Config,
-    db: &DatabaseConfig,
-    user: &UserConfig,
-    addr: &ServerAddr,
-) -> ConnectSpec {
+fn connect_spec(config: &Config, db: &DatabaseConfig, user: &UserConfig, addr: &ServerAddr) -> ConnectSpec {
     ConnectSpec {
         addr: addr.clone(),
         user: user.server_user.clone(),
@@ -261,17 +219,8 @@ mod tests {
     use super::*;
 
     fn pool(port: u16, role: Role) -> Arc<Pool> {
-        let addr = ServerAddr {
-            host: "127.0.0.1".into(),
-            port,
-        };
-        let key = PoolKey {
-            database: "d".into(),
-            user: "u".into(),
-            shard: ShardId(0),
-            role,
-            server: addr.clone(),
-        };
+        let addr = ServerAddr { host: "127.0.0.1".into(), port };
+        let key = PoolKey { database: "d".into(), user: "u".into(), shard: ShardId(0), role, server: addr.clone() };
         let spec = ConnectSpec {
             addr: addr.clone(),
             user: "u".into(),
@@ -287,12 +236,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             lifetime: Duration::from_secs(1),
         };
-        Pool::new(
-            key,
-            spec,
-            settings,
-            ServerHealth::new("d", ShardId(0), role, addr),
-        )
+        Pool::new(key, spec, settings, ServerHealth::new("d", ShardId(0), role, addr))
     }
 
     fn shard() -> ShardPools {
@@ -303,10 +247,7 @@ mod tests {
         }
     }
 
-    const NEEDS: ReadNeeds = ReadNeeds {
-        max_lag: Duration::from_secs(1),
-        min_lsn: None,
-    };
+    const NEEDS: ReadNeeds = ReadNeeds { max_lag: Duration::from_secs(1), min_lsn: None };
 
     fn port(p: Option<&Arc<Pool>>) -> Option<u16> {
         p.map(|p| p.key.server.port)
@@ -321,9 +262,7 @@ mod tests {
             "unchecked replicas are not used"
         );
         s.replicas[0].health.set_observed(100, Duration::ZERO);
-        s.replicas[1]
-            .health
-            .set_observed(50, Duration::from_secs(3));
+        s.replicas[1].health.set_observed(50, Duration::from_secs(3));
         for _ in 0..4 {
             assert_eq!(
                 port(s.pick(Target::Replica, NEEDS, LoadBalance::RoundRobin)),
@@ -331,23 +270,10 @@ mod tests {
                 "the lagging one is skipped"
             );
         }
-        let needs = ReadNeeds {
-            min_lsn: Some(101),
-            ..NEEDS
-        };
-        assert_eq!(
-            port(s.pick(Target::Replica, needs, LoadBalance::RoundRobin)),
-            None,
-            "none has replayed LSN 101"
-        );
-        assert_eq!(
-            port(s.pick(Target::Primary, needs, LoadBalance::RoundRobin)),
-            Some(1)
-        );
-        assert_eq!(
-            port(s.pick(Target::Any, needs, LoadBalance::RoundRobin)),
-            Some(1)
-        );
+        let needs = ReadNeeds { min_lsn: Some(101), ..NEEDS };
+        assert_eq!(port(s.pick(Target::Replica, needs, LoadBalance::RoundRobin)), None, "none has replayed LSN 101");
+        assert_eq!(port(s.pick(Target::Primary, needs, LoadBalance::RoundRobin)), Some(1));
+        assert_eq!(port(s.pick(Target::Any, needs, LoadBalance::RoundRobin)), Some(1));
     }
 
     #[test]
@@ -355,16 +281,12 @@ mod tests {
         let s = shard();
         s.replicas[0].health.set_observed(1, Duration::ZERO);
         s.replicas[1].health.set_observed(1, Duration::ZERO);
-        let picks: Vec<_> = (0..4)
-            .map(|_| port(s.pick(Target::Replica, NEEDS, LoadBalance::RoundRobin)).unwrap())
-            .collect();
+        let picks: Vec<_> =
+            (0..4).map(|_| port(s.pick(Target::Replica, NEEDS, LoadBalance::RoundRobin)).unwrap()).collect();
         assert_eq!(picks, [2, 3, 2, 3]);
         s.replicas[0].stats.in_use.store(5, Ordering::Relaxed);
         for _ in 0..4 {
-            assert_eq!(
-                port(s.pick(Target::Replica, NEEDS, LoadBalance::LeastBusy)),
-                Some(3)
-            );
+            assert_eq!(port(s.pick(Target::Replica, NEEDS, LoadBalance::LeastBusy)), Some(3));
         }
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {

@@ -79,12 +79,7 @@ pub struct Pool {
 
 impl Pool {
     #[must_use]
-    pub fn new(
-        key: PoolKey,
-        spec: ConnectSpec,
-        settings: PoolSettings,
-        health: Arc<ServerHealth>,
-    ) -> Arc<Self> {
+    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings, health: Arc<ServerHealth>) -> Arc<Self> {
         Arc::new(Self {
             health,
             permits: Arc::new(Semaphore::new(settings.size)),
@@ -104,21 +99,13 @@ impl Pool {
         let started = Instant::now();
         let permit = {
             let _waiting = Gauge::enter(&self.stats.waiting);
-            match tokio::time::timeout(
-                self.settings.wait_timeout,
-                self.permits.clone().acquire_owned(),
-            )
-            .await
-            {
+            match tokio::time::timeout(self.settings.wait_timeout, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
                 Ok(Err(_)) => return Err(Error::Internal("pool semaphore closed".into())),
                 Err(_) => {
                     self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
-                    return Err(Error::PoolTimeout {
-                        pool: self.key.to_string(),
-                        waited: started.elapsed(),
-                    });
+                    return Err(Error::PoolTimeout { pool: self.key.to_string(), waited: started.elapsed() });
                 }
             }
         };
@@ -127,11 +114,7 @@ impl Pool {
             None => self.open().await?,
         };
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        Ok(Checkout {
-            conn: Some(conn),
-            pool: Arc::clone(self),
-            _permit: permit,
-        })
+        Ok(Checkout { conn: Some(conn), pool: Arc::clone(self), _permit: permit })
     }
 
     /// Pops idle connections until one is fit to use; the unfit are closed.
@@ -222,9 +205,7 @@ impl Pool {
             let mut idle = self.idle.lock().expect("pool lock");
             let mut expired = Vec::new();
             for conn in std::mem::take(&mut *idle) {
-                if self.fit(&conn, now)
-                    && now.duration_since(conn.last_used) < self.settings.idle_timeout
-                {
+                if self.fit(&conn, now) && now.duration_since(conn.last_used) < self.settings.idle_timeout {
                     idle.push_back(conn);
                 } else {
                     expired.push(conn);
@@ -259,16 +240,12 @@ pub struct Checkout {
 
 impl Checkout {
     pub fn conn(&mut self) -> &mut ServerConn {
-        self.conn
-            .as_mut()
-            .expect("connection present until release")
+        self.conn.as_mut().expect("connection present until release")
     }
 
     #[must_use]
     pub fn conn_ref(&self) -> &ServerConn {
-        self.conn
-            .as_ref()
-            .expect("connection present until release")
+        self.conn.as_ref().expect("connection present until release")
     }
 
     #[must_use]

@@ -89,11 +89,7 @@ pub struct UserSpec {
 
 impl UserSpec {
     pub fn new(name: &str, password: &str, auth: AuthMethod) -> UserSpec {
-        UserSpec {
-            name: name.to_owned(),
-            password: password.to_owned(),
-            auth,
-        }
+        UserSpec { name: name.to_owned(), password: password.to_owned(), auth }
     }
 }
 
@@ -149,13 +145,7 @@ impl Topology {
                     elapsed_ms = began.elapsed().as_millis(),
                     "postgres topology ready"
                 );
-                Ok(Topology {
-                    primary,
-                    replica,
-                    shards,
-                    base,
-                    stopped: false,
-                })
+                Ok(Topology { primary, replica, shards, base, stopped: false })
             }
             Err(err) => {
                 base.remove();
@@ -166,9 +156,7 @@ impl Topology {
 
     /// Primary, then replica, then shards.
     pub fn servers(&self) -> impl Iterator<Item = &Server> {
-        std::iter::once(&self.primary)
-            .chain(self.replica.iter())
-            .chain(self.shards.iter())
+        std::iter::once(&self.primary).chain(self.replica.iter()).chain(self.shards.iter())
     }
 
     /// The folder holding every cluster's directory.
@@ -191,10 +179,7 @@ impl Topology {
             }
         });
         self.base.remove();
-        tracing::info!(
-            elapsed_ms = began.elapsed().as_millis(),
-            "postgres topology stopped"
-        );
+        tracing::info!(elapsed_ms = began.elapsed().as_millis(), "postgres topology stopped");
     }
 }
 
@@ -208,11 +193,7 @@ type Started = (Server, Option<Server>, Vec<Server>);
 
 /// Starts the shards on their own threads while the primary and then its replica start here:
 /// initdb-free clusters are cheap, so the wall time is mostly server start-up, which overlaps.
-fn launch(
-    bin: &Arc<PgBin>,
-    base: &BaseDir,
-    opts: &TopologyOptions,
-) -> Result<Started, ClusterError> {
+fn launch(bin: &Arc<PgBin>, base: &BaseDir, opts: &TopologyOptions) -> Result<Started, ClusterError> {
     let blueprint = Blueprint::new(bin, base.path(), opts)?;
     let blueprint = &blueprint;
     thread::scope(|scope| {
@@ -226,10 +207,7 @@ fn launch(
         };
         let shards: Vec<_> = shard_threads
             .into_iter()
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
+            .map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
             .collect();
         assemble(primary, replica, shards)
     })
@@ -269,11 +247,7 @@ pub fn pg_bindir() -> Result<PathBuf, ClusterError> {
     let has_initdb = |dir: &PathBuf| dir.join("initdb").is_file();
     if let Some(dir) = std::env::var_os(BINDIR_ENV) {
         let dir = PathBuf::from(dir);
-        return if has_initdb(&dir) {
-            Ok(dir)
-        } else {
-            Err(ClusterError::NoBindir)
-        };
+        return if has_initdb(&dir) { Ok(dir) } else { Err(ClusterError::NoBindir) };
     }
     let from_pg_config = Command::new("pg_config")
         .arg("--bindir")
@@ -295,10 +269,7 @@ pub fn pg_bindir() -> Result<PathBuf, ClusterError> {
         .filter(|(_, dir)| has_initdb(dir))
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, dir)| dir)
-        .ok_or(ClusterError::NoBindir)
+    versions.pop().map(|(_, dir)| dir).ok_or(ClusterError::NoBindir)
 }
 
 /// A port that was free a moment ago on 127.0.0.1. Another process may take it before the
@@ -322,20 +293,11 @@ pub enum ClusterError {
     /// A file-system step failed.
     Io { context: String, source: io::Error },
     /// A program exited unsuccessfully (or could not be run).
-    Command {
-        command: String,
-        status: String,
-        stderr: String,
-    },
+    Command { command: String, status: String, stderr: String },
     /// Waiting for a condition passed its deadline.
     Timeout(String),
     /// A step on one server failed; carries the end of that server's log.
-    Server {
-        name: String,
-        port: u16,
-        log_tail: String,
-        source: Box<ClusterError>,
-    },
+    Server { name: String, port: u16, log_tail: String, source: Box<ClusterError> },
 }
 
 impl ClusterError {
@@ -348,30 +310,21 @@ impl ClusterError {
 impl fmt::Display for ClusterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClusterError::NoBindir => write!(
-                f,
-                "no PostgreSQL server binaries found (set {BINDIR_ENV}, or put pg_config on PATH)"
-            ),
+            ClusterError::NoBindir => {
+                write!(f, "no PostgreSQL server binaries found (set {BINDIR_ENV}, or put pg_config on PATH)")
+            }
             ClusterError::NoServiceUser(user) => {
                 write!(f, "OS user {user:?} not found in /etc/passwd")
             }
             ClusterError::Options(why) => write!(f, "invalid topology options: {why}"),
             ClusterError::Io { context, source } => write!(f, "{context}: {source}"),
-            ClusterError::Command {
-                command,
-                status,
-                stderr,
-            } => write!(f, "{command} failed ({status}): {}", stderr.trim()),
+            ClusterError::Command { command, status, stderr } => {
+                write!(f, "{command} failed ({status}): {}", stderr.trim())
+            }
             ClusterError::Timeout(what) => write!(f, "timed out waiting for {what}"),
-            ClusterError::Server {
-                name,
-                port,
-                log_tail,
-                source,
-            } => write!(
-                f,
-                "{name} (port {port}): {source}\n--- end of {name}'s log ---\n{log_tail}"
-            ),
+            ClusterError::Server { name, port, log_tail, source } => {
+                write!(f, "{name} (port {port}): {source}\n--- end of {name}'s log ---\n{log_tail}")
+            }
         }
     }
 }
@@ -401,18 +354,10 @@ mod tests {
     /// Runs psql over TCP as `user`, the way a real client would log in.
     fn tcp_psql(server: &Server, user: &str, password: &str) -> Result<String, ClusterError> {
         let mut cmd = Command::new(pg_bindir()?.join("psql"));
-        cmd.args([
-            "-X",
-            "-A",
-            "-t",
-            "-h",
-            server.host(),
-            "-p",
-            &server.port.to_string(),
-        ])
-        .args(["-U", user, "-d", "app", "-c", "SELECT current_user"])
-        .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "10");
+        cmd.args(["-X", "-A", "-t", "-h", server.host(), "-p", &server.port.to_string()])
+            .args(["-U", user, "-d", "app", "-c", "SELECT current_user"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10");
         server::run(cmd).map(|out| out.trim().to_owned())
     }
 
@@ -437,10 +382,7 @@ mod tests {
                 let proc_dir = PathBuf::from(format!("/proc/{pid}"));
                 let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
                 let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
-                let zombie = stat
-                    .rsplit(')')
-                    .next()
-                    .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+                let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
                 let named = String::from_utf8_lossy(&cmdline).contains(&needle);
                 !zombie && (pids.contains(pid) || named)
             })
@@ -461,31 +403,18 @@ mod tests {
     fn full_topology_serves_replicates_authenticates_and_cleans_up() {
         let _lock = one_at_a_time();
         let mut opts = TopologyOptions::default();
-        opts.users
-            .push(UserSpec::new("legacy", "old-secret", AuthMethod::Md5));
+        opts.users.push(UserSpec::new("legacy", "old-secret", AuthMethod::Md5));
         let started = Instant::now();
         let topology = Topology::start(opts).expect("topology starts");
         eprintln!("topology start: {:?}", started.elapsed());
         assert_eq!(topology.servers().count(), 4);
 
         let replica = topology.replica.as_ref().expect("a replica");
-        assert_eq!(
-            replica
-                .psql("postgres", "SELECT pg_is_in_recovery()")
-                .unwrap(),
-            "t"
-        );
+        assert_eq!(replica.psql("postgres", "SELECT pg_is_in_recovery()").unwrap(), "t");
         let primary = &topology.primary;
-        primary
-            .psql(
-                "app",
-                "CREATE TABLE seen (x int); INSERT INTO seen VALUES (42);",
-            )
-            .unwrap();
+        primary.psql("app", "CREATE TABLE seen (x int); INSERT INTO seen VALUES (42);").unwrap();
         eventually("the replica to see the table", || {
-            replica
-                .psql("app", "SELECT x FROM seen")
-                .is_ok_and(|x| x == "42")
+            replica.psql("app", "SELECT x FROM seen").is_ok_and(|x| x == "42")
         });
 
         let names: Vec<_> = topology.shards.iter().map(|s| s.name.as_str()).collect();
@@ -494,10 +423,7 @@ mod tests {
             assert_eq!(shard.psql("app", "SELECT 1").unwrap(), "1");
             assert_eq!(shard.psql("app", "SHOW synchronous_commit").unwrap(), "off");
         }
-        assert_eq!(
-            primary.psql("app", "SHOW synchronous_commit").unwrap(),
-            "on"
-        );
+        assert_eq!(primary.psql("app", "SHOW synchronous_commit").unwrap(), "on");
 
         let stored = "SELECT rolname || ':' || CASE WHEN rolpassword LIKE 'md5%' THEN 'md5' \
                       ELSE split_part(rolpassword, '$', 1) END FROM pg_authid \
@@ -510,10 +436,7 @@ mod tests {
             let wrong = tcp_psql(server, "legacy", "nope").unwrap_err().to_string();
             assert!(wrong.contains("password authentication failed"), "{wrong}");
         }
-        assert_eq!(
-            tcp_psql(primary, SUPERUSER, SUPERUSER_PASSWORD).unwrap(),
-            SUPERUSER
-        );
+        assert_eq!(tcp_psql(primary, SUPERUSER, SUPERUSER_PASSWORD).unwrap(), SUPERUSER);
 
         let restarted = Instant::now();
         topology.shards[1].restart().unwrap();
@@ -521,10 +444,7 @@ mod tests {
         assert_eq!(topology.shards[1].psql("app", "SELECT 2").unwrap(), "2");
 
         let base = topology.base_dir().to_owned();
-        let pids: Vec<u32> = topology
-            .servers()
-            .filter_map(Server::postmaster_pid)
-            .collect();
+        let pids: Vec<u32> = topology.servers().filter_map(Server::postmaster_pid).collect();
         assert_eq!(pids.len(), 4);
         let stopping = Instant::now();
         drop(topology);
@@ -538,15 +458,9 @@ mod tests {
         let _lock = one_at_a_time();
         let (tx, rx) = std::sync::mpsc::channel();
         let test = thread::spawn(move || {
-            let opts = TopologyOptions {
-                shards: 1,
-                ..TopologyOptions::default()
-            };
+            let opts = TopologyOptions { shards: 1, ..TopologyOptions::default() };
             let topology = Topology::start(opts).unwrap();
-            let pids: Vec<u32> = topology
-                .servers()
-                .filter_map(Server::postmaster_pid)
-                .collect();
+            let pids: Vec<u32> = topology.servers().filter_map(Server::postmaster_pid).collect();
             tx.send((topology.base_dir().to_owned(), pids)).unwrap();
             panic!("the test failed");
         });
@@ -560,15 +474,10 @@ mod tests {
     #[test]
     fn a_server_that_will_not_start_leaves_nothing_behind() {
         let _lock = one_at_a_time();
-        let opts = TopologyOptions {
-            extra_conf: vec!["shared_buffers = banana".to_owned()],
-            ..TopologyOptions::default()
-        };
+        let opts =
+            TopologyOptions { extra_conf: vec!["shared_buffers = banana".to_owned()], ..TopologyOptions::default() };
         let err = Topology::start(opts).expect_err("bad setting").to_string();
-        assert!(
-            err.contains("end of") && err.contains("shared_buffers"),
-            "{err}"
-        );
+        assert!(err.contains("end of") && err.contains("shared_buffers"), "{err}");
         assert_eq!(leftover_base_dirs(), Vec::<PathBuf>::new());
     }
 
@@ -592,11 +501,7 @@ mod tests {
     #[test]
     fn stop_is_idempotent_and_a_lone_primary_works() {
         let _lock = one_at_a_time();
-        let opts = TopologyOptions {
-            replica: false,
-            shards: 0,
-            ..TopologyOptions::default()
-        };
+        let opts = TopologyOptions { replica: false, shards: 0, ..TopologyOptions::default() };
         let mut topology = Topology::start(opts).unwrap();
         assert_eq!(topology.servers().count(), 1);
         let primary = &topology.primary;

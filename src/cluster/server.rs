@@ -96,8 +96,7 @@ impl PgBin {
 
     /// Writes a file the server will read, owned by the service user.
     pub(super) fn write_file(&self, path: &Path, contents: &str) -> Result<(), ClusterError> {
-        std::fs::write(path, contents)
-            .map_err(ClusterError::io(format!("write {}", path.display())))?;
+        std::fs::write(path, contents).map_err(ClusterError::io(format!("write {}", path.display())))?;
         self.chown(path)
     }
 }
@@ -112,8 +111,7 @@ pub(super) fn run(mut cmd: Command) -> Result<String, ClusterError> {
 fn finish(cmd: &Command, output: std::io::Result<Output>) -> Result<String, ClusterError> {
     let describe = || {
         let program = cmd.get_program().to_string_lossy().into_owned();
-        cmd.get_args()
-            .fold(program, |line, arg| line + " " + &arg.to_string_lossy())
+        cmd.get_args().fold(program, |line, arg| line + " " + &arg.to_string_lossy())
     };
     match output {
         Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
@@ -122,18 +120,15 @@ fn finish(cmd: &Command, output: std::io::Result<Output>) -> Result<String, Clus
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }),
-        Err(err) => Err(ClusterError::Command {
-            command: describe(),
-            status: "not run".to_owned(),
-            stderr: err.to_string(),
-        }),
+        Err(err) => {
+            Err(ClusterError::Command { command: describe(), status: "not run".to_owned(), stderr: err.to_string() })
+        }
     }
 }
 
 /// The effective uid, from /proc (std has no `geteuid` and this crate takes no libc).
 fn effective_uid() -> Result<u32, ClusterError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(ClusterError::io("read /proc/self/status"))?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(ClusterError::io("read /proc/self/status"))?;
     status
         .lines()
         .find_map(|line| line.strip_prefix("Uid:"))
@@ -144,8 +139,7 @@ fn effective_uid() -> Result<u32, ClusterError> {
 
 /// `(uid, gid)` of `user` from /etc/passwd.
 fn passwd_entry(user: &str) -> Result<(u32, u32), ClusterError> {
-    let passwd =
-        std::fs::read_to_string("/etc/passwd").map_err(ClusterError::io("read /etc/passwd"))?;
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(ClusterError::io("read /etc/passwd"))?;
     parse_passwd(&passwd, user).ok_or_else(|| ClusterError::NoServiceUser(user.to_owned()))
 }
 
@@ -277,29 +271,17 @@ impl Server {
         let pid: u32 = pidfile.lines().next()?.trim().parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let data_dir = self.data_dir.to_string_lossy();
-        String::from_utf8_lossy(&cmdline)
-            .split('\0')
-            .any(|arg| arg == data_dir)
-            .then_some(pid)
+        String::from_utf8_lossy(&cmdline).split('\0').any(|arg| arg == data_dir).then_some(pid)
     }
 
     fn pg_ctl(&self, action: &str, args: &[&str]) -> Command {
         let mut cmd = self.bin.command(self.bin.program("pg_ctl"), &[]);
-        cmd.arg(action)
-            .arg("-s")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(args);
+        cmd.arg(action).arg("-s").arg("-D").arg(&self.data_dir).args(args);
         cmd
     }
 
     /// Polls `sql` (as the superuser, database `postgres`) until it returns `t`.
-    pub(super) fn wait_until(
-        &self,
-        what: &str,
-        sql: &str,
-        timeout: Duration,
-    ) -> Result<(), ClusterError> {
+    pub(super) fn wait_until(&self, what: &str, sql: &str, timeout: Duration) -> Result<(), ClusterError> {
         let deadline = Instant::now() + timeout;
         loop {
             let last = match self.psql("postgres", sql) {
@@ -338,9 +320,7 @@ impl Server {
         let len = file.metadata().map_or(0, |meta| meta.len());
         let start = offset.max(len.saturating_sub(max));
         let mut text = Vec::new();
-        let _ = file
-            .seek(SeekFrom::Start(start))
-            .and_then(|_| file.read_to_end(&mut text));
+        let _ = file.seek(SeekFrom::Start(start)).and_then(|_| file.read_to_end(&mut text));
         String::from_utf8_lossy(&text).into_owned()
     }
 }
@@ -359,26 +339,10 @@ mod tests {
 
     #[test]
     fn env_goes_through_env_under_runuser() {
-        let bin = PgBin {
-            dir: PathBuf::from("/pg/bin"),
-            run_as: RunAs::Postgres { uid: 1, gid: 1 },
-        };
+        let bin = PgBin { dir: PathBuf::from("/pg/bin"), run_as: RunAs::Postgres { uid: 1, gid: 1 } };
         let cmd = bin.command("/pg/bin/pg_basebackup", &[("PGPASSWORD", "pw")]);
-        let args: Vec<_> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(cmd.get_program(), "runuser");
-        assert_eq!(
-            args,
-            [
-                "-u",
-                "postgres",
-                "--",
-                "env",
-                "PGPASSWORD=pw",
-                "/pg/bin/pg_basebackup"
-            ]
-        );
+        assert_eq!(args, ["-u", "postgres", "--", "env", "PGPASSWORD=pw", "/pg/bin/pg_basebackup"]);
     }
 }

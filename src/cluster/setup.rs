@@ -19,20 +19,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::server::{PgBin, Server, run};
 use super::{
-    CLUSTER_ROOT_ENV, ClusterError, REPLICATOR, REPLICATOR_PASSWORD, SUPERUSER, SUPERUSER_PASSWORD,
-    TopologyOptions, UserSpec, free_port,
+    CLUSTER_ROOT_ENV, ClusterError, REPLICATOR, REPLICATOR_PASSWORD, SUPERUSER, SUPERUSER_PASSWORD, TopologyOptions,
+    UserSpec, free_port,
 };
 
-const INITDB_ARGS: [&str; 8] = [
-    "-U",
-    SUPERUSER,
-    "--auth-local=trust",
-    "--auth-host=scram-sha-256",
-    "--no-sync",
-    "-E",
-    "UTF8",
-    "--locale=C",
-];
+const INITDB_ARGS: [&str; 8] =
+    ["-U", SUPERUSER, "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"];
 /// Bump when the template's contents change, so stale cached templates are not reused.
 const TEMPLATE_REVISION: &str = "1";
 /// The per-cluster settings file, included at the end of `postgresql.conf`.
@@ -70,8 +62,7 @@ impl BaseDir {
         };
         // Not chowned: it may be a shared folder. The service user only passes through it into
         // the cluster folders, which are created and chowned one by one.
-        fs::create_dir_all(&path)
-            .map_err(ClusterError::io(format!("create {}", path.display())))?;
+        fs::create_dir_all(&path).map_err(ClusterError::io(format!("create {}", path.display())))?;
         Ok(BaseDir { path, owned: false })
     }
 
@@ -127,14 +118,8 @@ fn free_kib(dir: &Path) -> Option<u64> {
 /// A fresh folder under `parent`, owned by the service user.
 fn unique_dir(parent: &Path, prefix: &str, bin: &PgBin) -> Result<PathBuf, ClusterError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let name = format!(
-        "{prefix}-{}-{}-{nanos}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let name = format!("{prefix}-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
     let path = parent.join(name);
     fs::create_dir(&path).map_err(ClusterError::io(format!("create {}", path.display())))?;
     bin.chown(&path)?;
@@ -173,8 +158,7 @@ impl<'a> Blueprint<'a> {
         let mut copy = self.bin.command("cp", &[]);
         copy.arg("-a").arg(&self.template).arg(dir.join("data"));
         run(copy)?;
-        self.bin
-            .write_file(&dir.join("data").join("pg_hba.conf"), &self.hba)?;
+        self.bin.write_file(&dir.join("data").join("pg_hba.conf"), &self.hba)?;
         let server = self.boot(name, &dir, kind)?;
         if let Err(err) = server.psql("postgres", &self.setup_sql) {
             let err = server.fail(err);
@@ -188,25 +172,14 @@ impl<'a> Blueprint<'a> {
     pub(super) fn replica(&self, primary: &Server) -> Result<Server, ClusterError> {
         let dir = self.cluster_dir("replica")?;
         let bin = self.bin;
-        let mut backup = bin.command(
-            bin.program("pg_basebackup"),
-            &[("PGPASSWORD", REPLICATOR_PASSWORD)],
-        );
+        let mut backup = bin.command(bin.program("pg_basebackup"), &[("PGPASSWORD", REPLICATOR_PASSWORD)]);
         backup.arg("-D").arg(dir.join("data"));
         backup.args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-w"]);
-        backup.args([
-            "-h",
-            primary.host(),
-            "-p",
-            &primary.port.to_string(),
-            "-U",
-            REPLICATOR,
-        ]);
+        backup.args(["-h", primary.host(), "-p", &primary.port.to_string(), "-U", REPLICATOR]);
         // A refused backup is explained in the primary's log.
         run(backup).map_err(|err| primary.fail(err))?;
         let server = self.boot("replica", &dir, Kind::Replica)?;
-        if let Err(err) = server.wait_until("the replica to stream", STREAMING_SQL, STREAMING_WAIT)
-        {
+        if let Err(err) = server.wait_until("the replica to stream", STREAMING_SQL, STREAMING_WAIT) {
             server.halt();
             return Err(err);
         }
@@ -227,8 +200,7 @@ impl<'a> Blueprint<'a> {
         for attempt in 1.. {
             let server = Server::new(name, free_port(), dir, self.bin);
             let conf = self.conf(&server, kind);
-            self.bin
-                .write_file(&server.data_dir.join(CONF_FILE), &conf)?;
+            self.bin.write_file(&server.data_dir.join(CONF_FILE), &conf)?;
             let log_start = server.log_len();
             let Err(err) = server.start() else {
                 return Ok(server);
@@ -250,10 +222,7 @@ impl<'a> Blueprint<'a> {
             "# Written by pgrouter's cluster harness; postgresql.conf includes it last.".to_owned(),
             "listen_addresses = '127.0.0.1'".to_owned(),
             format!("port = {}", server.port),
-            format!(
-                "unix_socket_directories = '{}'",
-                socket_dir.replace('\'', "''")
-            ),
+            format!("unix_socket_directories = '{}'", socket_dir.replace('\'', "''")),
             "fsync = off".to_owned(),
             "full_page_writes = off".to_owned(),
             "shared_buffers = 16MB".to_owned(),
@@ -280,15 +249,11 @@ fn port_taken(log: &str) -> bool {
 fn template(bin: &PgBin) -> Result<PathBuf, ClusterError> {
     static BUILDING: Mutex<()> = Mutex::new(());
     let _one_at_a_time = BUILDING.lock().unwrap_or_else(PoisonError::into_inner);
-    let identity = [
-        bin.identity().as_str(),
-        TEMPLATE_REVISION,
-        SUPERUSER_PASSWORD,
-    ]
-    .into_iter()
-    .chain(INITDB_ARGS)
-    .collect::<Vec<_>>()
-    .join("|");
+    let identity = [bin.identity().as_str(), TEMPLATE_REVISION, SUPERUSER_PASSWORD]
+        .into_iter()
+        .chain(INITDB_ARGS)
+        .collect::<Vec<_>>()
+        .join("|");
     let home = std::env::temp_dir().join(format!("pgrouter-template-{:016x}", fnv1a(&identity)));
     let data = home.join("data");
     if is_data_dir(&data) {
@@ -319,10 +284,7 @@ fn initdb(bin: &PgBin, dir: &Path) -> Result<(), ClusterError> {
         .open(&conf)
         .and_then(|mut file| writeln!(file, "include = '{CONF_FILE}'"))
         .map_err(ClusterError::io(format!("append to {}", conf.display())))?;
-    tracing::info!(
-        elapsed_ms = started.elapsed().as_millis(),
-        "initdb template made"
-    );
+    tracing::info!(elapsed_ms = started.elapsed().as_millis(), "initdb template made");
     Ok(())
 }
 
@@ -336,17 +298,13 @@ fn publish(staging: &Path, home: &Path) -> Result<(), ClusterError> {
     match fs::rename(staging, home) {
         Ok(()) => Ok(()),
         Err(_) if is_data_dir(&home.join("data")) => Ok(()),
-        Err(err) => Err(ClusterError::io(format!("rename to {}", home.display()))(
-            err,
-        )),
+        Err(err) => Err(ClusterError::io(format!("rename to {}", home.display()))(err)),
     }
 }
 
 /// FNV-1a: a hash that, unlike `DefaultHasher`, is the same in every build.
 fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Local superuser trusted; replication and every role over SCRAM, except roles whose
@@ -369,29 +327,15 @@ fn hba_conf(users: &[UserSpec]) -> String {
 /// Roles (replicator, then users, each password stored as its `AuthMethod` says) and
 /// databases owned by the first user, which is all pgbench needs on PostgreSQL 15.
 fn setup_sql(users: &[UserSpec], databases: &[String]) -> String {
-    let mut sql = vec![format!(
-        "CREATE ROLE {} REPLICATION LOGIN PASSWORD {};",
-        ident(REPLICATOR),
-        literal(REPLICATOR_PASSWORD)
-    )];
+    let mut sql =
+        vec![format!("CREATE ROLE {} REPLICATION LOGIN PASSWORD {};", ident(REPLICATOR), literal(REPLICATOR_PASSWORD))];
     for user in users {
-        sql.push(format!(
-            "SET password_encryption = '{}';",
-            user.auth.storage()
-        ));
-        sql.push(format!(
-            "CREATE ROLE {} LOGIN CREATEDB PASSWORD {};",
-            ident(&user.name),
-            literal(&user.password)
-        ));
+        sql.push(format!("SET password_encryption = '{}';", user.auth.storage()));
+        sql.push(format!("CREATE ROLE {} LOGIN CREATEDB PASSWORD {};", ident(&user.name), literal(&user.password)));
     }
     sql.push("RESET password_encryption;".to_owned());
     let owner = users.first().map_or(SUPERUSER, |user| user.name.as_str());
-    sql.extend(
-        databases
-            .iter()
-            .map(|db| format!("CREATE DATABASE {} OWNER {};", ident(db), ident(owner))),
-    );
+    sql.extend(databases.iter().map(|db| format!("CREATE DATABASE {} OWNER {};", ident(db), ident(owner))));
     sql.join("\n")
 }
 
@@ -416,25 +360,18 @@ pub(super) fn validate(opts: &TopologyOptions) -> Result<(), ClusterError> {
             )));
         }
         if seen.contains(&(what, name)) {
-            return Err(ClusterError::Options(format!(
-                "{what} {name:?} listed twice"
-            )));
+            return Err(ClusterError::Options(format!("{what} {name:?} listed twice")));
         }
         seen.push((what, name));
     }
     if let Some(line) = opts.extra_conf.iter().find(|line| line.contains('\n')) {
-        return Err(ClusterError::Options(format!(
-            "extra_conf line {line:?} has a newline"
-        )));
+        return Err(ClusterError::Options(format!("extra_conf line {line:?} has a newline")));
     }
     Ok(())
 }
 
 fn plain_name(name: &str) -> bool {
-    (1..64).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    (1..64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 #[cfg(test)]
@@ -443,10 +380,7 @@ mod tests {
     use crate::cluster::AuthMethod;
 
     fn users() -> Vec<UserSpec> {
-        vec![
-            UserSpec::new("app", "s3'cret", AuthMethod::ScramSha256),
-            UserSpec::new("legacy", "old", AuthMethod::Md5),
-        ]
+        vec![UserSpec::new("app", "s3'cret", AuthMethod::ScramSha256), UserSpec::new("legacy", "old", AuthMethod::Md5)]
     }
 
     #[test]
@@ -473,8 +407,7 @@ mod tests {
     fn validate_rejects_odd_and_reserved_names() {
         let mut opts = TopologyOptions::default();
         assert!(validate(&opts).is_ok());
-        opts.users
-            .push(UserSpec::new("replicator", "x", AuthMethod::Md5));
+        opts.users.push(UserSpec::new("replicator", "x", AuthMethod::Md5));
         assert!(validate(&opts).is_err());
         opts.users.pop();
         opts.databases.push("a b".to_owned());
@@ -488,9 +421,7 @@ mod tests {
         let log = "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use\n\
                    FATAL:  could not create any TCP/IP sockets\n";
         assert!(port_taken(log));
-        assert!(!port_taken(
-            "FATAL:  invalid value for parameter \"shared_buffers\""
-        ));
+        assert!(!port_taken("FATAL:  invalid value for parameter \"shared_buffers\""));
     }
 
     #[test]

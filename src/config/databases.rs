@@ -86,9 +86,7 @@ impl FromToml for RuleRoute {
                 .strip_prefix("shard:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Shard)
-                .ok_or_else(|| {
-                    format!("\"{s}\" is not one of: primary, replica, shard:<n>, all_shards")
-                }),
+                .ok_or_else(|| format!("\"{s}\" is not one of: primary, replica, shard:<n>, all_shards")),
         }
     }
 }
@@ -117,10 +115,7 @@ impl FromToml for KeyValue {
         match v {
             toml::Value::Integer(n) => Ok(Self::Int(*n)),
             toml::Value::String(s) => Ok(Self::Text(s.clone())),
-            other => Err(format!(
-                "must be an integer or a string, found {}",
-                other.type_str()
-            )),
+            other => Err(format!("must be an integer or a string, found {}", other.type_str())),
         }
     }
 }
@@ -167,10 +162,7 @@ pub(super) fn read(sections: Vec<Section<'_>>, errs: &mut Errors) -> Vec<Databas
             continue;
         };
         if dbs.iter().any(|d| d.name == db.name) {
-            errs.push(ConfigError::new(
-                s.key_path("name"),
-                format!("database \"{}\" is listed twice", db.name),
-            ));
+            errs.push(ConfigError::new(s.key_path("name"), format!("database \"{}\" is listed twice", db.name)));
         }
         s.finish(errs);
         dbs.push(db);
@@ -186,16 +178,9 @@ fn read_one(s: &mut Section<'_>, errs: &mut Errors) -> Option<DatabaseConfig> {
     let min_pool_size = s.or("min_pool_size", 0, errs);
     let server_tls = s.or("server_tls", ServerTls::Disable, errs);
     let routing = read_routing(s.table("routing", errs), errs);
-    let shards: Vec<ShardConfig> = s
-        .tables("shards", errs)
-        .into_iter()
-        .filter_map(|t| read_shard(t, errs))
-        .collect();
-    let sharded_tables = s
-        .tables("sharded_tables", errs)
-        .into_iter()
-        .filter_map(|t| read_sharded_table(t, errs))
-        .collect();
+    let shards: Vec<ShardConfig> = s.tables("shards", errs).into_iter().filter_map(|t| read_shard(t, errs)).collect();
+    let sharded_tables =
+        s.tables("sharded_tables", errs).into_iter().filter_map(|t| read_sharded_table(t, errs)).collect();
     let sharding = read_sharding(s.table("sharding", errs), errs);
     let name = name?;
     let db = DatabaseConfig {
@@ -222,10 +207,7 @@ fn read_routing(mut s: Section<'_>, errs: &mut Errors) -> RoutingConfig {
         let regex = pattern.and_then(|p| match regex::Regex::new(&p) {
             Ok(re) => Some(re),
             Err(e) => {
-                errs.push(ConfigError::new(
-                    r.key_path("pattern"),
-                    format!("not a valid regular expression: {e}"),
-                ));
+                errs.push(ConfigError::new(r.key_path("pattern"), format!("not a valid regular expression: {e}")));
                 None
             }
         });
@@ -252,10 +234,7 @@ fn read_shard(mut s: Section<'_>, errs: &mut Errors) -> Option<ShardConfig> {
     let primary = s.req("primary", errs);
     let replicas = s.or("replicas", Vec::new(), errs);
     s.finish(errs);
-    Some(ShardConfig {
-        primary: primary?,
-        replicas,
-    })
+    Some(ShardConfig { primary: primary?, replicas })
 }
 
 fn read_sharded_table(mut s: Section<'_>, errs: &mut Errors) -> Option<ShardedTable> {
@@ -266,11 +245,7 @@ fn read_sharded_table(mut s: Section<'_>, errs: &mut Errors) -> Option<ShardedTa
     let mut ranges = Vec::new();
     for mut r in s.tables("ranges", errs) {
         if let Some(shard) = r.req("shard", errs) {
-            ranges.push(RangeMapping {
-                shard,
-                from: r.opt("from", errs),
-                to: r.opt("to", errs),
-            });
+            ranges.push(RangeMapping { shard, from: r.opt("from", errs), to: r.opt("to", errs) });
         }
         r.finish(errs);
     }
@@ -283,26 +258,13 @@ fn read_sharded_table(mut s: Section<'_>, errs: &mut Errors) -> Option<ShardedTa
         }
         l.finish(errs);
     }
-    let st = ShardedTable {
-        table: table?,
-        column: column?,
-        key_type: key_type?,
-        scheme,
-        ranges,
-        lists,
-    };
+    let st = ShardedTable { table: table?, column: column?, key_type: key_type?, scheme, ranges, lists };
     match st.scheme {
         Scheme::Range if st.ranges.is_empty() => {
-            errs.push(ConfigError::new(
-                s.key_path("ranges"),
-                "scheme = \"range\" needs at least one range",
-            ));
+            errs.push(ConfigError::new(s.key_path("ranges"), "scheme = \"range\" needs at least one range"));
         }
         Scheme::List if st.lists.is_empty() => {
-            errs.push(ConfigError::new(
-                s.key_path("values"),
-                "scheme = \"list\" needs at least one list",
-            ));
+            errs.push(ConfigError::new(s.key_path("values"), "scheme = \"list\" needs at least one list"));
         }
         _ => {}
     }
@@ -326,78 +288,47 @@ fn check(db: &DatabaseConfig, s: &Section<'_>, errs: &mut Errors) {
         err("name", "must not be empty".into());
     }
     if db.name == ADMIN_DATABASE {
-        err(
-            "name",
-            format!("\"{ADMIN_DATABASE}\" is reserved for the admin console"),
-        );
+        err("name", format!("\"{ADMIN_DATABASE}\" is reserved for the admin console"));
     }
     if db.pool_size == 0 {
         err("pool_size", "must be at least 1".into());
     }
     if db.min_pool_size > db.pool_size {
-        err(
-            "min_pool_size",
-            format!(
-                "{} is larger than pool_size ({})",
-                db.min_pool_size, db.pool_size
-            ),
-        );
+        err("min_pool_size", format!("{} is larger than pool_size ({})", db.min_pool_size, db.pool_size));
     }
     if db.server_tls != ServerTls::Disable {
-        err(
-            "server_tls",
-            format!(
-                "\"{}\" is not available in this build yet; use \"disable\"",
-                db.server_tls
-            ),
-        );
+        err("server_tls", format!("\"{}\" is not available in this build yet; use \"disable\"", db.server_tls));
     }
     let shards = db.shards.len();
     if shards == 0 {
-        err(
-            "shards",
-            "at least one [[databases.shards]] entry (with a primary) is required".into(),
-        );
+        err("shards", "at least one [[databases.shards]] entry (with a primary) is required".into());
         return;
     }
     if db.sharding.home_shard >= shards {
         err(
             "sharding.home_shard",
-            format!(
-                "{} is not a shard index (there are {shards} shards)",
-                db.sharding.home_shard
-            ),
+            format!("{} is not a shard index (there are {shards} shards)", db.sharding.home_shard),
         );
     }
     for (i, rule) in db.routing.rules.iter().enumerate() {
         if rule.route == RuleRoute::AllShards {
             err(
                 &format!("routing.rules[{i}].route"),
-                "\"all_shards\" needs cross-shard fan-out, which this build does not have yet"
-                    .into(),
+                "\"all_shards\" needs cross-shard fan-out, which this build does not have yet".into(),
             );
         }
         if let RuleRoute::Shard(n) = rule.route
             && n >= shards
         {
-            err(
-                &format!("routing.rules[{i}].route"),
-                format!("shard:{n} does not exist (there are {shards} shards)"),
-            );
+            err(&format!("routing.rules[{i}].route"), format!("shard:{n} does not exist (there are {shards} shards)"));
         }
     }
     for (i, t) in db.sharded_tables.iter().enumerate() {
-        let mapped = t
-            .ranges
-            .iter()
-            .map(|r| r.shard)
-            .chain(t.lists.iter().map(|l| l.shard));
+        let mapped = t.ranges.iter().map(|r| r.shard).chain(t.lists.iter().map(|l| l.shard));
         for shard in mapped.filter(|&n| n >= shards) {
             err(
                 &format!("sharded_tables[{i}]"),
-                format!(
-                    "maps keys to shard {shard}, which does not exist (there are {shards} shards)"
-                ),
+                format!("maps keys to shard {shard}, which does not exist (there are {shards} shards)"),
             );
         }
     }

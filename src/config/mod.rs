@@ -14,9 +14,9 @@ pub(crate) mod reader;
 mod users;
 
 pub use databases::{
-    CrossShard, DatabaseConfig, KeyType, KeyValue, ListMapping, LoadBalance, PoolMode,
-    RangeMapping, ReadYourWrites, ReadsTo, ReplicaFallback, RoutingConfig, RoutingRule, RuleRoute,
-    Scheme, ServerTls, ShardConfig, ShardedTable, ShardingConfig,
+    CrossShard, DatabaseConfig, KeyType, KeyValue, ListMapping, LoadBalance, PoolMode, RangeMapping, ReadYourWrites,
+    ReadsTo, ReplicaFallback, RoutingConfig, RoutingRule, RuleRoute, Scheme, ServerTls, ShardConfig, ShardedTable,
+    ShardingConfig,
 };
 pub use proxy::{LogFormat, ProxyConfig, TlsConfig, TlsMode};
 pub use users::{AuthMethod, Password, UserConfig};
@@ -38,10 +38,7 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError::new(
-                path.display().to_string(),
-                format!("cannot read: {e}"),
-            )])
+            ConfigErrors(vec![ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))])
         })?;
         let mut config = Self::from_toml(&text)?;
         config.source = Some(path.to_owned());
@@ -56,10 +53,7 @@ impl Config {
                 let line = text[..span.start].matches('\n').count() + 1;
                 format!("line {line}")
             });
-            ConfigErrors(vec![ConfigError::new(
-                location,
-                format!("TOML syntax: {message}"),
-            )])
+            ConfigErrors(vec![ConfigError::new(location, format!("TOML syntax: {message}"))])
         })?;
         let mut errs = Errors::new();
         let mut root = Section::new(&table, "");
@@ -68,16 +62,7 @@ impl Config {
         let databases = databases::read(root.tables("databases", &mut errs), &mut errs);
         root.finish(&mut errs);
         cross_check(&proxy, &users, &databases, &mut errs);
-        if errs.is_empty() {
-            Ok(Self {
-                proxy,
-                users,
-                databases,
-                source: None,
-            })
-        } else {
-            Err(ConfigErrors(errs))
-        }
+        if errs.is_empty() { Ok(Self { proxy, users, databases, source: None }) } else { Err(ConfigErrors(errs)) }
     }
 
     #[must_use]
@@ -92,23 +77,12 @@ impl Config {
 }
 
 /// Checks that need more than one section.
-fn cross_check(
-    proxy: &ProxyConfig,
-    users: &[UserConfig],
-    dbs: &[DatabaseConfig],
-    errs: &mut Errors,
-) {
+fn cross_check(proxy: &ProxyConfig, users: &[UserConfig], dbs: &[DatabaseConfig], errs: &mut Errors) {
     if users.is_empty() {
-        errs.push(ConfigError::new(
-            "users",
-            "at least one [[users]] entry is required",
-        ));
+        errs.push(ConfigError::new("users", "at least one [[users]] entry is required"));
     }
     if dbs.is_empty() {
-        errs.push(ConfigError::new(
-            "databases",
-            "at least one [[databases]] entry is required",
-        ));
+        errs.push(ConfigError::new("databases", "at least one [[databases]] entry is required"));
     }
     for (i, admin) in proxy.admin_users.iter().enumerate() {
         if !users.iter().any(|u| &u.name == admin) {
@@ -129,10 +103,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self { path: path.into(), message: message.into() }
     }
 }
 
@@ -177,10 +148,7 @@ impl FromStr for ServerAddr {
         if host.is_empty() || port == 0 || host.contains(char::is_whitespace) {
             return Err(bad());
         }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-        })
+        Ok(Self { host: host.to_owned(), port })
     }
 }
 

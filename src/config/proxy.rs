@@ -88,10 +88,7 @@ fn read_tls(mut s: Section<'_>, errs: &mut Errors) -> TlsConfig {
         // better than silently serving plaintext to someone who asked for TLS.
         errs.push(ConfigError::new(
             s.key_path("mode"),
-            format!(
-                "\"{}\" is not available in this build yet; use \"disable\"",
-                tls.mode
-            ),
+            format!("\"{}\" is not available in this build yet; use \"disable\"", tls.mode),
         ));
     }
     s.finish(errs);
@@ -101,16 +98,10 @@ fn read_tls(mut s: Section<'_>, errs: &mut Errors) -> TlsConfig {
 fn check(c: &ProxyConfig, path: &str, errs: &mut Errors) {
     let at = |key: &str| format!("{path}.{key}");
     if c.max_client_connections == 0 {
-        errs.push(ConfigError::new(
-            at("max_client_connections"),
-            "must be at least 1",
-        ));
+        errs.push(ConfigError::new(at("max_client_connections"), "must be at least 1"));
     }
     if c.max_message_size < MIN_MESSAGE_SIZE {
-        errs.push(ConfigError::new(
-            at("max_message_size"),
-            "must be at least 8KiB",
-        ));
+        errs.push(ConfigError::new(at("max_message_size"), "must be at least 8KiB"));
     }
     for (key, value) in [
         ("client_login_timeout", c.client_login_timeout),
@@ -124,9 +115,6 @@ fn check(c: &ProxyConfig, path: &str, errs: &mut Errors) {
         }
     }
     if c.metrics_listen.is_some_and(|m| m == c.listen) {
-        errs.push(ConfigError::new(
-            at("metrics_listen"),
-            "must differ from proxy.listen",
-        ));
+        errs.push(ConfigError::new(at("metrics_listen"), "must differ from proxy.listen"));
     }
 }

@@ -25,11 +25,7 @@ pub(super) struct Section<'t> {
 
 impl<'t> Section<'t> {
     pub(super) fn new(table: &'t toml::Table, path: impl Into<String>) -> Self {
-        Self {
-            table,
-            path: path.into(),
-            used: BTreeSet::new(),
-        }
+        Self { table, path: path.into(), used: BTreeSet::new() }
     }
 
     pub(super) fn path(&self) -> &str {
@@ -38,11 +34,7 @@ impl<'t> Section<'t> {
 
     /// The path of one key of this section, for error messages.
     pub(super) fn key_path(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.path)
-        }
+        if self.path.is_empty() { key.to_owned() } else { format!("{}.{key}", self.path) }
     }
 
     fn raw(&mut self, key: &'t str) -> Option<&'t Value> {
@@ -131,23 +123,19 @@ pub(super) trait FromToml: Sized {
 
 impl FromToml for String {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        v.as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("must be a string, found {}", v.type_str()))
+        v.as_str().map(str::to_owned).ok_or_else(|| format!("must be a string, found {}", v.type_str()))
     }
 }
 
 impl FromToml for bool {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        v.as_bool()
-            .ok_or_else(|| format!("must be true or false, found {}", v.type_str()))
+        v.as_bool().ok_or_else(|| format!("must be true or false, found {}", v.type_str()))
     }
 }
 
 impl FromToml for i64 {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        v.as_integer()
-            .ok_or_else(|| format!("must be an integer, found {}", v.type_str()))
+        v.as_integer().ok_or_else(|| format!("must be an integer, found {}", v.type_str()))
     }
 }
 
@@ -167,37 +155,25 @@ unsigned_from_toml!(u16, u32, usize);
 
 impl<T: FromToml> FromToml for Vec<T> {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        let items = v
-            .as_array()
-            .ok_or_else(|| format!("must be an array, found {}", v.type_str()))?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| T::from_toml(item).map_err(|e| format!("item {i}: {e}")))
-            .collect()
+        let items = v.as_array().ok_or_else(|| format!("must be an array, found {}", v.type_str()))?;
+        items.iter().enumerate().map(|(i, item)| T::from_toml(item).map_err(|e| format!("item {i}: {e}"))).collect()
     }
 }
 
 impl FromToml for Duration {
     fn from_toml(v: &Value) -> Result<Self, String> {
-        let s = v.as_str().ok_or_else(|| {
-            format!(
-                "must be a duration string such as \"5s\" or \"250ms\", found {}",
-                v.type_str()
-            )
-        })?;
-        humantime::parse_duration(s.trim()).map_err(|e| {
-            format!("\"{s}\" is not a duration ({e}); write e.g. \"5s\", \"250ms\", \"10m\"")
-        })
+        let s = v
+            .as_str()
+            .ok_or_else(|| format!("must be a duration string such as \"5s\" or \"250ms\", found {}", v.type_str()))?;
+        humantime::parse_duration(s.trim())
+            .map_err(|e| format!("\"{s}\" is not a duration ({e}); write e.g. \"5s\", \"250ms\", \"10m\""))
     }
 }
 
 impl FromToml for SocketAddr {
     fn from_toml(v: &Value) -> Result<Self, String> {
         let s = String::from_toml(v)?;
-        s.parse().map_err(|_| {
-            format!("\"{s}\" is not an IP address with a port, e.g. \"127.0.0.1:6432\"")
-        })
+        s.parse().map_err(|_| format!("\"{s}\" is not an IP address with a port, e.g. \"127.0.0.1:6432\""))
     }
 }
 
@@ -215,16 +191,12 @@ pub(super) struct ByteSize(pub usize);
 impl FromToml for ByteSize {
     fn from_toml(v: &Value) -> Result<Self, String> {
         if let Some(n) = v.as_integer() {
-            return usize::try_from(n)
-                .map(ByteSize)
-                .map_err(|_| format!("{n} is not a size"));
+            return usize::try_from(n).map(ByteSize).map_err(|_| format!("{n} is not a size"));
         }
-        let s = v
-            .as_str()
-            .ok_or_else(|| format!("must be a size such as \"64MiB\", found {}", v.type_str()))?;
-        parse_size(s).map(ByteSize).ok_or_else(|| {
-            format!("\"{s}\" is not a size; write e.g. \"64MiB\", \"512KiB\" or a number of bytes")
-        })
+        let s = v.as_str().ok_or_else(|| format!("must be a size such as \"64MiB\", found {}", v.type_str()))?;
+        parse_size(s)
+            .map(ByteSize)
+            .ok_or_else(|| format!("\"{s}\" is not a size; write e.g. \"64MiB\", \"512KiB\" or a number of bytes"))
     }
 }
 

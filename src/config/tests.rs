@@ -12,12 +12,7 @@ primary = "127.0.0.1:5432"
 "#;
 
 fn errors(text: &str) -> Vec<String> {
-    Config::from_toml(text)
-        .expect_err("config should be rejected")
-        .0
-        .iter()
-        .map(ToString::to_string)
-        .collect()
+    Config::from_toml(text).expect_err("config should be rejected").0.iter().map(ToString::to_string).collect()
 }
 
 #[test]
@@ -32,39 +27,21 @@ fn example_config_parses() {
     assert_eq!(db.sharded_tables.len(), 3);
     assert_eq!(db.routing.rules[0].route, RuleRoute::Replica);
     let admin = config.user("admin").unwrap();
-    let Some(Password::Scram(v)) = &admin.password else {
-        panic!("admin has a SCRAM verifier")
-    };
-    assert!(
-        *v == crate::protocol::scram::ScramVerifier::from_password(
-            "admin-secret",
-            &v.salt,
-            v.iterations
-        )
-    );
+    let Some(Password::Scram(v)) = &admin.password else { panic!("admin has a SCRAM verifier") };
+    assert!(*v == crate::protocol::scram::ScramVerifier::from_password("admin-secret", &v.salt, v.iterations));
 }
 
 #[test]
 fn defaults() {
     let c = Config::from_toml(MINIMAL).unwrap();
-    assert_eq!(
-        c.proxy.query_wait_timeout,
-        std::time::Duration::from_secs(10)
-    );
+    assert_eq!(c.proxy.query_wait_timeout, std::time::Duration::from_secs(10));
     assert_eq!(c.proxy.client_idle_timeout, std::time::Duration::ZERO);
     let db = c.database("app").unwrap();
-    assert_eq!(
-        (db.pool_mode, db.pool_size, db.min_pool_size),
-        (PoolMode::Transaction, 20, 0)
-    );
+    assert_eq!((db.pool_mode, db.pool_size, db.min_pool_size), (PoolMode::Transaction, 20, 0));
     assert_eq!(db.server_database, "app");
     let user = c.user("app").unwrap();
     assert_eq!(
-        (
-            user.auth,
-            user.server_user.as_str(),
-            user.server_password.as_deref()
-        ),
+        (user.auth, user.server_user.as_str(), user.server_password.as_deref()),
         (AuthMethod::ScramSha256, "app", Some("secret"))
     );
 }
@@ -105,32 +82,19 @@ route = "shard:7"
         "databases[0].routing.rules[0].pattern: not a valid regular expression",
     ];
     for e in expect {
-        assert!(
-            errs.iter().any(|got| got.starts_with(e)),
-            "missing {e:?} in {errs:#?}"
-        );
+        assert!(errs.iter().any(|got| got.starts_with(e)), "missing {e:?} in {errs:#?}");
     }
 }
 
 #[test]
 fn cross_references_are_checked() {
     let text = format!("{MINIMAL}\n[proxy]\nadmin_users = [\"root\"]\n");
-    assert!(
-        errors(&text)
-            .iter()
-            .any(|e| e.starts_with("proxy.admin_users[0]:"))
-    );
+    assert!(errors(&text).iter().any(|e| e.starts_with("proxy.admin_users[0]:")));
     let text = MINIMAL.replace(
         "[[databases]]\nname = \"app\"",
         "[[databases]]\nname = \"app\"\n[databases.sharding]\nhome_shard = 3",
     );
-    assert!(
-        errors(&text)
-            .iter()
-            .any(|e| e.starts_with("databases[0].sharding.home_shard:")),
-        "{:?}",
-        errors(&text)
-    );
+    assert!(errors(&text).iter().any(|e| e.starts_with("databases[0].sharding.home_shard:")), "{:?}", errors(&text));
     assert!(errors("").iter().any(|e| e.starts_with("users:")));
 }
 
@@ -140,36 +104,19 @@ fn duplicate_and_reserved_names() {
         "{MINIMAL}\n[[users]]\nname = \"app\"\npassword = \"x\"\n[[databases]]\nname = \"pgrouter\"\n[[databases.shards]]\nprimary = \"h:1\"\n"
     );
     let errs = errors(&text);
-    assert!(
-        errs.iter()
-            .any(|e| e.starts_with("users[1].name:") && e.contains("twice")),
-        "{errs:?}"
-    );
-    assert!(
-        errs.iter()
-            .any(|e| e.starts_with("databases[1].name:") && e.contains("reserved")),
-        "{errs:?}"
-    );
+    assert!(errs.iter().any(|e| e.starts_with("users[1].name:") && e.contains("twice")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.starts_with("databases[1].name:") && e.contains("reserved")), "{errs:?}");
 }
 
 #[test]
 fn password_forms() {
-    let md5 = MINIMAL.replace(
-        "password = \"secret\"",
-        "password = \"md5a3556571e93b0d20722ba62be61e8c2d\"\nauth = \"md5\"",
-    );
+    let md5 =
+        MINIMAL.replace("password = \"secret\"", "password = \"md5a3556571e93b0d20722ba62be61e8c2d\"\nauth = \"md5\"");
     let c = Config::from_toml(&md5).unwrap();
-    assert!(matches!(
-        c.user("app").unwrap().password,
-        Some(Password::Md5Hash(_))
-    ));
+    assert!(matches!(c.user("app").unwrap().password, Some(Password::Md5Hash(_))));
     assert_eq!(c.user("app").unwrap().server_password, None);
     let scram_md5 = MINIMAL.replace("password = \"secret\"", "password = \"SCRAM-SHA-256$4096:c2FsdA==$dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdHRlc3Q=:dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdHRlc3Q=\"\nauth = \"md5\"");
-    assert!(
-        errors(&scram_md5)
-            .iter()
-            .any(|e| e.starts_with("users[0].password:"))
-    );
+    assert!(errors(&scram_md5).iter().any(|e| e.starts_with("users[0].password:")));
     let trust = MINIMAL.replace("password = \"secret\"", "auth = \"trust\"");
     assert!(Config::from_toml(&trust).is_ok());
 }
@@ -182,17 +129,8 @@ fn syntax_errors_name_the_line() {
 
 #[test]
 fn server_addresses() {
-    assert_eq!(
-        "db1:5432".parse::<ServerAddr>().unwrap().to_string(),
-        "db1:5432"
-    );
-    assert_eq!(
-        "[::1]:5432".parse::<ServerAddr>().unwrap(),
-        ServerAddr {
-            host: "::1".into(),
-            port: 5432
-        }
-    );
+    assert_eq!("db1:5432".parse::<ServerAddr>().unwrap().to_string(), "db1:5432");
+    assert_eq!("[::1]:5432".parse::<ServerAddr>().unwrap(), ServerAddr { host: "::1".into(), port: 5432 });
     assert!("db1".parse::<ServerAddr>().is_err());
     assert!("db1:0".parse::<ServerAddr>().is_err());
     assert!(":5432".parse::<ServerAddr>().is_err());

@@ -86,18 +86,11 @@ pub(super) fn read(sections: Vec<Section<'_>>, errs: &mut Errors) -> Vec<UserCon
             errs.push(ConfigError::new(s.key_path("name"), "must not be empty"));
         }
         if users.iter().any(|u| u.name == name) {
-            errs.push(ConfigError::new(
-                s.key_path("name"),
-                format!("user \"{name}\" is listed twice"),
-            ));
+            errs.push(ConfigError::new(s.key_path("name"), format!("user \"{name}\" is listed twice")));
         }
         check_password(&s, auth, password.as_ref(), errs);
-        let server_password = server_password.or_else(|| {
-            password
-                .as_ref()
-                .and_then(Password::plaintext)
-                .map(str::to_owned)
-        });
+        let server_password =
+            server_password.or_else(|| password.as_ref().and_then(Password::plaintext).map(str::to_owned));
         users.push(UserConfig {
             server_user: server_user.unwrap_or_else(|| name.clone()),
             name,
@@ -110,20 +103,13 @@ pub(super) fn read(sections: Vec<Section<'_>>, errs: &mut Errors) -> Vec<UserCon
     users
 }
 
-fn check_password(
-    s: &Section<'_>,
-    auth: AuthMethod,
-    password: Option<&Password>,
-    errs: &mut Errors,
-) {
+fn check_password(s: &Section<'_>, auth: AuthMethod, password: Option<&Password>, errs: &mut Errors) {
     let at = s.key_path("password");
     match (auth, password) {
         (AuthMethod::Trust, _) => {}
         (_, None) => errs.push(ConfigError::new(at, format!("is required when auth = \"{auth}\""))),
-        (AuthMethod::Md5, Some(Password::Scram(_))) => errs.push(ConfigError::new(
-            at,
-            "a SCRAM verifier cannot check md5 logins; store the plaintext or an md5 hash",
-        )),
+        (AuthMethod::Md5, Some(Password::Scram(_))) => errs
+            .push(ConfigError::new(at, "a SCRAM verifier cannot check md5 logins; store the plaintext or an md5 hash")),
         (AuthMethod::ScramSha256, Some(Password::Md5Hash(_))) => errs.push(ConfigError::new(
             at,
             "an md5 hash cannot check SCRAM-SHA-256 logins; store the plaintext or a SCRAM verifier",

@@ -44,24 +44,16 @@ pub async fn authenticate<S: ClientIo>(
     user: &UserConfig,
     verifiers: &Verifiers,
 ) -> Result<(), Error> {
-    let bad_password = || Error::BadPassword {
-        user: user.name.clone(),
-    };
+    let bad_password = || Error::BadPassword { user: user.name.clone() };
     match user.auth {
         AuthMethod::Trust => Ok(()),
         AuthMethod::ScramSha256 => {
-            let verifier = verifiers
-                .0
-                .get(&user.name)
-                .cloned()
-                .ok_or_else(bad_password)?;
-            scram_exchange(client, ScramServer::new(verifier))
-                .await
-                .map_err(|e| match e {
-                    AuthFailure::Scram(ScramError::BadProof) => bad_password(),
-                    AuthFailure::Scram(e) => Error::Protocol(e.to_string()),
-                    AuthFailure::Other(e) => e,
-                })
+            let verifier = verifiers.0.get(&user.name).cloned().ok_or_else(bad_password)?;
+            scram_exchange(client, ScramServer::new(verifier)).await.map_err(|e| match e {
+                AuthFailure::Scram(ScramError::BadProof) => bad_password(),
+                AuthFailure::Scram(e) => Error::Protocol(e.to_string()),
+                AuthFailure::Other(e) => e,
+            })
         }
         AuthMethod::Md5 => {
             let stored = match &user.password {
@@ -74,11 +66,7 @@ pub async fn authenticate<S: ClientIo>(
             let frame = read_password_message(client).await?;
             let answer = password::parse_password(frame.body())
                 .ok_or_else(|| Error::Protocol("malformed password message".into()))?;
-            if ct_eq(answer, md5::expected_response(&stored, salt).as_bytes()) {
-                Ok(())
-            } else {
-                Err(bad_password())
-            }
+            if ct_eq(answer, md5::expected_response(&stored, salt).as_bytes()) { Ok(()) } else { Err(bad_password()) }
         }
     }
 }
@@ -100,10 +88,7 @@ impl From<ScramError> for AuthFailure {
     }
 }
 
-async fn scram_exchange<S: ClientIo>(
-    client: &mut ClientStream<S>,
-    mut server: ScramServer,
-) -> Result<(), AuthFailure> {
+async fn scram_exchange<S: ClientIo>(client: &mut ClientStream<S>, mut server: ScramServer) -> Result<(), AuthFailure> {
     client.send(&auth::sasl(&[scram::MECHANISM])).await?;
     let first = read_password_message(client).await?;
     let (mechanism, data) = password::parse_sasl_initial(first.body())
@@ -128,12 +113,9 @@ async fn read_password_message<S: ClientIo>(
 ) -> Result<crate::protocol::framing::Frame, Error> {
     match client.read_frame().await? {
         Some(frame) if frame.tag() == b'p' => Ok(frame),
-        Some(frame) => Err(Error::Protocol(format!(
-            "expected a password message, got message type '{}'",
-            char::from(frame.tag())
-        ))),
-        None => Err(Error::Protocol(
-            "client closed the connection during authentication".into(),
-        )),
+        Some(frame) => {
+            Err(Error::Protocol(format!("expected a password message, got message type '{}'", char::from(frame.tag()))))
+        }
+        None => Err(Error::Protocol("client closed the connection during authentication".into())),
     }
 }

@@ -38,28 +38,17 @@ impl CancelRegistry {
     /// Gives a new client its key. The registration ends when the returned handle is dropped.
     pub fn register(self: &Arc<Self>) -> Registration {
         let secret: [u8; 4] = rand::random();
-        let slot = Arc::new(Slot {
-            secret,
-            target: Mutex::new(None),
-        });
+        let slot = Arc::new(Slot { secret, target: Mutex::new(None) });
         let mut slots = self.slots.lock().expect("cancel lock");
         let pid = loop {
             // Positive pids only: some drivers print or compare them as PostgreSQL pids.
-            let pid = self
-                .next_pid
-                .fetch_add(1, Ordering::Relaxed)
-                .wrapping_add(1)
-                & 0x7fff_ffff;
+            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).wrapping_add(1) & 0x7fff_ffff;
             if pid != 0 && !slots.contains_key(&pid) {
                 break pid;
             }
         };
         slots.insert(pid, Arc::clone(&slot));
-        Registration {
-            registry: Arc::clone(self),
-            pid,
-            slot,
-        }
+        Registration { registry: Arc::clone(self), pid, slot }
     }
 
     /// Forwards a CancelRequest to the server running the owner's query, if the key is right.
@@ -100,10 +89,7 @@ pub struct Registration {
 impl Registration {
     #[must_use]
     pub fn key(&self) -> CancelKey {
-        CancelKey {
-            pid: self.pid,
-            secret: self.slot.secret.to_vec(),
-        }
+        CancelKey { pid: self.pid, secret: self.slot.secret.to_vec() }
     }
 
     /// Records which server runs the client's queries now (`None` when it has none).
@@ -114,11 +100,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry
-            .slots
-            .lock()
-            .expect("cancel lock")
-            .remove(&self.pid);
+        self.registry.slots.lock().expect("cancel lock").remove(&self.pid);
     }
 }
 
@@ -132,22 +114,13 @@ mod tests {
         let reg = registry.register();
         // a target that would fail loudly if contacted
         reg.set_target(Some(CancelTarget {
-            addr: ServerAddr {
-                host: "127.0.0.1".into(),
-                port: 9,
-            },
-            key: CancelKey {
-                pid: 1,
-                secret: vec![0; 4],
-            },
+            addr: ServerAddr { host: "127.0.0.1".into(), port: 9 },
+            key: CancelKey { pid: 1, secret: vec![0; 4] },
         }));
         let mut wrong = reg.key();
         wrong.secret[0] ^= 0xff;
         assert!(!registry.cancel(&wrong, Duration::from_millis(200)).await);
-        let unknown = CancelKey {
-            pid: reg.key().pid + 1,
-            secret: reg.key().secret,
-        };
+        let unknown = CancelKey { pid: reg.key().pid + 1, secret: reg.key().secret };
         assert!(!registry.cancel(&unknown, Duration::from_millis(200)).await);
     }
 

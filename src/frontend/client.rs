@@ -22,19 +22,13 @@ pub struct ClientStream<S> {
 
 impl<S: ClientIo> ClientStream<S> {
     pub fn new(io: S, max_message: usize) -> Self {
-        Self {
-            io,
-            rbuf: BytesMut::with_capacity(8192),
-            max_message,
-        }
+        Self { io, rbuf: BytesMut::with_capacity(8192), max_message }
     }
 
     /// The next startup packet; `None` if the client closed the connection first.
     pub async fn read_startup(&mut self) -> Result<Option<StartupPacket>, Error> {
         loop {
-            if let Some(packet) =
-                startup::decode(&mut self.rbuf).map_err(|e| Error::Protocol(e.to_string()))?
-            {
+            if let Some(packet) = startup::decode(&mut self.rbuf).map_err(|e| Error::Protocol(e.to_string()))? {
                 return Ok(Some(packet));
             }
             if !self.fill().await? {
@@ -53,9 +47,7 @@ impl<S: ClientIo> ClientStream<S> {
                 if self.rbuf.is_empty() {
                     return Ok(None);
                 }
-                return Err(Error::Protocol(
-                    "connection closed in the middle of a message".into(),
-                ));
+                return Err(Error::Protocol("connection closed in the middle of a message".into()));
             }
         }
     }
@@ -104,12 +96,6 @@ impl<S: ClientIo> ClientStream<S> {
 
     /// Tells the client about an error; a client that is already gone is not an error.
     pub async fn send_error(&mut self, severity: Severity, err: &Error) {
-        let _ = self
-            .send(&messages::error_response(
-                severity,
-                err.sqlstate(),
-                &err.to_string(),
-            ))
-            .await;
+        let _ = self.send(&messages::error_response(severity, err.sqlstate(), &err.to_string())).await;
     }
 }

@@ -34,8 +34,7 @@ const LOGIN_MESSAGE_MAX: usize = 65_535;
 
 /// Serves one client connection from its first byte to its last.
 pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
-    let mut client =
-        ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.config.proxy.max_message_size));
+    let mut client = ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.config.proxy.max_message_size));
     let login_timeout = app.config.proxy.client_login_timeout;
     let params = match tokio::time::timeout(login_timeout, login(&app, &mut client)).await {
         Ok(Ok(Some(params))) => params,
@@ -63,48 +62,29 @@ pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
 }
 
 /// Runs the startup phase; `None` when the connection carried a CancelRequest or closed.
-async fn login<S: ClientIo>(
-    app: &Arc<App>,
-    client: &mut ClientStream<S>,
-) -> Result<Option<SessionParams>, Error> {
+async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Result<Option<SessionParams>, Error> {
     let Some(startup) = read_startup(app, client).await? else {
         return Ok(None);
     };
     if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
-        client
-            .send(&messages::negotiate_protocol_version(
-                0,
-                &startup.protocol_options,
-            ))
-            .await?;
+        client.send(&messages::negotiate_protocol_version(0, &startup.protocol_options)).await?;
     }
     let user_name = startup
         .param("user")
         .filter(|u| !u.is_empty())
         .ok_or_else(|| Error::Unauthorized("no user name in the startup packet".into()))?;
-    if startup
-        .param("replication")
-        .is_some_and(|r| !matches!(r, "false" | "off" | "no" | "0"))
-    {
+    if startup.param("replication").is_some_and(|r| !matches!(r, "false" | "off" | "no" | "0")) {
         return Err(Error::NotSupported(
-            "replication connections are not supported by pgrouter; connect to the server directly"
-                .into(),
+            "replication connections are not supported by pgrouter; connect to the server directly".into(),
         ));
     }
-    let database = startup
-        .param("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or(user_name);
+    let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name);
     let config = Arc::clone(&app.config);
-    let user = config.user(user_name).ok_or_else(|| {
-        Error::Unauthorized(format!(
-            "user \"{user_name}\" is not configured in pgrouter"
-        ))
-    })?;
+    let user = config
+        .user(user_name)
+        .ok_or_else(|| Error::Unauthorized(format!("user \"{user_name}\" is not configured in pgrouter")))?;
     authenticate(client, user, &app.verifiers).await?;
-    let db = config
-        .database(database)
-        .ok_or_else(|| Error::UnknownDatabase(database.to_owned()))?;
+    let db = config.database(database).ok_or_else(|| Error::UnknownDatabase(database.to_owned()))?;
     let pools = app
         .pools
         .get(&db.name, &user.name)
@@ -149,12 +129,7 @@ async fn login<S: ClientIo>(
 /// as `ISO, MDY`). Most clients (only `client_encoding=UTF8`, say) need no server at login.
 async fn greeting_params(pool: &Arc<Pool>, settings: &mut Settings) -> Result<ServerParams, Error> {
     let defaults = pool.server_params().await?;
-    let default_of = |name: &str| {
-        defaults
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
+    let default_of = |name: &str| defaults.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
     settings.retain(|name, value| default_of(name) != Some(value.as_str()));
     if settings.keys().all(|name| name == "application_name") {
         let mut params: Vec<(String, String)> = defaults.iter().cloned().collect();
@@ -172,15 +147,11 @@ async fn greeting_params(pool: &Arc<Pool>, settings: &mut Settings) -> Result<Se
         match conn.run_simple(&sql, SETTINGS_TIMEOUT).await {
             Ok(TxStatus::Idle) => conn.settings.clone_from(settings),
             Ok(_) => {
-                return Err(Error::Internal(
-                    "applying startup parameters left a transaction open".into(),
-                ));
+                return Err(Error::Internal("applying startup parameters left a transaction open".into()));
             }
             Err(reason) => {
                 checkout.release();
-                return Err(Error::Invalid(format!(
-                    "invalid startup parameter: {reason}"
-                )));
+                return Err(Error::Invalid(format!("invalid startup parameter: {reason}")));
             }
         }
     }
@@ -199,9 +170,7 @@ async fn read_startup<S: ClientIo>(
         match client.read_startup().await? {
             None => return Ok(None),
             // TLS and GSS encryption are not offered: 'N' lets the client continue in plaintext.
-            Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
-                client.send(b"N").await?
-            }
+            Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => client.send(b"N").await?,
             Some(StartupPacket::Cancel(key)) => {
                 app.cancels.cancel(&key, CANCEL_TIMEOUT).await;
                 return Ok(None);
@@ -209,7 +178,5 @@ async fn read_startup<S: ClientIo>(
             Some(StartupPacket::Startup(m)) => return Ok(Some(m)),
         }
     }
-    Err(Error::Protocol(
-        "too many encryption requests before the startup message".into(),
-    ))
+    Err(Error::Protocol("too many encryption requests before the startup message".into()))
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod flow;
 pub mod listener;
 pub mod login;
+pub mod prepared;
 pub mod relay;
 pub mod routing;
 pub mod session;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::{ClientIo, ClientStream};
 use super::flow::Flow;
+use super::prepared::{self, ClientStatements, Disposition, Exchange, Registry};
 use crate::backend::ServerConn;
 use crate::error::Error;
 use crate::protocol::framing::{self, Frame};
@@ -58,9 +59,12 @@ pub struct RelayOptions<'a> {
     /// the client leaves or `shutdown` fires while idle (session pooling).
     pub release_when_idle: bool,
     pub shutdown: &'a CancellationToken,
-    /// Query texts the proxy answers itself; only taken when everything before them has been
-    /// answered, so the answer cannot overtake the server's.
-    pub intercept: fn(&[u8]) -> bool,
+    /// Query texts the proxy answers itself (given the client's named statements); only
+    /// taken when everything before them has been answered, so the answer cannot overtake
+    /// the server's.
+    pub intercept: fn(&[u8], Option<&ClientStatements>) -> bool,
+    /// Named prepared statements are renamed (transaction pooling), or passed through.
+    pub renaming: Option<Renaming<'a>>,
 }
 
 /// Relays until the pair is idle or the client is gone. `first` are messages already read
@@ -70,16 +74,22 @@ pub async fn run<S: ClientIo>(
     server: &mut ServerConn,
     flow: &mut Flow,
     first: Vec<Frame>,
-    opts: RelayOptions<'_>,
+    mut opts: RelayOptions<'_>,
 ) -> Result<RelayEnd, Error> {
     let mut pump = Pump::default();
     for frame in first {
-        flow.on_client(frame.tag());
-        pump.to_server.extend_from_slice(frame.as_bytes());
+        pump.forward(frame, flow, server, &mut opts.renaming);
     }
     let shutdown = opts.shutdown.cancelled();
     tokio::pin!(shutdown);
-    poll_fn(|cx| pump.poll(cx, client, server, flow, &opts, shutdown.as_mut())).await
+    poll_fn(|cx| pump.poll(cx, client, server, flow, &mut opts, shutdown.as_mut())).await
+}
+
+/// Named prepared statements under transaction pooling (see `prepared`): the registry and
+/// the client's statements. `None` passes statements through untouched (session pooling).
+pub struct Renaming<'a> {
+    pub registry: &'a Registry,
+    pub client: &'a mut ClientStatements,
 }
 
 /// Reads and discards server output until every request is answered, for a client that has
@@ -88,9 +98,7 @@ pub async fn drain(server: &mut ServerConn, flow: &mut Flow, limit: Duration) ->
     let mut scanner = Scanner::default();
     let work = async {
         while !flow.at_rest() {
-            match scanner.next(&server.rbuf, SERVER_CONTROL_MAX, |t| {
-                t == b'S' || flow.watches(t)
-            }) {
+            match scanner.next(&server.rbuf, SERVER_CONTROL_MAX, |t| t == b'S' || flow.watches(t)) {
                 Ok(Piece::NeedMore) => match server.stream.read_buf(&mut server.rbuf).await {
                     Ok(0) | Err(_) => return false,
                     Ok(_) => {}
@@ -120,6 +128,8 @@ struct Pump {
     /// The client's next message starts a new request, held back until this one is done.
     gated: bool,
     server_closed: bool,
+    /// Replies owed, and statement renaming (transaction pooling).
+    exchange: Exchange,
     /// A write went out and its flush has not completed yet (matters for TLS streams).
     client_flush: bool,
     server_flush: bool,
@@ -132,36 +142,23 @@ impl Pump {
         client: &mut ClientStream<S>,
         server: &mut ServerConn,
         flow: &mut Flow,
-        opts: &RelayOptions<'_>,
+        opts: &mut RelayOptions<'_>,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Poll<Result<RelayEnd, Error>> {
         loop {
             if let Some(frame) = self.take_intercepted(client, flow, opts)? {
                 return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
             }
-            self.take_client_frames(client, flow, opts.release_when_idle)?;
-            self.take_server_messages(server, flow)?;
+            self.take_client_frames(client, server, flow, opts.release_when_idle, &mut opts.renaming)?;
+            self.take_server_messages(server, flow, &mut opts.renaming)?;
             if self.client_eof || (self.terminated && self.to_server.is_empty()) {
                 let server_dirty = !self.to_server.is_empty();
-                return Poll::Ready(Ok(RelayEnd::ClientGone {
-                    terminated: self.terminated,
-                    server_dirty,
-                }));
+                return Poll::Ready(Ok(RelayEnd::ClientGone { terminated: self.terminated, server_dirty }));
             }
-            let mut progress = write_some(
-                cx,
-                &mut client.io,
-                &mut self.to_client,
-                &mut self.client_flush,
-            )
-            .map_err(Error::ClientIo)?;
-            progress |= write_some(
-                cx,
-                &mut server.stream,
-                &mut self.to_server,
-                &mut self.server_flush,
-            )
-            .map_err(|e| lost(server, &e))?;
+            let mut progress =
+                write_some(cx, &mut client.io, &mut self.to_client, &mut self.client_flush).map_err(Error::ClientIo)?;
+            progress |= write_some(cx, &mut server.stream, &mut self.to_server, &mut self.server_flush)
+                .map_err(|e| lost(server, &e))?;
             if self.server_closed && self.to_client.is_empty() {
                 return Poll::Ready(Err(lost(server, &"the server closed the connection")));
             }
@@ -170,10 +167,7 @@ impl Pump {
                 && !self.client_flush
                 && self.scanner.at_boundary()
                 && server.rbuf.is_empty();
-            if settled
-                && flow.idle()
-                && (opts.release_when_idle || shutdown.as_mut().poll(cx).is_ready())
-            {
+            if settled && flow.idle() && (opts.release_when_idle || shutdown.as_mut().poll(cx).is_ready()) {
                 return Poll::Ready(Ok(RelayEnd::Idle));
             }
             if self.to_server.len() < HIGH_WATER && !self.terminated && !self.gated {
@@ -209,10 +203,7 @@ impl Pump {
         flow: &Flow,
         opts: &RelayOptions<'_>,
     ) -> Result<Option<Frame>, Error> {
-        let quiet = flow.at_rest()
-            && self.to_server.is_empty()
-            && self.to_client.is_empty()
-            && !self.client_flush;
+        let quiet = flow.at_rest() && self.to_server.is_empty() && self.to_client.is_empty() && !self.client_flush;
         if !quiet || client.rbuf.first() != Some(&b'Q') {
             return Ok(None);
         }
@@ -221,19 +212,34 @@ impl Pump {
         };
         let wanted = client.rbuf.len() >= len
             && messages::query_text(&client.rbuf[framing::HEADER_LEN..len])
-                .is_some_and(opts.intercept);
+                .is_some_and(|sql| (opts.intercept)(sql, opts.renaming.as_ref().map(|r| &*r.client)));
         if !wanted {
             return Ok(None);
         }
         Ok(framing::decode(&mut client.rbuf, client.max_message)?)
     }
 
+    /// Sends one client message on, noting it in the flow and renaming statements if asked.
+    fn forward(&mut self, frame: Frame, flow: &mut Flow, server: &mut ServerConn, renaming: &mut Option<Renaming<'_>>) {
+        flow.on_client(frame.tag());
+        match renaming {
+            Some(r) => {
+                let mut ctx =
+                    prepared::Context { registry: r.registry, client: r.client, server: &mut server.statements };
+                self.exchange.client_frame(frame, &mut ctx, &mut self.to_server, &mut self.to_client);
+            }
+            None => self.to_server.extend_from_slice(frame.as_bytes()),
+        }
+    }
+
     /// Moves whole client messages to the server's outgoing buffer, noting each in the flow.
     fn take_client_frames<S: ClientIo>(
         &mut self,
         client: &mut ClientStream<S>,
+        server: &mut ServerConn,
         flow: &mut Flow,
         gate: bool,
+        renaming: &mut Option<Renaming<'_>>,
     ) -> Result<(), Error> {
         self.gated = false;
         while self.to_server.len() < HIGH_WATER && !self.terminated {
@@ -247,10 +253,7 @@ impl Pump {
             };
             match frame.tag() {
                 b'X' => self.terminated = true,
-                tag if is_frontend_tag(tag) => {
-                    flow.on_client(tag);
-                    self.to_server.extend_from_slice(frame.as_bytes());
-                }
+                tag if is_frontend_tag(tag) => self.forward(frame, flow, server, renaming),
                 tag => return Err(unexpected_message(tag)),
             }
         }
@@ -263,17 +266,13 @@ impl Pump {
         &mut self,
         server: &mut ServerConn,
         flow: &mut Flow,
+        renaming: &mut Option<Renaming<'_>>,
     ) -> Result<(), Error> {
         while self.to_client.len() < HIGH_WATER {
             let piece = self
                 .scanner
-                .next(&server.rbuf, SERVER_CONTROL_MAX, |t| {
-                    t == b'S' || flow.watches(t)
-                })
-                .map_err(|e| Error::ServerProtocol {
-                    server: server.addr.to_string(),
-                    what: e.to_string(),
-                })?;
+                .next(&server.rbuf, SERVER_CONTROL_MAX, |t| t == b'S' || flow.watches(t) || self.exchange.watches(t))
+                .map_err(|e| Error::ServerProtocol { server: server.addr.to_string(), what: e.to_string() })?;
             match piece {
                 Piece::NeedMore => break,
                 Piece::Pass(n) => {
@@ -282,8 +281,23 @@ impl Pump {
                 }
                 Piece::Message { tag, len } => {
                     let msg = server.rbuf.split_to(len);
-                    on_server_message(server, flow, tag, &msg[framing::HEADER_LEN..])?;
-                    self.to_client.extend_from_slice(&msg);
+                    let body = &msg[framing::HEADER_LEN..];
+                    let mut disposition = Disposition::Forward;
+                    if let Some(r) = renaming.as_mut()
+                        && self.exchange.watches(tag)
+                    {
+                        let mut ctx = prepared::Context {
+                            registry: r.registry,
+                            client: r.client,
+                            server: &mut server.statements,
+                        };
+                        disposition = self.exchange.server_message(tag, body, &mut ctx);
+                    }
+                    on_server_message(server, flow, tag, body)?;
+                    if disposition == Disposition::Forward {
+                        self.to_client.extend_from_slice(&msg);
+                    }
+                    self.exchange.emit_due(&mut self.to_client);
                 }
             }
         }
@@ -296,45 +310,28 @@ impl Pump {
 /// on its own (it may need another server), so it waits until the pair is idle; COPY data,
 /// the rest of an unfinished extended batch, and everything inside a transaction block go on.
 fn may_forward(tag: Option<u8>, flow: &Flow) -> bool {
-    matches!(tag, None | Some(b'd' | b'c' | b'f' | b'X'))
-        || flow.unsynced()
-        || flow.status() != TxStatus::Idle
+    matches!(tag, None | Some(b'd' | b'c' | b'f' | b'X')) || flow.unsynced() || flow.status() != TxStatus::Idle
 }
 
 /// The message types a client may send after login (PostgreSQL docs, "Message Formats").
 #[must_use]
 pub fn is_frontend_tag(tag: u8) -> bool {
-    matches!(
-        tag,
-        b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'H' | b'S' | b'F' | b'd' | b'c' | b'f' | b'X'
-    )
+    matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'D' | b'C' | b'H' | b'S' | b'F' | b'd' | b'c' | b'f' | b'X')
 }
 
 /// A message type no client may send now; answered by the proxy, never forwarded.
 #[must_use]
 pub fn unexpected_message(tag: u8) -> Error {
-    Error::Protocol(format!(
-        "invalid frontend message type {tag} ('{}')",
-        tag.escape_ascii()
-    ))
+    Error::Protocol(format!("invalid frontend message type {tag} ('{}')", tag.escape_ascii()))
 }
 
-fn on_server_message(
-    server: &mut ServerConn,
-    flow: &mut Flow,
-    tag: u8,
-    body: &[u8],
-) -> Result<(), Error> {
+fn on_server_message(server: &mut ServerConn, flow: &mut Flow, tag: u8, body: &[u8]) -> Result<(), Error> {
     match tag {
         b'Z' => {
-            let status = body
-                .first()
-                .copied()
-                .and_then(TxStatus::from_byte)
-                .ok_or_else(|| Error::ServerProtocol {
-                    server: server.addr.to_string(),
-                    what: "malformed ReadyForQuery".into(),
-                })?;
+            let status = body.first().copied().and_then(TxStatus::from_byte).ok_or_else(|| Error::ServerProtocol {
+                server: server.addr.to_string(),
+                what: "malformed ReadyForQuery".into(),
+            })?;
             server.status = status;
             flow.on_server(tag, Some(status));
         }
@@ -349,10 +346,7 @@ fn on_server_message(
 }
 
 fn lost(server: &ServerConn, reason: &dyn std::fmt::Display) -> Error {
-    Error::ServerLost {
-        server: server.addr.to_string(),
-        reason: reason.to_string(),
-    }
+    Error::ServerLost { server: server.addr.to_string(), reason: reason.to_string() }
 }
 
 /// Writes what it can without waiting, then flushes; true if any byte was written.

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
+use super::prepared::{ClientStatements, Registry};
 use crate::backend::health::Lsn;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
@@ -101,18 +102,15 @@ pub struct Routed {
     pub session_state: bool,
     /// The request creates state that cannot move: the client keeps its connection.
     pub pins: Option<&'static str>,
+    /// DISCARD ALL: the server drops its prepared statements.
+    pub discards_all: bool,
 }
 
 impl Routed {
     /// Everything on the primary of `shard` (session pooling, pinned clients).
     #[must_use]
     pub fn primary(decision: Decision) -> Self {
-        Self {
-            decision,
-            prelude: None,
-            session_state: false,
-            pins: None,
-        }
+        Self { decision, prelude: None, session_state: false, pins: None, discards_all: false }
     }
 }
 
@@ -138,23 +136,15 @@ impl RoutingState {
 
     /// Routes a request (transaction pooling). `Err(Undecided::NeedVolatility)` asks the
     /// caller to look functions up on the primary and try again.
-    pub fn plan(
-        &mut self,
-        router: &Router,
-        policy: &Policy,
-        request: &Request,
-    ) -> Result<Plan, PlanError> {
+    pub fn plan(&mut self, router: &Router, policy: &Policy, request: &Request) -> Result<Plan, PlanError> {
         if self.held.as_ref().is_some_and(|h| h.failed) {
             return self.in_failed_transaction(router, request);
         }
         if let Request::Query(frame) = request {
-            let sql = messages::query_text(frame.body())
-                .ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
+            let sql =
+                messages::query_text(frame.body()).ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
             if let Some(cmd) = hint::session_command(sql) {
-                return Ok(Plan::Local(self.session_command(
-                    cmd.map_err(Error::Invalid)?,
-                    self.client_status(),
-                )));
+                return Ok(Plan::Local(self.session_command(cmd.map_err(Error::Invalid)?, self.client_status())));
             }
             let class = router.classify(sql, &mut self.scratch);
             if let Some(tx) = class.tx
@@ -169,31 +159,19 @@ impl RoutingState {
             let hints = hint::parse_hints(&sql).map_err(Error::Invalid)?;
             hinted.push((sql, class, hints));
         }
-        let first_hints = || {
-            hinted
-                .iter()
-                .map(|(_, _, h)| h)
-                .find(|h| !h.is_empty())
-                .cloned()
-        };
+        let first_hints = || hinted.iter().map(|(_, _, h)| h).find(|h| !h.is_empty()).cloned();
         let session_state = hinted.iter().any(|(_, c, _)| c.session_state);
         let pins = hinted.iter().find_map(|(_, c, _)| c.pins);
-        let routed = |decision, prelude| {
-            Ok(Plan::Server(Routed {
-                decision,
-                prelude,
-                session_state,
-                pins,
-            }))
-        };
+        let discards_all = hinted.iter().any(|(_, c, _)| c.discards_all);
+        let routed =
+            |decision, prelude| Ok(Plan::Server(Routed { decision, prelude, session_state, pins, discards_all }));
         if let Some(held) = &self.held {
             // a read-only transaction goes to a replica if its first statements are reads (a
             // SET TRANSACTION SNAPSHOT, say, needs the primary)
             let reads = hinted.iter().all(|(_, c, _)| c.access == Access::Read);
             let hints = first_hints().unwrap_or_else(|| held.hints.clone());
             policy.hinted_shard(&hints).map_err(PlanError::Undecided)?;
-            let decision =
-                policy.transaction(held.modes.on_standby() && reads, &hints, self.route_setting);
+            let decision = policy.transaction(held.modes.on_standby() && reads, &hints, self.route_setting);
             // newline before each `;` so a trailing `-- comment` cannot swallow what follows
             let prelude = Some(held.statements.join("\n;\n"));
             return routed(decision, prelude);
@@ -211,28 +189,18 @@ impl RoutingState {
         }
         let mut strongest: Option<Decision> = None;
         for (sql, class, hints) in &hinted {
-            let d = policy
-                .decide(sql, class, hints, self.route_setting)
-                .map_err(PlanError::Undecided)?;
-            if strongest
-                .as_ref()
-                .is_none_or(|s| rank(d.target) > rank(s.target))
-            {
+            let d = policy.decide(sql, class, hints, self.route_setting).map_err(PlanError::Undecided)?;
+            if strongest.as_ref().is_none_or(|s| rank(d.target) > rank(s.target)) {
                 strongest = Some(d);
             }
         }
-        let decision =
-            strongest.unwrap_or_else(|| policy.read(policy.home(), crate::router::Why::Read));
+        let decision = strongest.unwrap_or_else(|| policy.read(policy.home(), crate::router::Why::Read));
         routed(decision, None)
     }
 
     /// The statements a request carries, with their classifications. Parses are
     /// remembered so later Binds of the same statement route the same way.
-    fn statements(
-        &mut self,
-        router: &Router,
-        request: &Request,
-    ) -> Result<Vec<(Bytes, Arc<Classification>)>, Error> {
+    fn statements(&mut self, router: &Router, request: &Request) -> Result<Vec<(Bytes, Arc<Classification>)>, Error> {
         let malformed = |what: &str| Error::Protocol(format!("malformed {what} message"));
         match request {
             Request::Query(frame) => {
@@ -240,38 +208,31 @@ impl RoutingState {
                 let class = router.classify(sql, &mut self.scratch);
                 Ok(vec![(Bytes::copy_from_slice(sql), class)])
             }
-            Request::Function(_) => Ok(vec![(
-                Bytes::new(),
-                Arc::new(Classification::unparsable("a FunctionCall may write")),
-            )]),
+            Request::Function(_) => {
+                Ok(vec![(Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")))])
+            }
             Request::Batch(frames) => {
                 let mut out = Vec::new();
                 for frame in frames {
                     match frame.tag() {
                         b'P' => {
-                            let (name, sql) = messages::parse_parse(frame.body())
-                                .ok_or_else(|| malformed("Parse"))?;
+                            let (name, sql) = messages::parse_parse(frame.body()).ok_or_else(|| malformed("Parse"))?;
                             if hint::session_command(sql).is_some() {
                                 // answering it would mean emulating the extended protocol:
                                 // refuse rather than let the server silently accept it
                                 return Err(Error::NotSupported(
-                                    "send SET/RESET/SHOW pgrouter.route as a simple query, not a prepared statement".into(),
+                                    "send SET/RESET/SHOW pgrouter.route as a simple query, not a prepared statement"
+                                        .into(),
                                 ));
                             }
                             let class = router.classify(sql, &mut self.scratch);
                             let sql = Bytes::copy_from_slice(sql);
-                            self.remember(
-                                name,
-                                Prepared {
-                                    sql: sql.clone(),
-                                    class: Arc::clone(&class),
-                                },
-                            );
+                            self.remember(name, Prepared { sql: sql.clone(), class: Arc::clone(&class) });
                             out.push((sql, class));
                         }
                         b'B' => {
-                            let (_, name) = messages::parse_bind_names(frame.body())
-                                .ok_or_else(|| malformed("Bind"))?;
+                            let (_, name) =
+                                messages::parse_bind_names(frame.body()).ok_or_else(|| malformed("Bind"))?;
                             let known = self.prepared.get(name).cloned();
                             out.push(known.map_or_else(
                                 || {
@@ -293,6 +254,44 @@ impl RoutingState {
         }
     }
 
+    /// A batch that only prepares named statements (Parse..., then Sync or Flush) needs no
+    /// server: the proxy records them and answers ParseComplete itself; the real Parse goes to
+    /// whichever server connection first executes them. This keeps clients that prepare
+    /// synchronously while holding other transactions open (pgbench -M prepared) from
+    /// waiting on a busy pool; errors in such a statement are reported when it is first used.
+    pub fn prepare_locally(
+        &mut self,
+        router: &Router,
+        request: &Request,
+        statements: &mut ClientStatements,
+        registry: &Registry,
+    ) -> Option<Bytes> {
+        let Request::Batch(frames) = request else { return None };
+        let (last, parses) = frames.split_last()?;
+        let named_parse = |f: &Frame| {
+            f.tag() == b'P'
+                && messages::parse_parse(f.body())
+                    .is_some_and(|(name, sql)| !name.is_empty() && hint::session_command(sql).is_none())
+        };
+        if parses.is_empty() || !matches!(last.tag(), b'S' | b'H') || !parses.iter().all(named_parse) {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        for frame in parses {
+            let mut rest = frame.body();
+            let name = crate::protocol::framing::get_cstr(&mut rest)?;
+            let (_, sql) = messages::parse_parse(frame.body())?;
+            let class = router.classify(sql, &mut self.scratch);
+            self.remember(name, Prepared { sql: Bytes::copy_from_slice(sql), class });
+            statements.define(name, rest, registry);
+            out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+        }
+        if last.tag() == b'S' {
+            out.extend_from_slice(&messages::ready_for_query(self.client_status()));
+        }
+        Some(out.freeze())
+    }
+
     fn remember(&mut self, name: &[u8], prepared: Prepared) {
         if self.prepared.len() >= MAX_PREPARED && !self.prepared.contains_key(name) {
             self.prepared.clear();
@@ -304,27 +303,16 @@ impl RoutingState {
     /// holds the transaction until its first statement. `None` when the statement must go to
     /// a server after all.
     fn transaction_control(&mut self, tx: TxControl, sql: &[u8]) -> Option<Bytes> {
-        let text = String::from_utf8_lossy(sql)
-            .trim()
-            .trim_end_matches(';')
-            .to_owned();
+        let text = String::from_utf8_lossy(sql).trim().trim_end_matches(';').to_owned();
         match (tx, &mut self.held) {
             (TxControl::Begin { modes, tag }, None) => {
                 let hints = hint::parse_hints(sql).unwrap_or_default();
-                self.held = Some(HeldTx {
-                    statements: vec![text],
-                    modes,
-                    hints,
-                    failed: false,
-                });
+                self.held = Some(HeldTx { statements: vec![text], modes, hints, failed: false });
                 Some(answer(tag, TxStatus::InTransaction))
             }
             (TxControl::Begin { tag, .. }, Some(_)) => {
                 let mut out = BytesMut::from(
-                    &messages::notice(
-                        SqlState("25001"),
-                        "there is already a transaction in progress",
-                    )[..],
+                    &messages::notice(SqlState("25001"), "there is already a transaction in progress")[..],
                 );
                 out.extend_from_slice(&answer(tag, TxStatus::InTransaction));
                 Some(out.freeze())
@@ -348,11 +336,7 @@ impl RoutingState {
     }
 
     /// Inside a transaction whose start failed only its end is accepted, as PostgreSQL does.
-    fn in_failed_transaction(
-        &mut self,
-        router: &Router,
-        request: &Request,
-    ) -> Result<Plan, PlanError> {
+    fn in_failed_transaction(&mut self, router: &Router, request: &Request) -> Result<Plan, PlanError> {
         if let Request::Query(frame) = request
             && let Some(sql) = messages::query_text(frame.body())
             && let Some(TxControl::End { .. }) = router.classify(sql, &mut self.scratch).tx
@@ -377,11 +361,7 @@ impl RoutingState {
             SessionCommand::ShowRoute => {
                 let value = self.route_setting.map_or("default", RouteHint::as_str);
                 let mut out = BytesMut::from(
-                    &messages::text_result(
-                        &["pgrouter.route"],
-                        &[vec![Some(value.to_owned())]],
-                        "SHOW",
-                    )[..],
+                    &messages::text_result(&["pgrouter.route"], &[vec![Some(value.to_owned())]], "SHOW")[..],
                 );
                 out.extend_from_slice(&messages::ready_for_query(status));
                 out.freeze()

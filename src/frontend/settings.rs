@@ -13,8 +13,7 @@ use crate::error::Error;
 use crate::router::policy::quote_literal;
 
 /// Reads back the settings a session has changed from their defaults.
-pub const CAPTURE_SQL: &str =
-    "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'";
+pub const CAPTURE_SQL: &str = "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'";
 
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
@@ -67,15 +66,10 @@ fn parse_options(options: &str, settings: &mut Settings) -> Result<(), Error> {
             }
         };
         let pair = pair.unwrap_or_default();
-        let (name, value) = pair.split_once('=').ok_or_else(|| {
-            Error::Invalid(format!(
-                "invalid startup option \"{pair}\": expected name=value"
-            ))
-        })?;
-        settings.insert(
-            name.to_ascii_lowercase().replace('-', "_"),
-            value.to_owned(),
-        );
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("invalid startup option \"{pair}\": expected name=value")))?;
+        settings.insert(name.to_ascii_lowercase().replace('-', "_"), value.to_owned());
     }
     Ok(())
 }
@@ -86,26 +80,12 @@ pub fn apply_sql(desired: &Settings, current: &Settings) -> Option<String> {
     let sets: Vec<String> = desired
         .iter()
         .filter(|(name, value)| current.get(*name) != Some(*value))
-        .map(|(name, value)| {
-            format!(
-                "set_config({}, {}, false)",
-                quote_literal(name),
-                quote_literal(value)
-            )
-        })
+        .map(|(name, value)| format!("set_config({}, {}, false)", quote_literal(name), quote_literal(value)))
         .collect();
     let resets: Vec<String> = current
         .keys()
         .filter(|name| !desired.contains_key(*name))
-        .map(|name| {
-            format!(
-                "RESET {}",
-                name.split('.')
-                    .map(quote_ident)
-                    .collect::<Vec<_>>()
-                    .join(".")
-            )
-        })
+        .map(|name| format!("RESET {}", name.split('.').map(quote_ident).collect::<Vec<_>>().join(".")))
         .collect();
     let mut statements = Vec::new();
     if !sets.is_empty() {
@@ -135,10 +115,7 @@ mod tests {
     use super::*;
 
     fn settings(pairs: &[(&str, &str)]) -> Settings {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -148,10 +125,7 @@ mod tests {
             ("database", "app"),
             ("application_name", "psql"),
             ("DateStyle", "ISO"),
-            (
-                "options",
-                "-c search_path=s1,\\ public --statement-timeout=5s -clock_timeout=1s",
-            ),
+            ("options", "-c search_path=s1,\\ public --statement-timeout=5s -clock_timeout=1s"),
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -86,9 +86,7 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    Ok(Some(Frame {
-        bytes: buf.split_to(total).freeze(),
-    }))
+    Ok(Some(Frame { bytes: buf.split_to(total).freeze() }))
 }
 
 /// Reads a NUL-terminated string at the front of `buf` and advances past it.
@@ -128,16 +126,10 @@ mod tests {
         let bytes = frame(b'Q', b"select 1\0");
         let mut buf = BytesMut::new();
         for (i, b) in bytes.iter().enumerate() {
-            assert!(
-                decode(&mut buf, 1024).unwrap().is_none(),
-                "complete too early at byte {i}"
-            );
+            assert!(decode(&mut buf, 1024).unwrap().is_none(), "complete too early at byte {i}");
             buf.extend_from_slice(&[*b]);
         }
-        assert_eq!(
-            decode(&mut buf, 1024).unwrap().unwrap().as_bytes(),
-            &bytes[..]
-        );
+        assert_eq!(decode(&mut buf, 1024).unwrap().unwrap().as_bytes(), &bytes[..]);
     }
 
     #[test]
@@ -145,10 +137,7 @@ mod tests {
         for len in 0u32..4 {
             let mut buf = BytesMut::from(&[b'Q'][..]);
             buf.extend_from_slice(&len.to_be_bytes());
-            assert_eq!(
-                decode(&mut buf, 1024),
-                Err(FrameError::TooShort { tag: b'Q', len })
-            );
+            assert_eq!(decode(&mut buf, 1024), Err(FrameError::TooShort { tag: b'Q', len }));
         }
     }
 
@@ -157,19 +146,8 @@ mod tests {
         let mut buf = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
         let before = buf.capacity();
         let err = decode(&mut buf, 1 << 20).unwrap_err();
-        assert_eq!(
-            err,
-            FrameError::TooLarge {
-                tag: b'Q',
-                len: 0x7fff_ffff,
-                max: 1 << 20
-            }
-        );
-        assert_eq!(
-            buf.capacity(),
-            before,
-            "no space may be reserved for a rejected frame"
-        );
+        assert_eq!(err, FrameError::TooLarge { tag: b'Q', len: 0x7fff_ffff, max: 1 << 20 });
+        assert_eq!(buf.capacity(), before, "no space may be reserved for a rejected frame");
         // exactly at the limit is fine
         let mut buf = BytesMut::from(&[b'd', 0, 0, 4, 0][..]);
         assert!(decode(&mut buf, 1024).unwrap().is_none());

@@ -8,11 +8,7 @@ fn md5_hex(parts: &[&[u8]]) -> String {
     for part in parts {
         hasher.update(part);
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The stored form: md5_hex(password || user), without the "md5" prefix.
@@ -43,10 +39,7 @@ mod tests {
     #[test]
     fn stored_hash_matches_pg_authid() {
         // SELECT 'md5' || md5('secret' || 'alice') in PostgreSQL
-        let digest: String = Md5::digest(b"secretalice")
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest: String = Md5::digest(b"secretalice").iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(stored_hash("alice", "secret"), digest);
     }
 }

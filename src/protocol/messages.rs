@@ -7,12 +7,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::Message;
 use pgwire::messages::data::{DataRow, FieldDescription, RowDescription};
-use pgwire::messages::response::{
-    CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus,
-};
-use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
-};
+use pgwire::messages::response::{CommandComplete, ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
 
 use super::framing::get_cstr;
 use super::startup::CancelKey;
@@ -67,8 +63,7 @@ impl Severity {
 
 fn encode(msg: &impl Message) -> Bytes {
     let mut buf = BytesMut::with_capacity(msg.message_length() + 1);
-    msg.encode(&mut buf)
-        .expect("messages built by pgrouter are within pgwire's size limits");
+    msg.encode(&mut buf).expect("messages built by pgrouter are within pgwire's size limits");
     buf.freeze()
 }
 
@@ -112,28 +107,20 @@ pub fn command_complete(tag: &str) -> Bytes {
 #[must_use]
 pub fn text_result(columns: &[&str], rows: &[Vec<Option<String>>], tag: &str) -> Bytes {
     const TEXT_OID: u32 = 25;
-    let fields = columns
-        .iter()
-        .map(|c| FieldDescription::new((*c).to_owned(), 0, 0, TEXT_OID, -1, -1, 0))
-        .collect();
+    let fields = columns.iter().map(|c| FieldDescription::new((*c).to_owned(), 0, 0, TEXT_OID, -1, -1, 0)).collect();
     let mut out = BytesMut::from(&encode(&RowDescription::new(fields))[..]);
     for row in rows {
         let mut data = BytesMut::new();
         for value in row {
             match value {
                 Some(v) => {
-                    data.extend_from_slice(
-                        &i32::try_from(v.len()).unwrap_or(i32::MAX).to_be_bytes(),
-                    );
+                    data.extend_from_slice(&i32::try_from(v.len()).unwrap_or(i32::MAX).to_be_bytes());
                     data.extend_from_slice(v.as_bytes());
                 }
                 None => data.extend_from_slice(&(-1i32).to_be_bytes()),
             }
         }
-        out.extend_from_slice(&encode(&DataRow::new(
-            data,
-            i16::try_from(row.len()).unwrap_or(i16::MAX),
-        )));
+        out.extend_from_slice(&encode(&DataRow::new(data, i16::try_from(row.len()).unwrap_or(i16::MAX))));
     }
     out.extend_from_slice(&command_complete(tag));
     out.freeze()
@@ -143,12 +130,7 @@ pub fn text_result(columns: &[&str], rows: &[Vec<Option<String>>], tag: &str) ->
 #[must_use]
 pub fn notice(code: SqlState, message: &str) -> Bytes {
     let mut buf = BytesMut::new();
-    let fields: Vec<(u8, &str)> = vec![
-        (b'S', "WARNING"),
-        (b'V', "WARNING"),
-        (b'C', code.0),
-        (b'M', message),
-    ];
+    let fields: Vec<(u8, &str)> = vec![(b'S', "WARNING"), (b'V', "WARNING"), (b'C', code.0), (b'M', message)];
     let len: usize = 4 + fields.iter().map(|(_, v)| v.len() + 2).sum::<usize>() + 1;
     buf.extend_from_slice(b"N");
     buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
@@ -188,10 +170,7 @@ pub fn parse_bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {
 
 #[must_use]
 pub fn negotiate_protocol_version(newest_minor: u16, unsupported: &[String]) -> Bytes {
-    encode(&NegotiateProtocolVersion::new(
-        i32::from(newest_minor),
-        unsupported.to_vec(),
-    ))
+    encode(&NegotiateProtocolVersion::new(i32::from(newest_minor), unsupported.to_vec()))
 }
 
 /// The authentication requests pgrouter sends to clients.
@@ -205,9 +184,7 @@ pub mod auth {
 
     #[must_use]
     pub fn sasl(mechanisms: &[&str]) -> Bytes {
-        encode(&Authentication::SASL(
-            mechanisms.iter().map(|m| (*m).to_owned()).collect(),
-        ))
+        encode(&Authentication::SASL(mechanisms.iter().map(|m| (*m).to_owned()).collect()))
     }
 
     #[must_use]
@@ -231,11 +208,7 @@ pub mod auth {
 pub fn query(sql: &str) -> Bytes {
     let mut buf = BytesMut::with_capacity(sql.len() + 6);
     buf.extend_from_slice(b"Q");
-    buf.extend_from_slice(
-        &u32::try_from(sql.len() + 5)
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
+    buf.extend_from_slice(&u32::try_from(sql.len() + 5).unwrap_or(u32::MAX).to_be_bytes());
     buf.extend_from_slice(sql.as_bytes());
     buf.extend_from_slice(b"\0");
     buf.freeze()
@@ -249,10 +222,7 @@ pub const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
 pub fn parse_parameter_status(mut body: &[u8]) -> Option<(String, String)> {
     let name = get_cstr(&mut body)?;
     let value = get_cstr(&mut body)?;
-    Some((
-        String::from_utf8_lossy(name).into_owned(),
-        String::from_utf8_lossy(value).into_owned(),
-    ))
+    Some((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned()))
 }
 
 /// Reads a DataRow body as text columns (`None` for NULL).
@@ -330,11 +300,7 @@ pub mod password {
             return None;
         }
         let len = body.get_i32();
-        let data = if len < 0 {
-            &[][..]
-        } else {
-            body.get(..usize::try_from(len).ok()?)?
-        };
+        let data = if len < 0 { &[][..] } else { body.get(..usize::try_from(len).ok()?)? };
         (body.len() == data.len()).then_some((mechanism, data))
     }
 }
@@ -347,15 +313,10 @@ mod tests {
     #[test]
     fn error_response_round_trips() {
         let bytes = error_response(Severity::Fatal, SqlState::INVALID_PASSWORD, "nope");
-        let frame = framing::decode(&mut BytesMut::from(&bytes[..]), 1024)
-            .unwrap()
-            .unwrap();
+        let frame = framing::decode(&mut BytesMut::from(&bytes[..]), 1024).unwrap().unwrap();
         assert_eq!(frame.tag(), b'E');
         let f = parse_error_fields(frame.body());
-        assert_eq!(
-            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
-            ("FATAL", "28P01", "nope")
-        );
+        assert_eq!((f.severity.as_str(), f.code.as_str(), f.message.as_str()), ("FATAL", "28P01", "nope"));
     }
 
     #[test]
@@ -377,14 +338,9 @@ mod tests {
         assert_eq!(t.tag(), b'T');
         let d = framing::decode(&mut buf, 1024).unwrap().unwrap();
         assert_eq!(parse_data_row(d.body()), Some(vec![Some("x".into()), None]));
-        assert_eq!(
-            framing::decode(&mut buf, 1024).unwrap().unwrap().tag(),
-            b'C'
-        );
+        assert_eq!(framing::decode(&mut buf, 1024).unwrap().unwrap().tag(), b'C');
         let n = notice(SqlState("25001"), "already");
-        let n = framing::decode(&mut BytesMut::from(&n[..]), 1024)
-            .unwrap()
-            .unwrap();
+        let n = framing::decode(&mut BytesMut::from(&n[..]), 1024).unwrap().unwrap();
         assert_eq!(parse_error_fields(n.body()).code, "25001");
     }
 
@@ -393,10 +349,7 @@ mod tests {
         let mut body = b"SCRAM-SHA-256\0".to_vec();
         body.extend_from_slice(&3i32.to_be_bytes());
         body.extend_from_slice(b"abc");
-        assert_eq!(
-            password::parse_sasl_initial(&body),
-            Some((&b"SCRAM-SHA-256"[..], &b"abc"[..]))
-        );
+        assert_eq!(password::parse_sasl_initial(&body), Some((&b"SCRAM-SHA-256"[..], &b"abc"[..])));
         body.push(b'x');
         assert_eq!(password::parse_sasl_initial(&body), None);
     }

@@ -35,12 +35,7 @@ impl Scanner {
     /// Classifies the front of `buf`. `wanted(tag)` says which message types must be shown
     /// whole; those are limited to `max` bytes. Consecutive uninteresting messages are
     /// merged into one `Pass`.
-    pub fn next(
-        &mut self,
-        buf: &[u8],
-        max: usize,
-        wanted: impl Fn(u8) -> bool,
-    ) -> Result<Piece, FrameError> {
+    pub fn next(&mut self, buf: &[u8], max: usize, wanted: impl Fn(u8) -> bool) -> Result<Piece, FrameError> {
         let mut pass = 0;
         loop {
             if self.remaining > 0 {
@@ -66,19 +61,11 @@ impl Scanner {
                 if len > max {
                     return Err(FrameError::TooLarge { tag, len, max });
                 }
-                return Ok(if buf.len() >= len {
-                    Piece::Message { tag, len }
-                } else {
-                    Piece::NeedMore
-                });
+                return Ok(if buf.len() >= len { Piece::Message { tag, len } } else { Piece::NeedMore });
             }
             self.remaining = len;
         }
-        Ok(if pass > 0 {
-            Piece::Pass(pass)
-        } else {
-            Piece::NeedMore
-        })
+        Ok(if pass > 0 { Piece::Pass(pass) } else { Piece::NeedMore })
     }
 }
 
@@ -106,10 +93,7 @@ mod tests {
         buf.extend(msg(b'Z', b"I"));
         let mut s = Scanner::default();
         assert_eq!(s.next(&buf, 100, is_ready).unwrap(), Piece::Pass(data_len));
-        assert_eq!(
-            s.next(&buf[data_len..], 100, is_ready).unwrap(),
-            Piece::Message { tag: b'Z', len: 6 }
-        );
+        assert_eq!(s.next(&buf[data_len..], 100, is_ready).unwrap(), Piece::Message { tag: b'Z', len: 6 });
     }
 
     #[test]
@@ -118,20 +102,11 @@ mod tests {
         let mut s = Scanner::default();
         // only the header and part of the body have arrived
         assert_eq!(s.next(&row[..100], 64, is_ready).unwrap(), Piece::Pass(100));
-        assert_eq!(
-            s.next(&row[100..5000], 64, is_ready).unwrap(),
-            Piece::Pass(4900)
-        );
+        assert_eq!(s.next(&row[100..5000], 64, is_ready).unwrap(), Piece::Pass(4900));
         let mut rest = row[5000..].to_vec();
         rest.extend(msg(b'Z', b"T"));
-        assert_eq!(
-            s.next(&rest, 64, is_ready).unwrap(),
-            Piece::Pass(row.len() - 5000)
-        );
-        assert_eq!(
-            s.next(&rest[row.len() - 5000..], 64, is_ready).unwrap(),
-            Piece::Message { tag: b'Z', len: 6 }
-        );
+        assert_eq!(s.next(&rest, 64, is_ready).unwrap(), Piece::Pass(row.len() - 5000));
+        assert_eq!(s.next(&rest[row.len() - 5000..], 64, is_ready).unwrap(), Piece::Message { tag: b'Z', len: 6 });
     }
 
     #[test]
@@ -140,10 +115,7 @@ mod tests {
         let mut s = Scanner::default();
         assert_eq!(s.next(&z[..3], 64, is_ready).unwrap(), Piece::NeedMore);
         assert_eq!(s.next(&z[..5], 64, is_ready).unwrap(), Piece::NeedMore);
-        assert_eq!(
-            s.next(&z, 64, is_ready).unwrap(),
-            Piece::Message { tag: b'Z', len: 6 }
-        );
+        assert_eq!(s.next(&z, 64, is_ready).unwrap(), Piece::Message { tag: b'Z', len: 6 });
     }
 
     #[test]
@@ -151,9 +123,6 @@ mod tests {
         let mut s = Scanner::default();
         assert!(s.next(&[b'D', 0, 0, 0, 2], 64, is_ready).is_err());
         let big = msg(b'Z', &[0u8; 100]);
-        assert!(matches!(
-            s.next(&big, 64, is_ready),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(s.next(&big, 64, is_ready), Err(FrameError::TooLarge { .. })));
     }
 }

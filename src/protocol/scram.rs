@@ -72,8 +72,7 @@ impl ScramVerifier {
 /// SASLprep the password as PostgreSQL does; if it is not valid UTF-8 or SASLprep rejects it,
 /// the raw bytes are used (PostgreSQL's `pg_saslprep` fallback).
 fn normalize(password: &str) -> Vec<u8> {
-    stringprep::saslprep(password)
-        .map_or_else(|_| password.as_bytes().to_vec(), |p| p.as_bytes().to_vec())
+    stringprep::saslprep(password).map_or_else(|_| password.as_bytes().to_vec(), |p| p.as_bytes().to_vec())
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -110,12 +109,7 @@ pub enum ScramError {
 
 enum State {
     AwaitClientFirst,
-    AwaitClientFinal {
-        client_first_bare: String,
-        server_first: String,
-        gs2_header: String,
-        nonce: String,
-    },
+    AwaitClientFinal { client_first_bare: String, server_first: String, gs2_header: String, nonce: String },
     Done,
 }
 
@@ -130,11 +124,7 @@ impl ScramServer {
     /// `server_nonce` must be printable ASCII without commas; [`ScramServer::new`] makes one.
     #[must_use]
     pub fn with_nonce(verifier: ScramVerifier, server_nonce: String) -> Self {
-        Self {
-            verifier,
-            server_nonce,
-            state: State::AwaitClientFirst,
-        }
+        Self { verifier, server_nonce, state: State::AwaitClientFirst }
     }
 
     #[must_use]
@@ -156,16 +146,10 @@ impl ScramServer {
             .filter(|n| !n.is_empty())
             .ok_or(ScramError::Malformed("client nonce missing"))?;
         if bare.split(',').any(|attr| attr.starts_with("m=")) {
-            return Err(ScramError::Malformed(
-                "mandatory extensions are not supported",
-            ));
+            return Err(ScramError::Malformed("mandatory extensions are not supported"));
         }
         let nonce = format!("{client_nonce}{}", self.server_nonce);
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            B64.encode(&self.verifier.salt),
-            self.verifier.iterations
-        );
+        let server_first = format!("r={nonce},s={},i={}", B64.encode(&self.verifier.salt), self.verifier.iterations);
         self.state = State::AwaitClientFinal {
             client_first_bare: bare.to_owned(),
             server_first: server_first.clone(),
@@ -177,32 +161,20 @@ impl ScramServer {
 
     /// Takes client-final-message; on a valid proof returns server-final-message.
     pub fn client_final(&mut self, msg: &[u8]) -> Result<Vec<u8>, ScramError> {
-        let State::AwaitClientFinal {
-            client_first_bare,
-            server_first,
-            gs2_header,
-            nonce,
-        } = std::mem::replace(&mut self.state, State::Done)
+        let State::AwaitClientFinal { client_first_bare, server_first, gs2_header, nonce } =
+            std::mem::replace(&mut self.state, State::Done)
         else {
             return Err(ScramError::OutOfOrder);
         };
         let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let (without_proof, proof) = msg
-            .rsplit_once(",p=")
-            .ok_or(ScramError::Malformed("proof missing"))?;
+        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed("proof missing"))?;
         let mut attrs = without_proof.split(',');
-        let binding = attrs
-            .next()
-            .and_then(|a| a.strip_prefix("c="))
-            .ok_or(ScramError::Malformed("channel binding missing"))?;
-        let final_nonce = attrs
-            .next()
-            .and_then(|a| a.strip_prefix("r="))
-            .ok_or(ScramError::Malformed("nonce missing"))?;
+        let binding =
+            attrs.next().and_then(|a| a.strip_prefix("c=")).ok_or(ScramError::Malformed("channel binding missing"))?;
+        let final_nonce =
+            attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or(ScramError::Malformed("nonce missing"))?;
         if B64.decode(binding).ok().as_deref() != Some(gs2_header.as_bytes()) {
-            return Err(ScramError::Malformed(
-                "channel binding does not match the first message",
-            ));
+            return Err(ScramError::Malformed("channel binding does not match the first message"));
         }
         if final_nonce != nonce {
             return Err(ScramError::Malformed("nonce does not match"));
@@ -211,16 +183,11 @@ impl ScramServer {
             .decode(proof)
             .ok()
             .and_then(|p| p.try_into().ok())
-            .ok_or(ScramError::Malformed(
-                "proof is not 32 base64-encoded bytes",
-            ))?;
+            .ok_or(ScramError::Malformed("proof is not 32 base64-encoded bytes"))?;
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = proof;
-        client_key
-            .iter_mut()
-            .zip(client_signature)
-            .for_each(|(k, s)| *k ^= s);
+        client_key.iter_mut().zip(client_signature).for_each(|(k, s)| *k ^= s);
         let stored: [u8; 32] = Sha256::digest(client_key).into();
         if !ct_eq(&stored, &self.verifier.stored_key) {
             return Err(ScramError::BadProof);
@@ -238,17 +205,12 @@ fn split_gs2_header(msg: &str) -> Result<(&str, &str), ScramError> {
         flag if flag.starts_with("p=") => return Err(ScramError::ChannelBinding),
         _ => return Err(ScramError::Malformed("bad channel binding flag")),
     }
-    let second_comma = msg
-        .match_indices(',')
-        .nth(1)
-        .map(|(i, _)| i)
-        .ok_or(ScramError::Malformed("gs2 header incomplete"))?;
+    let second_comma =
+        msg.match_indices(',').nth(1).map(|(i, _)| i).ok_or(ScramError::Malformed("gs2 header incomplete"))?;
     let (header, bare) = msg.split_at(second_comma + 1);
     if header.len() != cb_flag.len() + 2 {
         // PostgreSQL refuses an authorization identity (`a=...`) too.
-        return Err(ScramError::Malformed(
-            "authorization identities are not supported",
-        ));
+        return Err(ScramError::Malformed("authorization identities are not supported"));
     }
     Ok((header, bare))
 }
@@ -260,9 +222,9 @@ mod tests {
     // RFC 7677 section 3: user "user", password "pencil".
     const CLIENT_FIRST: &str = "n,,n=user,r=rOprNGfwEbeRWgbNEkqO";
     const SERVER_NONCE: &str = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
-    const SERVER_FIRST: &str =
-        "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-    const CLIENT_FINAL: &str = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+    const SERVER_FIRST: &str = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+    const CLIENT_FINAL: &str =
+        "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     const SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
     fn rfc_verifier() -> ScramVerifier {
@@ -273,14 +235,8 @@ mod tests {
     #[test]
     fn rfc7677_vector() {
         let mut server = ScramServer::with_nonce(rfc_verifier(), SERVER_NONCE.into());
-        assert_eq!(
-            server.client_first(CLIENT_FIRST.as_bytes()).unwrap(),
-            SERVER_FIRST.as_bytes()
-        );
-        assert_eq!(
-            server.client_final(CLIENT_FINAL.as_bytes()).unwrap(),
-            SERVER_FINAL.as_bytes()
-        );
+        assert_eq!(server.client_first(CLIENT_FIRST.as_bytes()).unwrap(), SERVER_FIRST.as_bytes());
+        assert_eq!(server.client_final(CLIENT_FINAL.as_bytes()).unwrap(), SERVER_FINAL.as_bytes());
     }
 
     #[test]
@@ -288,10 +244,7 @@ mod tests {
         let wrong = ScramVerifier::from_password("pencil2", &rfc_verifier().salt, 4096);
         let mut server = ScramServer::with_nonce(wrong, SERVER_NONCE.into());
         server.client_first(CLIENT_FIRST.as_bytes()).unwrap();
-        assert_eq!(
-            server.client_final(CLIENT_FINAL.as_bytes()),
-            Err(ScramError::BadProof)
-        );
+        assert_eq!(server.client_final(CLIENT_FINAL.as_bytes()), Err(ScramError::BadProof));
     }
 
     #[test]
@@ -330,27 +283,18 @@ mod tests {
     fn channel_binding_requests_are_refused() {
         let mut server = ScramServer::new(rfc_verifier());
         let msg = "p=tls-server-end-point,,n=,r=abc";
-        assert_eq!(
-            server.client_first(msg.as_bytes()),
-            Err(ScramError::ChannelBinding)
-        );
+        assert_eq!(server.client_first(msg.as_bytes()), Err(ScramError::ChannelBinding));
     }
 
     #[test]
     fn authorization_identity_is_refused() {
         let mut server = ScramServer::new(rfc_verifier());
-        assert!(matches!(
-            server.client_first(b"n,a=admin,n=,r=abc"),
-            Err(ScramError::Malformed(_))
-        ));
+        assert!(matches!(server.client_first(b"n,a=admin,n=,r=abc"), Err(ScramError::Malformed(_))));
     }
 
     #[test]
     fn messages_out_of_order() {
         let mut server = ScramServer::new(rfc_verifier());
-        assert_eq!(
-            server.client_final(CLIENT_FINAL.as_bytes()),
-            Err(ScramError::OutOfOrder)
-        );
+        assert_eq!(server.client_final(CLIENT_FINAL.as_bytes()), Err(ScramError::OutOfOrder));
     }
 }

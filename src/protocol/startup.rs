@@ -49,10 +49,7 @@ pub struct StartupMessage {
 impl StartupMessage {
     #[must_use]
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -99,27 +96,20 @@ fn parse_cancel(mut body: &[u8]) -> Result<StartupPacket, StartupError> {
         return Err(StartupError::Malformed("cancel request of the wrong size"));
     }
     let pid = body.get_i32();
-    Ok(StartupPacket::Cancel(CancelKey {
-        pid,
-        secret: body.to_vec(),
-    }))
+    Ok(StartupPacket::Cancel(CancelKey { pid, secret: body.to_vec() }))
 }
 
 fn parse_params(minor_version: u16, mut body: &[u8]) -> Result<StartupMessage, StartupError> {
     let mut params = Vec::new();
     let mut protocol_options = Vec::new();
     loop {
-        let key =
-            get_cstr(&mut body).ok_or(StartupError::Malformed("unterminated parameter name"))?;
+        let key = get_cstr(&mut body).ok_or(StartupError::Malformed("unterminated parameter name"))?;
         if key.is_empty() {
             break;
         }
-        let value =
-            get_cstr(&mut body).ok_or(StartupError::Malformed("missing parameter value"))?;
-        let key = std::str::from_utf8(key)
-            .map_err(|_| StartupError::Malformed("parameter name is not UTF-8"))?;
-        let value = std::str::from_utf8(value)
-            .map_err(|_| StartupError::Malformed("parameter value is not UTF-8"))?;
+        let value = get_cstr(&mut body).ok_or(StartupError::Malformed("missing parameter value"))?;
+        let key = std::str::from_utf8(key).map_err(|_| StartupError::Malformed("parameter name is not UTF-8"))?;
+        let value = std::str::from_utf8(value).map_err(|_| StartupError::Malformed("parameter value is not UTF-8"))?;
         if key.starts_with("_pq_.") {
             protocol_options.push(key.to_owned());
         } else {
@@ -129,11 +119,7 @@ fn parse_params(minor_version: u16, mut body: &[u8]) -> Result<StartupMessage, S
     if !body.is_empty() {
         return Err(StartupError::Malformed("bytes after the parameter list"));
     }
-    Ok(StartupMessage {
-        minor_version,
-        params,
-        protocol_options,
-    })
+    Ok(StartupMessage { minor_version, params, protocol_options })
 }
 
 #[cfg(test)]
@@ -151,9 +137,7 @@ mod tests {
     #[test]
     fn startup_message_with_params() {
         let mut buf = packet(196_608, b"user\0app\0database\0shop\0_pq_.x\0\x31\0\0");
-        let Some(StartupPacket::Startup(m)) = decode(&mut buf).unwrap() else {
-            panic!()
-        };
+        let Some(StartupPacket::Startup(m)) = decode(&mut buf).unwrap() else { panic!() };
         assert_eq!(m.minor_version, 0);
         assert_eq!(m.param("user"), Some("app"));
         assert_eq!(m.param("database"), Some("shop"));
@@ -164,46 +148,23 @@ mod tests {
     #[test]
     fn protocol_3_2_is_accepted_for_negotiation() {
         let mut buf = packet(196_610, b"user\0app\0\0");
-        let Some(StartupPacket::Startup(m)) = decode(&mut buf).unwrap() else {
-            panic!()
-        };
+        let Some(StartupPacket::Startup(m)) = decode(&mut buf).unwrap() else { panic!() };
         assert_eq!(m.minor_version, 2);
     }
 
     #[test]
     fn special_codes() {
-        assert_eq!(
-            decode(&mut packet(80_877_103, b"")).unwrap(),
-            Some(StartupPacket::SslRequest)
-        );
-        assert_eq!(
-            decode(&mut packet(80_877_104, b"")).unwrap(),
-            Some(StartupPacket::GssEncRequest)
-        );
+        assert_eq!(decode(&mut packet(80_877_103, b"")).unwrap(), Some(StartupPacket::SslRequest));
+        assert_eq!(decode(&mut packet(80_877_104, b"")).unwrap(), Some(StartupPacket::GssEncRequest));
         let cancel = decode(&mut packet(80_877_102, &[0, 0, 0, 7, 1, 2, 3, 4])).unwrap();
-        assert_eq!(
-            cancel,
-            Some(StartupPacket::Cancel(CancelKey {
-                pid: 7,
-                secret: vec![1, 2, 3, 4]
-            }))
-        );
+        assert_eq!(cancel, Some(StartupPacket::Cancel(CancelKey { pid: 7, secret: vec![1, 2, 3, 4] })));
     }
 
     #[test]
     fn rejects_bad_packets() {
-        assert_eq!(
-            decode(&mut packet(0x0002_0000, b"")),
-            Err(StartupError::UnsupportedProtocol(0x0002_0000))
-        );
-        assert!(matches!(
-            decode(&mut packet(196_608, b"user\0app")),
-            Err(StartupError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode(&mut packet(80_877_102, &[0, 0])),
-            Err(StartupError::Malformed(_))
-        ));
+        assert_eq!(decode(&mut packet(0x0002_0000, b"")), Err(StartupError::UnsupportedProtocol(0x0002_0000)));
+        assert!(matches!(decode(&mut packet(196_608, b"user\0app")), Err(StartupError::Malformed(_))));
+        assert!(matches!(decode(&mut packet(80_877_102, &[0, 0])), Err(StartupError::Malformed(_))));
         for len in [0u32, 3, 7, 10_001, u32::MAX] {
             let mut b = BytesMut::from(&len.to_be_bytes()[..]);
             assert_eq!(decode(&mut b), Err(StartupError::BadLength(len)));

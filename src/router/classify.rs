@@ -9,9 +9,8 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    CopySource, Expr, ObjectName, Query, Select, Set, Statement, TableFactor,
-    TransactionAccessMode, TransactionIsolationLevel, TransactionMode, UtilityOption, Visit,
-    Visitor,
+    CopySource, DiscardObject, Expr, ObjectName, Query, Select, Set, Statement, TableFactor, TransactionAccessMode,
+    TransactionIsolationLevel, TransactionMode, UtilityOption, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -86,6 +85,8 @@ pub struct Classification {
     /// session advisory lock, a temporary table, SQL-level PREPARE, a WITH HOLD cursor): the
     /// client must keep its connection. The reason, for logs.
     pub pins: Option<&'static str>,
+    /// DISCARD ALL: the server drops every prepared statement of the connection.
+    pub discards_all: bool,
 }
 
 impl Classification {
@@ -104,6 +105,7 @@ impl Classification {
             cacheable: true,
             session_state: false,
             pins: None,
+            discards_all: false,
         }
     }
 }
@@ -136,8 +138,7 @@ fn builtin_writer(bare: &str) -> bool {
             | "pg_create_logical_replication_slot"
             | "pg_drop_replication_slot"
     ) || bare.starts_with("lo_")
-        || (bare.starts_with("pg_advisory_") || bare.starts_with("pg_try_advisory_"))
-            && bare.contains("lock")
+        || (bare.starts_with("pg_advisory_") || bare.starts_with("pg_try_advisory_")) && bare.contains("lock")
         || bare.starts_with("pg_replication_origin_")
 }
 
@@ -155,24 +156,14 @@ pub fn classify(sql: &str) -> Classification {
         Err(e) => {
             return transaction_fallback(sql).unwrap_or_else(|| {
                 let (session_state, pins) = unparsed_effects(sql);
-                Classification {
-                    session_state,
-                    pins,
-                    ..Classification::write(format!("does not parse ({e})"))
-                }
+                Classification { session_state, pins, ..Classification::write(format!("does not parse ({e})")) }
             });
         }
     };
     if statements.is_empty() {
-        return Classification {
-            access: Access::Read,
-            ..Classification::write("")
-        };
+        return Classification { access: Access::Read, ..Classification::write("") };
     }
-    let mut result = Classification {
-        access: Access::Read,
-        ..Classification::write("")
-    };
+    let mut result = Classification { access: Access::Read, ..Classification::write("") };
     let single = statements.len() == 1;
     for stmt in &statements {
         let one = classify_statement(stmt);
@@ -191,6 +182,7 @@ pub fn classify(sql: &str) -> Classification {
         let mut effects = Effects::default();
         let _ = stmt.visit(&mut effects);
         result.session_state |= effects.session_state;
+        result.discards_all |= effects.discards_all;
         result.pins = result.pins.or(effects.pins);
     }
     result.functions.sort();
@@ -199,29 +191,16 @@ pub fn classify(sql: &str) -> Classification {
 }
 
 fn classify_statement(stmt: &Statement) -> Classification {
-    let read = || Classification {
-        access: Access::Read,
-        ..Classification::write("")
-    };
-    let tx = |tx| Classification {
-        tx: Some(tx),
-        ..read()
-    };
+    let read = || Classification { access: Access::Read, ..Classification::write("") };
+    let tx = |tx| Classification { tx: Some(tx), ..read() };
     match stmt {
         Statement::Query(_) | Statement::Declare { .. } => scan(stmt),
-        Statement::Explain {
-            analyze,
-            statement,
-            options,
-            ..
-        } => {
+        Statement::Explain { analyze, statement, options, .. } => {
             let mut c = if *analyze || options.as_deref().is_some_and(analyze_option) {
                 let inner = classify_statement(statement);
                 match inner.access {
                     Access::Write(_) => Classification {
-                        access: Access::Write(
-                            "EXPLAIN ANALYZE runs a statement that writes".into(),
-                        ),
+                        access: Access::Write("EXPLAIN ANALYZE runs a statement that writes".into()),
                         ..inner
                     },
                     Access::Read => inner,
@@ -233,57 +212,29 @@ fn classify_statement(stmt: &Statement) -> Classification {
             c.cacheable = options.is_none();
             c
         }
-        Statement::Copy {
-            to: true,
-            source: CopySource::Query(_),
-            ..
-        } => scan(stmt),
+        Statement::Copy { to: true, source: CopySource::Query(_), .. } => scan(stmt),
         Statement::Copy { to: true, .. } => read(),
         Statement::Copy { to: false, .. } => Classification::write("COPY FROM writes rows"),
         // drivers ask this to find the primary (libpq target_session_attrs, pgjdbc
         // targetServerType): the answer must come from the primary
         Statement::ShowVariable { variable }
-            if variable.len() == 1
-                && variable[0]
-                    .value
-                    .eq_ignore_ascii_case("transaction_read_only") =>
+            if variable.len() == 1 && variable[0].value.eq_ignore_ascii_case("transaction_read_only") =>
         {
             Classification::write("SHOW transaction_read_only is answered by the primary")
         }
-        Statement::ShowVariable { .. }
-        | Statement::ShowVariables { .. }
-        | Statement::ShowTables { .. } => read(),
+        Statement::ShowVariable { .. } | Statement::ShowVariables { .. } | Statement::ShowTables { .. } => read(),
         Statement::Fetch { .. } | Statement::Close { .. } => read(),
-        Statement::StartTransaction {
-            modes,
-            begin,
-            statements,
-            ..
-        } if statements.is_empty() => tx(TxControl::Begin {
-            modes: tx_modes(modes),
-            tag: if *begin { "BEGIN" } else { "START TRANSACTION" },
-        }),
-        Statement::Set(Set::SetTransaction {
-            modes,
-            session: false,
-            snapshot: None,
-        }) => tx(TxControl::SetTransaction {
-            modes: tx_modes(modes),
-        }),
-        Statement::Commit { chain, .. } => tx(TxControl::End {
-            tag: "COMMIT",
-            chain: *chain,
-        }),
-        Statement::Rollback {
-            savepoint: None,
-            chain,
-        } => tx(TxControl::End {
-            tag: "ROLLBACK",
-            chain: *chain,
-        }),
-        Statement::Rollback { .. }
-        | Statement::Savepoint { .. }
-        | Statement::ReleaseSavepoint { .. } => tx(TxControl::Savepoint),
+        Statement::StartTransaction { modes, begin, statements, .. } if statements.is_empty() => {
+            tx(TxControl::Begin { modes: tx_modes(modes), tag: if *begin { "BEGIN" } else { "START TRANSACTION" } })
+        }
+        Statement::Set(Set::SetTransaction { modes, session: false, snapshot: None }) => {
+            tx(TxControl::SetTransaction { modes: tx_modes(modes) })
+        }
+        Statement::Commit { chain, .. } => tx(TxControl::End { tag: "COMMIT", chain: *chain }),
+        Statement::Rollback { savepoint: None, chain } => tx(TxControl::End { tag: "ROLLBACK", chain: *chain }),
+        Statement::Rollback { .. } | Statement::Savepoint { .. } | Statement::ReleaseSavepoint { .. } => {
+            tx(TxControl::Savepoint)
+        }
         other => Classification::write(format!("{} is not a read", statement_kind(other))),
     }
 }
@@ -292,9 +243,7 @@ fn tx_modes(modes: &[TransactionMode]) -> TxModes {
     let mut out = TxModes::default();
     for m in modes {
         match m {
-            TransactionMode::AccessMode(a) => {
-                out.read_only = Some(*a == TransactionAccessMode::ReadOnly)
-            }
+            TransactionMode::AccessMode(a) => out.read_only = Some(*a == TransactionAccessMode::ReadOnly),
             TransactionMode::IsolationLevel(l) => {
                 out.serializable = Some(*l == TransactionIsolationLevel::Serializable);
             }
@@ -340,6 +289,7 @@ fn scan(stmt: &Statement) -> Classification {
 #[derive(Default)]
 struct Effects {
     session_state: bool,
+    discards_all: bool,
     pins: Option<&'static str>,
 }
 
@@ -355,9 +305,11 @@ impl Visitor for Effects {
     fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
         match stmt {
             Statement::Set(Set::SetTransaction { .. }) => {}
-            Statement::Set(_) | Statement::Reset(_) | Statement::Discard { .. } => {
-                self.session_state = true
+            Statement::Discard { object_type } => {
+                self.session_state = true;
+                self.discards_all |= *object_type == DiscardObject::ALL;
             }
+            Statement::Set(_) | Statement::Reset(_) => self.session_state = true,
             Statement::LISTEN { .. } => self.pin("LISTEN"),
             Statement::Prepare { .. } => self.pin("SQL-level PREPARE"),
             Statement::CreateTable(t) if t.temporary => self.pin("a temporary table"),
@@ -399,13 +351,13 @@ fn unparsed_effects(sql: &str) -> (bool, Option<&'static str>) {
     super::shape::shape_into(sql.as_bytes(), &mut shape);
     let text = String::from_utf8_lossy(&shape);
     let words: Vec<&str> = text.split_whitespace().take(3).collect();
-    let session_state = matches!(words.first(), Some(&("set" | "reset" | "discard")))
-        || text.contains("set_config(");
+    let session_state = matches!(words.first(), Some(&("set" | "reset" | "discard"))) || text.contains("set_config(");
     let pins = match words.as_slice() {
         ["listen", ..] => Some("LISTEN"),
         ["prepare", w, ..] if *w != "transaction" => Some("SQL-level PREPARE"),
-        ["create", "temp" | "temporary", ..]
-        | ["create", "local" | "global", "temp" | "temporary"] => Some("a temporary table"),
+        ["create", "temp" | "temporary", ..] | ["create", "local" | "global", "temp" | "temporary"] => {
+            Some("a temporary table")
+        }
         ["declare", ..] if text.contains(" with hold ") => Some("a WITH HOLD cursor"),
         _ if text.contains("pg_advisory_lock(") || text.contains("pg_try_advisory_lock(") => {
             Some("a session advisory lock")
@@ -432,9 +384,7 @@ impl Finder {
     fn call(&mut self, name: &ObjectName) {
         let name = function_name(name);
         if builtin_writer(bare_name(&name)) {
-            self.write(format!(
-                "calls {name}(), which writes, holds session state or needs the primary"
-            ));
+            self.write(format!("calls {name}(), which writes, holds session state or needs the primary"));
         } else {
             self.functions.push(name);
         }
@@ -447,17 +397,9 @@ impl Visitor for Finder {
     fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
         self.depth += 1;
         if self.depth > 1
-            && matches!(
-                stmt,
-                Statement::Insert(_)
-                    | Statement::Update(_)
-                    | Statement::Delete(_)
-                    | Statement::Merge(_)
-            )
+            && matches!(stmt, Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_))
         {
-            self.write(
-                "a data-modifying statement inside the query (WITH ... INSERT/UPDATE/DELETE)",
-            );
+            self.write("a data-modifying statement inside the query (WITH ... INSERT/UPDATE/DELETE)");
         }
         ControlFlow::Continue(())
     }
@@ -490,12 +432,7 @@ impl Visitor for Finder {
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         match factor {
-            TableFactor::Table {
-                name,
-                args: Some(_),
-                ..
-            }
-            | TableFactor::Function { name, .. } => self.call(name),
+            TableFactor::Table { name, args: Some(_), .. } | TableFactor::Function { name, .. } => self.call(name),
             _ => {}
         }
         ControlFlow::Continue(())
@@ -524,10 +461,7 @@ fn transaction_fallback(sql: &str) -> Option<Classification> {
     super::shape::shape_into(sql.as_bytes(), &mut shape);
     let text = String::from_utf8_lossy(&shape);
     let text = text.trim().trim_end_matches(';');
-    let words: Vec<&str> = text
-        .split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).collect();
     let (tag, modes) = match words.as_slice() {
         ["begin", "work" | "transaction", rest @ ..] | ["begin", rest @ ..] => ("BEGIN", rest),
         ["start", "transaction", rest @ ..] => ("START TRANSACTION", rest),
@@ -559,16 +493,9 @@ fn transaction_fallback(sql: &str) -> Option<Classification> {
             _ => return None,
         }
     }
-    let tx = if tag == "SET" {
-        TxControl::SetTransaction { modes: found }
-    } else {
-        TxControl::Begin { modes: found, tag }
-    };
-    Some(Classification {
-        access: Access::Read,
-        tx: Some(tx),
-        ..Classification::write("")
-    })
+    let tx =
+        if tag == "SET" { TxControl::SetTransaction { modes: found } } else { TxControl::Begin { modes: found, tag } };
+    Some(Classification { access: Access::Read, tx: Some(tx), ..Classification::write("") })
 }
 
 #[cfg(test)]

@@ -19,31 +19,18 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
     let line = |out: &mut String, key: &str, value: &str| {
         let _ = writeln!(out, "{key:<12} {value}");
     };
-    line(
-        &mut out,
-        "database:",
-        &format!("{} ({} pooling)", db.name, db.pool_mode),
-    );
+    line(&mut out, "database:", &format!("{} ({} pooling)", db.name, db.pool_mode));
     line(&mut out, "statement:", sql.trim());
     if db.pool_mode == PoolMode::Session {
-        line(
-            &mut out,
-            "route:",
-            &format!("primary of shard {}", policy.home()),
-        );
-        line(
-            &mut out,
-            "reason:",
-            "session pooling: the whole session runs on the primary",
-        );
+        line(&mut out, "route:", &format!("primary of shard {}", policy.home()));
+        line(&mut out, "reason:", "session pooling: the whole session runs on the primary");
         return out;
     }
     if let Some(cmd) = hint::session_command(sql.as_bytes()) {
         let what = match cmd {
-            Ok(SessionCommand::SetRoute(Some(h))) => format!(
-                "answered by pgrouter: later statements of the session go to the {}",
-                h.as_str()
-            ),
+            Ok(SessionCommand::SetRoute(Some(h))) => {
+                format!("answered by pgrouter: later statements of the session go to the {}", h.as_str())
+            }
             Ok(SessionCommand::SetRoute(None) | SessionCommand::ResetRoute) => {
                 "answered by pgrouter: routing returns to normal".into()
             }
@@ -79,11 +66,7 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
     }
     match policy.decide(sql.as_bytes(), &class, &hints, None) {
         Ok(d) => {
-            line(
-                &mut out,
-                "route:",
-                &format!("{} of shard {}", d.target.as_str(), d.shard),
-            );
+            line(&mut out, "route:", &format!("{} of shard {}", d.target.as_str(), d.shard));
             line(&mut out, "reason:", &d.why.to_string());
             if d.target != Target::Primary {
                 line(
@@ -136,26 +119,14 @@ mod tests {
     #[test]
     fn explains_routes_and_reasons() {
         let e = explain(&db(), "select * from t");
-        assert!(
-            e.contains("route:       replica of shard 0") && e.contains("classification: read"),
-            "{e}"
-        );
+        assert!(e.contains("route:       replica of shard 0") && e.contains("classification: read"), "{e}");
         let e = explain(&db(), "select * from t for update");
-        assert!(
-            e.contains("primary of shard 0") && e.contains("locking clause"),
-            "{e}"
-        );
+        assert!(e.contains("primary of shard 0") && e.contains("locking clause"), "{e}");
         let e = explain(&db(), "/* pgrouter: route=primary */ select 1");
         assert!(e.contains("hint: /* pgrouter: route=primary */"), "{e}");
         let e = explain(&db(), "begin read only");
-        assert!(
-            e.contains("held by pgrouter") && e.contains("replica"),
-            "{e}"
-        );
+        assert!(e.contains("held by pgrouter") && e.contains("replica"), "{e}");
         let e = explain(&db(), "select my_func(1)");
-        assert!(
-            e.contains("unless one of these is a VOLATILE user function: my_func"),
-            "{e}"
-        );
+        assert!(e.contains("unless one of these is a VOLATILE user function: my_func"), "{e}");
     }
 }

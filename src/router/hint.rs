@@ -71,10 +71,7 @@ fn leading_comments(sql: &[u8]) -> (Vec<&[u8]>, &[u8]) {
             comments.push(&r[..end]);
             rest = &r[end + 2..];
         } else if let Some(r) = rest.strip_prefix(b"--") {
-            let end = r
-                .iter()
-                .position(|&c| c == b'\n' || c == b'\r')
-                .unwrap_or(r.len());
+            let end = r.iter().position(|&c| c == b'\n' || c == b'\r').unwrap_or(r.len());
             comments.push(&r[..end]);
             rest = &r[end..];
         } else {
@@ -85,26 +82,26 @@ fn leading_comments(sql: &[u8]) -> (Vec<&[u8]>, &[u8]) {
 
 fn apply(spec: &str, hints: &mut Hints) -> Result<(), String> {
     for item in spec.split([' ', ',', '\t', '\n']).filter(|s| !s.is_empty()) {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| format!("invalid pgrouter hint \"{item}\": expected key=value"))?;
+        let (key, value) =
+            item.split_once('=').ok_or_else(|| format!("invalid pgrouter hint \"{item}\": expected key=value"))?;
         let value = value.trim_matches(|c| c == '\'' || c == '"');
         match key.to_ascii_lowercase().as_str() {
             "route" => {
-                hints.route = Some(RouteHint::parse(value).ok_or_else(|| {
-                    format!("invalid pgrouter hint route={value}: expected primary or replica")
-                })?);
+                hints.route = Some(
+                    RouteHint::parse(value)
+                        .ok_or_else(|| format!("invalid pgrouter hint route={value}: expected primary or replica"))?,
+                );
             }
             "shard" => {
-                hints.shard = Some(value.parse().map_err(|_| {
-                    format!("invalid pgrouter hint shard={value}: expected a shard index")
-                })?);
+                hints.shard = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("invalid pgrouter hint shard={value}: expected a shard index"))?,
+                );
             }
             "shard_key" => hints.shard_key = Some(value.to_owned()),
             other => {
-                return Err(format!(
-                    "unknown pgrouter hint \"{other}\" (known: route, shard, shard_key)"
-                ));
+                return Err(format!("unknown pgrouter hint \"{other}\" (known: route, shard, shard_key)"));
             }
         }
     }
@@ -137,15 +134,10 @@ pub enum SessionCommand {
 pub fn session_command(sql: &[u8]) -> Option<Result<SessionCommand, String>> {
     let (_, body) = leading_comments(sql);
     let head = &body[..body.len().min(64)];
-    if !head
-        .windows(9)
-        .any(|w| w.eq_ignore_ascii_case(b"pgrouter."))
-    {
+    if !head.windows(9).any(|w| w.eq_ignore_ascii_case(b"pgrouter.")) {
         return None;
     }
-    let text = String::from_utf8_lossy(body)
-        .to_ascii_lowercase()
-        .replace('=', " = ");
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase().replace('=', " = ");
     let text = text.trim().trim_end_matches(';');
     let words: Vec<&str> = text.split_whitespace().collect();
     let (verb, rest) = words.split_first()?;
@@ -164,10 +156,9 @@ pub fn session_command(sql: &[u8]) -> Option<Result<SessionCommand, String>> {
     Some(match (*verb, rest) {
         ("show", [_]) => Ok(SessionCommand::ShowRoute),
         ("reset", [_]) => Ok(SessionCommand::ResetRoute),
-        ("set", ["local", ..]) => Err(
-            "SET LOCAL pgrouter.route is not supported: pgrouter settings last for the session"
-                .into(),
-        ),
+        ("set", ["local", ..]) => {
+            Err("SET LOCAL pgrouter.route is not supported: pgrouter settings last for the session".into())
+        }
         ("set", [_, "=" | "to", value] | ["session", _, "=" | "to", value]) => {
             match value.trim_matches(|c| c == '\'' || c == '"') {
                 "default" => Ok(SessionCommand::SetRoute(None)),
@@ -192,62 +183,32 @@ mod tests {
         assert_eq!((h.route, h.shard), (Some(RouteHint::Replica), Some(2)));
         let h = parse_hints(b"/* pgrouter: shard_key='42' */ select").unwrap();
         assert_eq!(h.shard_key.as_deref(), Some("42"));
-        assert!(
-            parse_hints(b"select 1 /* pgrouter: route=primary */")
-                .unwrap()
-                .is_empty(),
-            "only leading comments"
-        );
+        assert!(parse_hints(b"select 1 /* pgrouter: route=primary */").unwrap().is_empty(), "only leading comments");
         assert!(parse_hints(b"/* pgrouter: route=anywhere */ select 1").is_err());
         assert!(parse_hints(b"/* pgrouter: color=blue */ select 1").is_err());
         let h = parse_hints(b"-- pgrouter: route=primary\rselect 1").unwrap();
-        assert_eq!(
-            h.route,
-            Some(RouteHint::Primary),
-            "-- comments end at a carriage return"
-        );
+        assert_eq!(h.route, Some(RouteHint::Primary), "-- comments end at a carriage return");
     }
 
     #[test]
     fn session_commands() {
         let cmd = |s: &str| session_command(s.as_bytes());
-        assert_eq!(
-            cmd("SET pgrouter.route = 'primary'"),
-            Some(Ok(SessionCommand::SetRoute(Some(RouteHint::Primary))))
-        );
+        assert_eq!(cmd("SET pgrouter.route = 'primary'"), Some(Ok(SessionCommand::SetRoute(Some(RouteHint::Primary)))));
         assert_eq!(
             cmd("set session pgrouter.route to replica;"),
             Some(Ok(SessionCommand::SetRoute(Some(RouteHint::Replica))))
         );
-        assert_eq!(
-            cmd("SET pgrouter.route='default'"),
-            Some(Ok(SessionCommand::SetRoute(None)))
-        );
-        assert_eq!(
-            cmd("RESET pgrouter.route"),
-            Some(Ok(SessionCommand::ResetRoute))
-        );
-        assert_eq!(
-            cmd("show pgrouter.route"),
-            Some(Ok(SessionCommand::ShowRoute))
-        );
-        assert!(matches!(
-            cmd("SET pgrouter.route = 'sideways'"),
-            Some(Err(_))
-        ));
+        assert_eq!(cmd("SET pgrouter.route='default'"), Some(Ok(SessionCommand::SetRoute(None))));
+        assert_eq!(cmd("RESET pgrouter.route"), Some(Ok(SessionCommand::ResetRoute)));
+        assert_eq!(cmd("show pgrouter.route"), Some(Ok(SessionCommand::ShowRoute)));
+        assert!(matches!(cmd("SET pgrouter.route = 'sideways'"), Some(Err(_))));
         assert!(matches!(cmd("SET pgrouter.colour = 'red'"), Some(Err(_))));
         assert_eq!(
             cmd("/* app */ -- x\rSET pgrouter.route = replica"),
             Some(Ok(SessionCommand::SetRoute(Some(RouteHint::Replica))))
         );
-        assert!(
-            matches!(cmd("SHOW pgrouter.route ; DROP TABLE t"), Some(Err(_))),
-            "never drop the rest silently"
-        );
-        assert!(matches!(
-            cmd("SET LOCAL pgrouter.route = primary"),
-            Some(Err(_))
-        ));
+        assert!(matches!(cmd("SHOW pgrouter.route ; DROP TABLE t"), Some(Err(_))), "never drop the rest silently");
+        assert!(matches!(cmd("SET LOCAL pgrouter.route = primary"), Some(Err(_))));
         assert!(matches!(cmd("SET pgrouter.route"), Some(Err(_))));
         assert_eq!(cmd("SET search_path = app"), None);
         assert_eq!(cmd("select 'pgrouter.route'"), None);

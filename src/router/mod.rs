@@ -30,11 +30,7 @@ pub struct Router {
 impl Router {
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        Self {
-            cache: quick_cache::sync::Cache::new(capacity),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-        }
+        Self { cache: quick_cache::sync::Cache::new(capacity), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
     }
 
     /// The classification of `sql`, from the cache when its shape was seen before. `scratch`
@@ -51,8 +47,7 @@ impl Router {
             Err(_) => classify::Classification::unparsable("the text is not valid UTF-8"),
         });
         if class.cacheable {
-            self.cache
-                .insert(scratch.as_slice().into(), Arc::clone(&class));
+            self.cache.insert(scratch.as_slice().into(), Arc::clone(&class));
         }
         class
     }
@@ -97,9 +92,6 @@ pub struct Route {
 impl Route {
     #[must_use]
     pub fn primary(shard: ShardId) -> Self {
-        Self {
-            shard,
-            role: Role::Primary,
-        }
+        Self { shard, role: Role::Primary }
     }
 }

@@ -11,9 +11,7 @@ use super::classify::{Access, Classification, bare_name};
 use super::hint::{Hints, RouteHint};
 use std::time::Duration;
 
-use crate::config::{
-    DatabaseConfig, LoadBalance, ReadYourWrites, ReadsTo, ReplicaFallback, RoutingRule, RuleRoute,
-};
+use crate::config::{DatabaseConfig, LoadBalance, ReadYourWrites, ReadsTo, ReplicaFallback, RoutingRule, RuleRoute};
 
 /// How long a looked-up function volatility is trusted.
 const VOLATILITY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -86,26 +84,18 @@ impl fmt::Display for Why {
             }
             Self::Rule(i) => write!(f, "rule: [[databases.routing.rules]] #{i} matched"),
             Self::Write(reason) => write!(f, "classification: write ({reason})"),
-            Self::WriteFunction(name) => write!(
-                f,
-                "classification: write (calls {name}, listed in write_functions)"
-            ),
-            Self::VolatileFunction(name) => write!(
-                f,
-                "classification: write (calls {name}, a VOLATILE function not in read_only_functions)"
-            ),
-            Self::WriteTransaction => {
-                f.write_str("classification: write (opens a read-write transaction block)")
+            Self::WriteFunction(name) => write!(f, "classification: write (calls {name}, listed in write_functions)"),
+            Self::VolatileFunction(name) => {
+                write!(f, "classification: write (calls {name}, a VOLATILE function not in read_only_functions)")
             }
+            Self::WriteTransaction => f.write_str("classification: write (opens a read-write transaction block)"),
             Self::ReadOnlyTransaction => f.write_str("classification: read-only transaction"),
             Self::Read => f.write_str("classification: read"),
             Self::ReadsSetting(r) => write!(f, "classification: read, and reads = \"{r}\""),
             Self::NoReplicas => f.write_str("classification: read, but the shard has no replicas"),
             Self::ReadYourWrites => f.write_str("read-your-writes: this client wrote recently"),
             Self::Fallback(why) => write!(f, "fallback: no replica available ({why})"),
-            Self::SessionPooling => {
-                f.write_str("session pooling: the whole session runs on the primary")
-            }
+            Self::SessionPooling => f.write_str("session pooling: the whole session runs on the primary"),
         }
     }
 }
@@ -157,18 +147,8 @@ impl Policy {
             replica_fallback: db.routing.replica_fallback,
             reads: db.routing.reads,
             rules: db.routing.rules.clone(),
-            write_functions: db
-                .routing
-                .write_functions
-                .iter()
-                .map(|f| f.to_lowercase())
-                .collect(),
-            read_only_functions: db
-                .routing
-                .read_only_functions
-                .iter()
-                .map(|f| f.to_lowercase())
-                .collect(),
+            write_functions: db.routing.write_functions.iter().map(|f| f.to_lowercase()).collect(),
+            read_only_functions: db.routing.read_only_functions.iter().map(|f| f.to_lowercase()).collect(),
             home: ShardId(db.sharding.home_shard),
             replicas: db.shards.iter().map(|s| !s.replicas.is_empty()).collect(),
             volatile: RwLock::new(HashMap::new()),
@@ -219,9 +199,7 @@ impl Policy {
     /// The shard the hints name (the home shard if none), or why the hints are unusable.
     pub fn hinted_shard(&self, hints: &Hints) -> Result<ShardId, Undecided> {
         if hints.shard_key.is_some() {
-            return Err(Undecided::Invalid(
-                "shard_key hints need sharding, which this build does not have yet".into(),
-            ));
+            return Err(Undecided::Invalid("shard_key hints need sharding, which this build does not have yet".into()));
         }
         match hints.shard {
             Some(n) if n >= self.replicas.len() => Err(Undecided::Invalid(format!(
@@ -248,34 +226,17 @@ impl Policy {
 
     /// Where an explicit transaction goes once its first statement arrives.
     #[must_use]
-    pub fn transaction(
-        &self,
-        read_only: bool,
-        hints: &Hints,
-        session: Option<RouteHint>,
-    ) -> Decision {
+    pub fn transaction(&self, read_only: bool, hints: &Hints, session: Option<RouteHint>) -> Decision {
         // callers check the hints with `hinted_shard` first
         let shard = self.hinted_shard(hints).unwrap_or(self.home);
         if let Some(hint) = hints.route.or(session) {
-            let why = if hints.route.is_some() {
-                Why::Hint(hint)
-            } else {
-                Why::SessionSetting(hint)
-            };
-            return Decision {
-                shard,
-                target: hint_target(hint),
-                why,
-            };
+            let why = if hints.route.is_some() { Why::Hint(hint) } else { Why::SessionSetting(hint) };
+            return Decision { shard, target: hint_target(hint), why };
         }
         if read_only {
             self.read(shard, Why::ReadOnlyTransaction)
         } else {
-            Decision {
-                shard,
-                target: Target::Primary,
-                why: Why::WriteTransaction,
-            }
+            Decision { shard, target: Target::Primary, why: Why::WriteTransaction }
         }
     }
 
@@ -284,11 +245,7 @@ impl Policy {
             return None;
         }
         let text = std::str::from_utf8(sql).ok()?;
-        let (i, rule) = self
-            .rules
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.pattern.is_match(text))?;
+        let (i, rule) = self.rules.iter().enumerate().find(|(_, r)| r.pattern.is_match(text))?;
         let (shard, target) = match rule.route {
             RuleRoute::Primary => (shard, Target::Primary),
             RuleRoute::Replica => (shard, Target::Replica),
@@ -296,11 +253,7 @@ impl Policy {
             // rejected by config validation until fan-out exists
             RuleRoute::AllShards => (shard, Target::Primary),
         };
-        Some(Decision {
-            shard,
-            target,
-            why: Why::Rule(i),
-        })
+        Some(Decision { shard, target, why: Why::Rule(i) })
     }
 
     /// Applies write_functions, read_only_functions and the VOLATILE cache to the called
@@ -308,12 +261,7 @@ impl Policy {
     fn function_verdict(&self, functions: &[String]) -> Result<Option<Why>, Undecided> {
         let mut unknown = Vec::new();
         let volatile = self.volatile.read().expect("volatility lock");
-        let fresh = |f: &String| {
-            volatile
-                .get(f)
-                .filter(|(_, at)| at.elapsed() < VOLATILITY_TTL)
-                .map(|(v, _)| *v)
-        };
+        let fresh = |f: &String| volatile.get(f).filter(|(_, at)| at.elapsed() < VOLATILITY_TTL).map(|(v, _)| *v);
         for f in functions {
             if listed(&self.write_functions, f) {
                 return Ok(Some(Why::WriteFunction(f.clone())));
@@ -327,20 +275,13 @@ impl Policy {
                 None => unknown.push(f.clone()),
             }
         }
-        if unknown.is_empty() {
-            Ok(None)
-        } else {
-            Err(Undecided::NeedVolatility(unknown))
-        }
+        if unknown.is_empty() { Ok(None) } else { Err(Undecided::NeedVolatility(unknown)) }
     }
 
     /// Records looked-up volatility: `true` for a VOLATILE user-defined function.
     pub fn learn_volatility(&self, results: impl IntoIterator<Item = (String, bool)>) {
         let now = Instant::now();
-        self.volatile
-            .write()
-            .expect("volatility lock")
-            .extend(results.into_iter().map(|(name, v)| (name, (v, now))));
+        self.volatile.write().expect("volatility lock").extend(results.into_iter().map(|(name, v)| (name, (v, now))));
     }
 
     /// The functions (among `names`) whose volatility is not known yet.
@@ -349,11 +290,7 @@ impl Policy {
         let volatile = self.volatile.read().expect("volatility lock");
         names
             .iter()
-            .filter(|n| {
-                volatile
-                    .get(*n)
-                    .is_none_or(|(_, at)| at.elapsed() >= VOLATILITY_TTL)
-            })
+            .filter(|n| volatile.get(*n).is_none_or(|(_, at)| at.elapsed() >= VOLATILITY_TTL))
             .cloned()
             .collect()
     }
@@ -434,26 +371,13 @@ mod tests {
             "[databases.routing]\nwrite_functions = [\"audit.log_event\"]\nread_only_functions = [\"app.price_of\"]\n[[databases.routing.rules]]\npattern = \"(?i)from reporting\\\\.\"\nroute = \"primary\"",
         );
         assert_eq!(decide(&p, "select 1").unwrap().target, Target::Replica);
+        assert_eq!(decide(&p, "insert into t values (1)").unwrap().target, Target::Primary);
+        assert_eq!(decide(&p, "/* pgrouter: route=primary */ select 1").unwrap().why, Why::Hint(RouteHint::Primary));
         assert_eq!(
-            decide(&p, "insert into t values (1)").unwrap().target,
-            Target::Primary
-        );
-        assert_eq!(
-            decide(&p, "/* pgrouter: route=primary */ select 1")
-                .unwrap()
-                .why,
-            Why::Hint(RouteHint::Primary)
-        );
-        assert_eq!(
-            decide(&p, "/* pgrouter: route=replica */ insert into t values (1)")
-                .unwrap()
-                .target,
+            decide(&p, "/* pgrouter: route=replica */ insert into t values (1)").unwrap().target,
             Target::Replica
         );
-        assert_eq!(
-            decide(&p, "select * from reporting.daily").unwrap().why,
-            Why::Rule(0)
-        );
+        assert_eq!(decide(&p, "select * from reporting.daily").unwrap().why, Why::Rule(0));
         assert_eq!(
             decide(&p, "select audit.log_event('x')").unwrap().why,
             Why::WriteFunction("audit.log_event".into())
@@ -463,23 +387,11 @@ mod tests {
             Target::Primary,
             "unqualified call of a listed writer"
         );
-        assert_eq!(
-            decide(&p, "select app.price_of(1)").unwrap().target,
-            Target::Replica
-        );
-        assert_eq!(
-            decide(&p, "select my_func(1)"),
-            Err(Undecided::NeedVolatility(vec!["my_func".into()]))
-        );
+        assert_eq!(decide(&p, "select app.price_of(1)").unwrap().target, Target::Replica);
+        assert_eq!(decide(&p, "select my_func(1)"), Err(Undecided::NeedVolatility(vec!["my_func".into()])));
         p.learn_volatility([("my_func".to_owned(), true)]);
-        assert_eq!(
-            decide(&p, "select my_func(1)").unwrap().why,
-            Why::VolatileFunction("my_func".into())
-        );
-        assert!(matches!(
-            decide(&p, "/* pgrouter: shard=3 */ select 1"),
-            Err(Undecided::Invalid(_))
-        ));
+        assert_eq!(decide(&p, "select my_func(1)").unwrap().why, Why::VolatileFunction("my_func".into()));
+        assert!(matches!(decide(&p, "/* pgrouter: shard=3 */ select 1"), Err(Undecided::Invalid(_))));
     }
 
     #[test]
@@ -489,28 +401,15 @@ mod tests {
         let p = policy("[databases.routing]\nreads = \"any\"");
         assert_eq!(decide(&p, "select 1").unwrap().target, Target::Any);
         let p = policy("");
-        assert_eq!(
-            p.transaction(true, &Hints::default(), None).target,
-            Target::Replica
-        );
-        assert_eq!(
-            p.transaction(false, &Hints::default(), None).target,
-            Target::Primary
-        );
-        assert_eq!(
-            p.transaction(false, &Hints::default(), Some(RouteHint::Replica))
-                .target,
-            Target::Replica
-        );
+        assert_eq!(p.transaction(true, &Hints::default(), None).target, Target::Replica);
+        assert_eq!(p.transaction(false, &Hints::default(), None).target, Target::Primary);
+        assert_eq!(p.transaction(false, &Hints::default(), Some(RouteHint::Replica)).target, Target::Replica);
     }
 
     #[test]
     fn literals_are_quoted_safely() {
         assert_eq!(quote_literal("a'b\\c"), "E'a\\'b\\\\c'");
         let q = volatility_query(&["s.f".into(), "g".into()]);
-        assert!(
-            q.contains("(E's.f', E's', E'f')") && q.contains("(E'g', NULL, E'g')"),
-            "{q}"
-        );
+        assert!(q.contains("(E's.f', E's', E'f')") && q.contains("(E'g', NULL, E'g')"), "{q}");
     }
 }

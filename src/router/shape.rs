@@ -55,9 +55,7 @@ fn shape_token(sql: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
             skip_string(sql, i + 2, true)
         }
         // B'..', X'..', N'..' bit, hex and national strings
-        b'b' | b'B' | b'x' | b'X' | b'n' | b'N'
-            if sql.get(i + 1) == Some(&b'\'') && !ident_before(out) =>
-        {
+        b'b' | b'B' | b'x' | b'X' | b'n' | b'N' if sql.get(i + 1) == Some(&b'\'') && !ident_before(out) => {
             out.push(b'?');
             skip_string(sql, i + 2, false)
         }
@@ -98,10 +96,7 @@ fn ident_before(out: &[u8]) -> bool {
 
 /// PostgreSQL ends a `--` comment at a newline or a carriage return.
 fn skip_line_comment(sql: &[u8], i: usize) -> usize {
-    sql[i..]
-        .iter()
-        .position(|&c| c == b'\n' || c == b'\r')
-        .map_or(sql.len(), |p| i + p + 1)
+    sql[i..].iter().position(|&c| c == b'\n' || c == b'\r').map_or(sql.len(), |p| i + p + 1)
 }
 
 /// Block comments nest in PostgreSQL.
@@ -167,10 +162,7 @@ fn dollar(sql: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
     if !ident_before(out) && rest.get(tag_len) == Some(&b'$') {
         let tag = &sql[i..i + tag_len + 2];
         let body = i + tag.len();
-        let end = sql[body..]
-            .windows(tag.len())
-            .position(|w| w == tag)
-            .map_or(sql.len(), |p| body + p + tag.len());
+        let end = sql[body..].windows(tag.len()).position(|w| w == tag).map_or(sql.len(), |p| body + p + tag.len());
         out.push(b'?');
         return end;
     }
@@ -213,10 +205,7 @@ mod tests {
             shape("SELECT * FROM t WHERE id = 42 AND name = 'bob'"),
             "select * from t where id = ? and name = ?"
         );
-        assert_eq!(
-            shape("select 1.5e-3, .5, 'it''s', E'a\\'b', $$x$$, $f$ y $f$"),
-            "select ?, ?, ?, ?, ?, ?"
-        );
+        assert_eq!(shape("select 1.5e-3, .5, 'it''s', E'a\\'b', $$x$$, $f$ y $f$"), "select ?, ?, ?, ?, ?, ?");
         assert_eq!(shape("select X'1F', B'101', N'x'"), "select ?, ?, ?");
     }
 
@@ -230,10 +219,7 @@ mod tests {
 
     #[test]
     fn identifiers_keep_their_digits_and_quotes() {
-        assert_eq!(
-            shape("select t1.col_2 from \"Tab 1\" t1"),
-            "select t1.col_2 from \"Tab 1\" t1"
-        );
+        assert_eq!(shape("select t1.col_2 from \"Tab 1\" t1"), "select t1.col_2 from \"Tab 1\" t1");
         assert_eq!(shape("select $1, $12 from t"), "select $1, $12 from t");
         assert_eq!(shape("select name from e"), "select name from e");
     }

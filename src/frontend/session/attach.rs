@@ -34,10 +34,7 @@ impl<S: ClientIo> Session<S> {
             .conn()
             .query_rows(&volatility_query(names), LOOKUP_TIMEOUT)
             .await
-            .map_err(|reason| Error::ServerLost {
-                server: pool.key.server.to_string(),
-                reason,
-            })?;
+            .map_err(|reason| Error::ServerLost { server: pool.key.server.to_string(), reason })?;
         checkout.release();
         let learned: Vec<(String, bool)> = rows
             .into_iter()
@@ -54,17 +51,11 @@ impl<S: ClientIo> Session<S> {
     /// Borrows a server connection as `decision` says, starting a held transaction on it.
     /// `Ok(false)` if the client left while waiting.
     pub(super) async fn attach(&mut self, routed: Routed) -> Result<bool, Error> {
-        let Routed {
-            mut decision,
-            prelude,
-            session_state,
-            pins,
-        } = routed;
+        let Routed { mut decision, prelude, session_state, pins, discards_all } = routed;
         let policy = Arc::clone(&self.params.policy);
         let pools = Arc::clone(&self.params.pools);
-        let shard = pools
-            .shard(decision.shard)
-            .ok_or_else(|| Error::Internal(format!("no shard {}", decision.shard)))?;
+        let shard =
+            pools.shard(decision.shard).ok_or_else(|| Error::Internal(format!("no shard {}", decision.shard)))?;
         let needs = self.read_needs(&mut decision, shard);
         let ban_time = self.app.config.proxy.ban_time;
         // each failed replica is banned, so this ends; the bound guards against a ban that
@@ -76,19 +67,14 @@ impl<S: ClientIo> Session<S> {
                 Some(pool) => Arc::clone(pool),
                 None => self.fallback(&mut decision, shard)?,
             };
-            if pool.key.role == Role::Primary && decision.why.writes() && pool.health.in_recovery()
-            {
-                return Err(Error::PrimaryInRecovery {
-                    server: pool.key.server.to_string(),
-                });
+            if pool.key.role == Role::Primary && decision.why.writes() && pool.health.in_recovery() {
+                return Err(Error::PrimaryInRecovery { server: pool.key.server.to_string() });
             }
             match self.checkout(&pool).await {
                 Ok(Some(checkout)) => break checkout,
                 Ok(None) => return Ok(false),
                 // nothing was sent yet: ban the replica and route again
-                Err(e @ Error::Connect { .. })
-                    if pool.key.role == Role::Replica && attempts > 0 =>
-                {
+                Err(e @ Error::Connect { .. }) if pool.key.role == Role::Replica && attempts > 0 => {
                     pool.health.ban(ban_time, &e.to_string());
                 }
                 Err(e) => return Err(e),
@@ -97,18 +83,10 @@ impl<S: ClientIo> Session<S> {
         let mut checkout = checkout;
         self.apply_settings(&mut checkout).await?;
         let conn = checkout.conn_ref();
-        self.params.cancel.set_target(Some(CancelTarget {
-            addr: conn.addr.clone(),
-            key: conn.backend_key.clone(),
-        }));
+        self.params.cancel.set_target(Some(CancelTarget { addr: conn.addr.clone(), key: conn.backend_key.clone() }));
         self.flow = Flow::default();
-        let mut attached = Attached {
-            checkout,
-            decision,
-            started_idle: prelude.is_none(),
-            session_state,
-            pins,
-        };
+        let mut attached =
+            Attached { checkout, decision, started_idle: prelude.is_none(), session_state, pins, discards_all };
         if let Some(prelude) = prelude {
             let conn = attached.checkout.conn();
             match conn.run_simple(&prelude, RESET_TIMEOUT).await {
@@ -149,12 +127,8 @@ impl<S: ClientIo> Session<S> {
                 server: conn.addr.to_string(),
                 reason: "no answer while applying session settings".into(),
             }),
-            Ok(_) => Err(Error::Internal(
-                "applying session settings left a transaction open".into(),
-            )),
-            Err(reason) => Err(Error::Invalid(format!(
-                "cannot apply session settings: {reason}"
-            ))),
+            Ok(_) => Err(Error::Internal("applying session settings left a transaction open".into())),
+            Err(reason) => Err(Error::Invalid(format!("cannot apply session settings: {reason}"))),
         }
     }
 
@@ -165,6 +139,10 @@ impl<S: ClientIo> Session<S> {
         let Some(attached) = self.server.as_mut() else {
             return;
         };
+        if attached.discards_all {
+            attached.checkout.conn().statements.clear();
+            self.statements.clear();
+        }
         if attached.session_state {
             let conn = attached.checkout.conn();
             match conn.query_rows(settings::CAPTURE_SQL, LOOKUP_TIMEOUT).await {
@@ -180,11 +158,7 @@ impl<S: ClientIo> Session<S> {
         }
         if let Some(why) = attached.pins {
             self.pinned = Some(why);
-            let pinned = self
-                .app
-                .pinned_clients
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
+            let pinned = self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             tracing::info!(user = %self.params.user, database = %self.params.database, reason = why, pinned_clients = pinned,
                 "client pinned to its server connection until it disconnects");
         }
@@ -194,10 +168,7 @@ impl<S: ClientIo> Session<S> {
     /// What a read needs of a replica; read-your-writes may also send it to the primary.
     pub(super) fn read_needs(&self, decision: &mut Decision, shard: &ShardPools) -> ReadNeeds {
         let policy = &self.params.policy;
-        let mut needs = ReadNeeds {
-            max_lag: policy.max_replica_lag,
-            min_lsn: None,
-        };
+        let mut needs = ReadNeeds { max_lag: policy.max_replica_lag, min_lsn: None };
         let Some(write) = self.routing.last_write else {
             return needs;
         };
@@ -207,32 +178,17 @@ impl<S: ClientIo> Session<S> {
         match policy.read_your_writes {
             ReadYourWrites::Off => {}
             ReadYourWrites::PrimaryAfterWrite if write.at.elapsed() < policy.max_replica_lag => {
-                *decision = Decision {
-                    target: Target::Primary,
-                    why: Why::ReadYourWrites,
-                    ..decision.clone()
-                };
+                *decision = Decision { target: Target::Primary, why: Why::ReadYourWrites, ..decision.clone() };
             }
             ReadYourWrites::PrimaryAfterWrite => {}
             ReadYourWrites::Lsn => {
-                let with_lsn = ReadNeeds {
-                    min_lsn: write.lsn,
-                    ..needs
-                };
+                let with_lsn = ReadNeeds { min_lsn: write.lsn, ..needs };
                 if write.lsn.is_some()
-                    && shard
-                        .pick(decision.target, with_lsn, policy.load_balance)
-                        .is_none()
-                    && shard
-                        .pick(decision.target, needs, policy.load_balance)
-                        .is_some()
+                    && shard.pick(decision.target, with_lsn, policy.load_balance).is_none()
+                    && shard.pick(decision.target, needs, policy.load_balance).is_some()
                 {
                     // replicas are up but none has replayed this client's last write yet
-                    *decision = Decision {
-                        target: Target::Primary,
-                        why: Why::ReadYourWrites,
-                        ..decision.clone()
-                    };
+                    *decision = Decision { target: Target::Primary, why: Why::ReadYourWrites, ..decision.clone() };
                 }
                 needs = with_lsn;
             }
@@ -241,27 +197,17 @@ impl<S: ClientIo> Session<S> {
     }
 
     /// No replica qualifies: fall back to the primary or fail, as replica_fallback says.
-    pub(super) fn fallback(
-        &self,
-        decision: &mut Decision,
-        shard: &ShardPools,
-    ) -> Result<Arc<Pool>, Error> {
+    pub(super) fn fallback(&self, decision: &mut Decision, shard: &ShardPools) -> Result<Arc<Pool>, Error> {
         let policy = &self.params.policy;
         let report = shard.replica_report();
         match policy.replica_fallback {
             ReplicaFallback::Primary => {
-                *decision = Decision {
-                    target: Target::Primary,
-                    why: Why::Fallback(report),
-                    ..decision.clone()
-                };
+                *decision = Decision { target: Target::Primary, why: Why::Fallback(report), ..decision.clone() };
                 Ok(Arc::clone(&shard.primary))
             }
-            ReplicaFallback::Error => Err(Error::NoReplica {
-                database: policy.database.clone(),
-                shard: decision.shard.0,
-                report,
-            }),
+            ReplicaFallback::Error => {
+                Err(Error::NoReplica { database: policy.database.clone(), shard: decision.shard.0, report })
+            }
         }
     }
 
@@ -294,22 +240,12 @@ impl<S: ClientIo> Session<S> {
             ReadYourWrites::Off => return,
             ReadYourWrites::PrimaryAfterWrite => None,
             ReadYourWrites::Lsn => {
-                let rows = attached
-                    .checkout
-                    .conn()
-                    .query_rows("SELECT pg_current_wal_insert_lsn()", LOOKUP_TIMEOUT)
-                    .await;
+                let rows =
+                    attached.checkout.conn().query_rows("SELECT pg_current_wal_insert_lsn()", LOOKUP_TIMEOUT).await;
                 // if the position cannot be read, no replica qualifies until the next write
-                Some(
-                    rows.ok()
-                        .and_then(|r| r.first()?.first()?.as_deref().and_then(parse_lsn))
-                        .unwrap_or(u64::MAX),
-                )
+                Some(rows.ok().and_then(|r| r.first()?.first()?.as_deref().and_then(parse_lsn)).unwrap_or(u64::MAX))
             }
         };
-        self.routing.last_write = Some(WriteMark {
-            lsn,
-            at: Instant::now(),
-        });
+        self.routing.last_write = Some(WriteMark { lsn, at: Instant::now() });
     }
 }

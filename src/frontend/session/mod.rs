@@ -17,6 +17,8 @@ use std::time::Duration;
 use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
 use super::flow::Flow;
+use super::prepared::{self, ClientStatements, Deallocate};
+use super::relay::Renaming;
 use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
 use super::settings;
@@ -86,6 +88,8 @@ struct Attached {
     /// What the request does to the session (settings to read back, state that pins).
     session_state: bool,
     pins: Option<&'static str>,
+    /// DISCARD ALL: the server dropped its prepared statements.
+    discards_all: bool,
 }
 
 impl Attached {
@@ -110,6 +114,8 @@ pub struct Session<S> {
     settings: Settings,
     /// Why the client keeps its server connection for good (transaction pooling), if it does.
     pinned: Option<&'static str>,
+    /// The client's named prepared statements (transaction pooling renames them).
+    statements: ClientStatements,
 }
 
 impl<S: ClientIo> Session<S> {
@@ -124,6 +130,7 @@ impl<S: ClientIo> Session<S> {
             routing: RoutingState::default(),
             settings,
             pinned: None,
+            statements: ClientStatements::default(),
             skip_until_sync: false,
             left: None,
         }
@@ -155,15 +162,10 @@ impl<S: ClientIo> Session<S> {
                 self.client.send_error(Severity::Fatal, e).await;
             }
         }
-        let server_usable = !matches!(
-            outcome,
-            Err(Error::ServerLost { .. } | Error::ServerProtocol { .. })
-        );
+        let server_usable = !matches!(outcome, Err(Error::ServerLost { .. } | Error::ServerProtocol { .. }));
         self.dispose_server(server_usable).await;
         if self.pinned.is_some() {
-            self.app
-                .pinned_clients
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.app.pinned_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -190,47 +192,39 @@ impl<S: ClientIo> Session<S> {
                     }
                 }
             };
+            let renaming = (self.params.mode == PoolMode::Transaction)
+                .then(|| Renaming { registry: &self.app.statements, client: &mut self.statements });
             let opts = RelayOptions {
-                release_when_idle: self.params.mode == PoolMode::Transaction
-                    && self.pinned.is_none(),
+                release_when_idle: self.params.mode == PoolMode::Transaction && self.pinned.is_none(),
                 shutdown: &self.app.shutdown,
-                intercept: |sql| hint::session_command(sql).is_some(),
+                intercept: |sql, statements| {
+                    hint::session_command(sql).is_some()
+                        || statements.is_some_and(|s| local_deallocate(sql, s).is_some())
+                },
+                renaming,
             };
             let attached = self.server.as_mut().expect("attached above");
-            let outcome = relay::run(
-                &mut self.client,
-                attached.checkout.conn(),
-                &mut self.flow,
-                first,
-                opts,
-            )
-            .await;
+            let outcome = relay::run(&mut self.client, attached.checkout.conn(), &mut self.flow, first, opts).await;
             match outcome {
-                Ok(RelayEnd::ClientGone {
-                    terminated,
-                    server_dirty,
-                }) => {
-                    self.left = Some(Departure {
-                        terminated,
-                        server_dirty,
-                    });
+                Ok(RelayEnd::ClientGone { terminated, server_dirty }) => {
+                    self.left = Some(Departure { terminated, server_dirty });
                     return Ok(Exit::ClientGone);
                 }
                 Ok(RelayEnd::Intercepted(frame)) => {
                     // SET/RESET/SHOW pgrouter.route inside a transaction: answered here too
                     let status = self.flow.status();
-                    let answer = match messages::query_text(frame.body())
-                        .and_then(hint::session_command)
-                    {
+                    let sql = messages::query_text(frame.body()).unwrap_or_default();
+                    if let Some(answer) = self.answer_deallocate(sql, status) {
+                        self.client.send(&answer).await?;
+                        continue;
+                    }
+                    let answer = match hint::session_command(sql) {
                         Some(Ok(cmd)) => self.routing.session_command(cmd, status),
                         other => {
-                            let msg = other
-                                .and_then(Result::err)
-                                .unwrap_or_else(|| "malformed pgrouter command".into());
-                            let mut out = BytesMut::from(
-                                &messages::error_response(Severity::Error, SqlState("22023"), &msg)
-                                    [..],
-                            );
+                            let msg =
+                                other.and_then(Result::err).unwrap_or_else(|| "malformed pgrouter command".into());
+                            let mut out =
+                                BytesMut::from(&messages::error_response(Severity::Error, SqlState("22023"), &msg)[..]);
                             out.extend_from_slice(&messages::ready_for_query(status));
                             out.freeze()
                         }
@@ -276,9 +270,7 @@ impl<S: ClientIo> Session<S> {
                 // Nothing is pending, so a lone Sync is answered here.
                 b'S' => {
                     self.skip_until_sync = false;
-                    self.client
-                        .send(&messages::ready_for_query(self.routing.client_status()))
-                        .await?;
+                    self.client.send(&messages::ready_for_query(self.routing.client_status())).await?;
                 }
                 tag if !relay::is_frontend_tag(tag) => return Err(relay::unexpected_message(tag)),
                 _ if self.skip_until_sync => {}
@@ -320,12 +312,21 @@ impl<S: ClientIo> Session<S> {
     async fn route(&mut self, request: &Request) -> Result<Option<Routed>, Error> {
         let policy = Arc::clone(&self.params.policy);
         if self.params.mode == PoolMode::Session {
-            let decision = Decision {
-                shard: policy.home(),
-                target: Target::Primary,
-                why: Why::SessionPooling,
-            };
+            let decision = Decision { shard: policy.home(), target: Target::Primary, why: Why::SessionPooling };
             return Ok(Some(Routed::primary(decision)));
+        }
+        if let Some(answer) =
+            self.routing.prepare_locally(&self.app.router, request, &mut self.statements, &self.app.statements)
+        {
+            self.client.send(&answer).await?;
+            return Ok(None);
+        }
+        if let Request::Query(frame) = request
+            && let Some(answer) = self
+                .answer_deallocate(messages::query_text(frame.body()).unwrap_or_default(), self.routing.client_status())
+        {
+            self.client.send(&answer).await?;
+            return Ok(None);
         }
         for _ in 0..2 {
             match self.routing.plan(&self.app.router, &policy, request) {
@@ -341,23 +342,14 @@ impl<S: ClientIo> Session<S> {
                 Err(PlanError::Undecided(Undecided::NeedVolatility(names))) => {
                     if let Err(e) = self.look_up_volatility(&names).await {
                         tracing::warn!(database = %policy.database, error = %e, "cannot look up function volatility; treating the call as a write");
-                        let why = Why::VolatileFunction(format!(
-                            "{} (volatility unknown: {e})",
-                            names.join(", ")
-                        ));
-                        let decision = Decision {
-                            shard: policy.home(),
-                            target: Target::Primary,
-                            why,
-                        };
+                        let why = Why::VolatileFunction(format!("{} (volatility unknown: {e})", names.join(", ")));
+                        let decision = Decision { shard: policy.home(), target: Target::Primary, why };
                         return Ok(Some(Routed::primary(decision)));
                     }
                 }
             }
         }
-        Err(Error::Internal(
-            "function volatility still unknown after looking it up".into(),
-        ))
+        Err(Error::Internal("function volatility still unknown after looking it up".into()))
     }
 
     fn detach(&mut self) {
@@ -379,28 +371,33 @@ impl<S: ClientIo> Session<S> {
             return Ok(false);
         };
         if attached.role() == Role::Replica {
-            attached
-                .checkout
-                .pool()
-                .health
-                .ban(self.app.config.proxy.ban_time, &error.to_string());
+            attached.checkout.pool().health.ban(self.app.config.proxy.ban_time, &error.to_string());
         }
-        if !attached.started_idle
-            || self.flow.status() != TxStatus::Idle
-            || self.params.mode == PoolMode::Session
-        {
+        if !attached.started_idle || self.flow.status() != TxStatus::Idle || self.params.mode == PoolMode::Session {
             return Ok(false);
         }
         drop(attached); // closes the dead connection
         tracing::info!(error = %error, "server lost outside a transaction; the client keeps its session");
         self.client.send_error(Severity::Error, error).await;
         for _ in 0..self.flow.pending() {
-            self.client
-                .send(&messages::ready_for_query(TxStatus::Idle))
-                .await?;
+            self.client.send(&messages::ready_for_query(TxStatus::Idle)).await?;
         }
         self.skip_until_sync = self.flow.unsynced();
         Ok(true)
+    }
+
+    /// Answers DEALLOCATE of the client's named statements (transaction pooling): they exist
+    /// on the servers under other names, shared with other clients.
+    fn answer_deallocate(&mut self, sql: &[u8], status: TxStatus) -> Option<bytes::Bytes> {
+        if self.params.mode != PoolMode::Transaction {
+            return None;
+        }
+        let what = local_deallocate(sql, &self.statements)?;
+        self.statements.deallocate(&what);
+        let tag = if what == Deallocate::All { "DEALLOCATE ALL" } else { "DEALLOCATE" };
+        let mut out = BytesMut::from(&messages::command_complete(tag)[..]);
+        out.extend_from_slice(&messages::ready_for_query(status));
+        Some(out.freeze())
     }
 
     /// Answers a request that could not be served, keeping the session usable.
@@ -412,9 +409,7 @@ impl<S: ClientIo> Session<S> {
             held.failed = true;
         }
         if expects_ready {
-            self.client
-                .send(&messages::ready_for_query(self.routing.client_status()))
-                .await
+            self.client.send(&messages::ready_for_query(self.routing.client_status())).await
         } else {
             self.skip_until_sync = true;
             Ok(())
@@ -427,18 +422,12 @@ impl<S: ClientIo> Session<S> {
         let Some(mut attached) = self.server.take() else {
             return;
         };
-        let left = self.left.unwrap_or(Departure {
-            terminated: false,
-            server_dirty: false,
-        });
+        let left = self.left.unwrap_or(Departure { terminated: false, server_dirty: false });
         if !usable || left.server_dirty || self.flow.tainted() {
             return; // dropping the checkout closes the connection
         }
         let conn = attached.checkout.conn();
-        if left.terminated
-            && !self.flow.at_rest()
-            && !relay::drain(conn, &mut self.flow, DRAIN_TIMEOUT).await
-        {
+        if left.terminated && !self.flow.at_rest() && !relay::drain(conn, &mut self.flow, DRAIN_TIMEOUT).await {
             return;
         }
         if !self.flow.at_rest() {
@@ -460,6 +449,7 @@ impl<S: ClientIo> Session<S> {
                 return;
             }
             conn.settings.clear();
+            conn.statements.clear();
         } else if attached.session_state {
             // the client changed settings and left before they were read back
             match conn.query_rows(settings::CAPTURE_SQL, RESET_TIMEOUT).await {
@@ -469,6 +459,14 @@ impl<S: ClientIo> Session<S> {
         }
         attached.checkout.release();
     }
+}
+
+/// A DEALLOCATE of the client's protocol-level statements, which the proxy answers itself.
+fn local_deallocate(sql: &[u8], statements: &ClientStatements) -> Option<Deallocate> {
+    prepared::deallocate(sql).filter(|d| match d {
+        Deallocate::All => true,
+        Deallocate::Name(name) => statements.contains(name),
+    })
 }
 
 async fn sleep_unless_zero(d: Duration) {

@@ -100,84 +100,28 @@ fn transaction_control() {
     let tx = |sql: &str| classify(sql).tx;
     assert_eq!(tx_start("BEGIN"), Some((false, "BEGIN")));
     assert_eq!(tx_start("begin read only"), Some((true, "BEGIN")));
-    assert_eq!(
-        tx_start("START TRANSACTION READ ONLY"),
-        Some((true, "START TRANSACTION"))
-    );
-    assert_eq!(
-        tx_start("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE"),
-        Some((true, "BEGIN"))
-    );
+    assert_eq!(tx_start("START TRANSACTION READ ONLY"), Some((true, "START TRANSACTION")));
+    assert_eq!(tx_start("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY, DEFERRABLE"), Some((true, "BEGIN")));
     // a hot standby refuses SERIALIZABLE: such transactions go to the primary
-    assert_eq!(
-        tx_start("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"),
-        Some((false, "BEGIN"))
-    );
+    assert_eq!(tx_start("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE"), Some((false, "BEGIN")));
     assert_eq!(
         tx_start("START TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY"),
         Some((false, "START TRANSACTION"))
     );
-    assert_eq!(
-        tx_start("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
-        Some((false, "START TRANSACTION"))
-    );
+    assert_eq!(tx_start("START TRANSACTION ISOLATION LEVEL REPEATABLE READ"), Some((false, "START TRANSACTION")));
     assert_eq!(tx_start("SET TRANSACTION READ ONLY"), Some((true, "SET")));
-    assert_eq!(
-        tx_start("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"),
-        Some((false, "SET"))
-    );
-    assert_eq!(
-        tx_start("-- note\nbegin read only deferrable;"),
-        Some((true, "BEGIN"))
-    );
+    assert_eq!(tx_start("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"), Some((false, "SET")));
+    assert_eq!(tx_start("-- note\nbegin read only deferrable;"), Some((true, "BEGIN")));
     assert_eq!(tx_start("BEGIN deferrable nonsense"), None);
     // SET TRANSACTION only changes what it mentions
-    let Some(TxControl::Begin {
-        modes: serializable,
-        ..
-    }) = tx("BEGIN ISOLATION LEVEL SERIALIZABLE")
-    else {
-        panic!()
-    };
-    let Some(TxControl::SetTransaction { modes: ro }) = tx("SET TRANSACTION READ ONLY") else {
-        panic!()
-    };
+    let Some(TxControl::Begin { modes: serializable, .. }) = tx("BEGIN ISOLATION LEVEL SERIALIZABLE") else { panic!() };
+    let Some(TxControl::SetTransaction { modes: ro }) = tx("SET TRANSACTION READ ONLY") else { panic!() };
     assert!(!serializable.then(ro).on_standby());
-    assert_eq!(
-        tx("COMMIT"),
-        Some(TxControl::End {
-            tag: "COMMIT",
-            chain: false
-        })
-    );
-    assert_eq!(
-        tx("END"),
-        Some(TxControl::End {
-            tag: "COMMIT",
-            chain: false
-        })
-    );
-    assert_eq!(
-        tx("COMMIT AND CHAIN"),
-        Some(TxControl::End {
-            tag: "COMMIT",
-            chain: true
-        })
-    );
-    assert_eq!(
-        tx("ROLLBACK"),
-        Some(TxControl::End {
-            tag: "ROLLBACK",
-            chain: false
-        })
-    );
-    assert_eq!(
-        tx("ABORT"),
-        Some(TxControl::End {
-            tag: "ROLLBACK",
-            chain: false
-        })
-    );
+    assert_eq!(tx("COMMIT"), Some(TxControl::End { tag: "COMMIT", chain: false }));
+    assert_eq!(tx("END"), Some(TxControl::End { tag: "COMMIT", chain: false }));
+    assert_eq!(tx("COMMIT AND CHAIN"), Some(TxControl::End { tag: "COMMIT", chain: true }));
+    assert_eq!(tx("ROLLBACK"), Some(TxControl::End { tag: "ROLLBACK", chain: false }));
+    assert_eq!(tx("ABORT"), Some(TxControl::End { tag: "ROLLBACK", chain: false }));
     assert_eq!(tx("SAVEPOINT a"), Some(TxControl::Savepoint));
     assert_eq!(tx("ROLLBACK TO SAVEPOINT a"), Some(TxControl::Savepoint));
     let c = classify("BEGIN; SELECT 1; COMMIT");
@@ -187,13 +131,9 @@ fn transaction_control() {
 
 #[test]
 fn user_functions_are_reported() {
-    let c =
-        classify("SELECT app.price_of(id), \"MixedCase\"(1), coalesce(a, b) FROM t, my_srf(2) s");
+    let c = classify("SELECT app.price_of(id), \"MixedCase\"(1), coalesce(a, b) FROM t, my_srf(2) s");
     assert_eq!(c.access, Access::Read);
-    assert_eq!(
-        c.functions,
-        vec!["MixedCase", "app.price_of", "coalesce", "my_srf"]
-    );
+    assert_eq!(c.functions, vec!["MixedCase", "app.price_of", "coalesce", "my_srf"]);
 }
 
 #[test]
@@ -209,29 +149,18 @@ fn session_effects() {
     ] {
         assert!(classify(sql).session_state, "{sql}");
     }
-    for sql in [
-        "SELECT 1",
-        "SET TRANSACTION READ ONLY",
-        "BEGIN",
-        "SHOW search_path",
-    ] {
+    for sql in ["SELECT 1", "SET TRANSACTION READ ONLY", "BEGIN", "SHOW search_path"] {
         assert!(!classify(sql).session_state, "{sql}");
     }
     for (sql, why) in [
         ("LISTEN ch", "LISTEN"),
         ("SELECT pg_advisory_lock(1)", "a session advisory lock"),
-        (
-            "select pg_try_advisory_lock(1, 2)",
-            "a session advisory lock",
-        ),
+        ("select pg_try_advisory_lock(1, 2)", "a session advisory lock"),
         ("CREATE TEMP TABLE x (a int)", "a temporary table"),
         ("CREATE TEMPORARY TABLE x AS SELECT 1", "a temporary table"),
         ("SELECT 1 INTO TEMP x", "a temporary table"),
         ("PREPARE q AS SELECT 1", "SQL-level PREPARE"),
-        (
-            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-            "a WITH HOLD cursor",
-        ),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "a WITH HOLD cursor"),
     ] {
         assert_eq!(classify(sql).pins, Some(why), "{sql}");
     }

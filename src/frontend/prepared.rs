@@ -1,0 +1,492 @@
+//! Named prepared statements under transaction pooling (DESIGN §6).
+//!
+//! A client's statement names mean nothing on the next server connection it borrows, so the
+//! proxy renames them: every distinct statement (query text plus parameter types) gets a
+//! proxy-wide name `pgr_<id>`, each server connection remembers which of those it has
+//! prepared, and the proxy sends the Parse where it is missing — or skips a client's Parse
+//! where it is already there, answering ParseComplete itself. A client's Close of a named
+//! statement is answered by the proxy too (other clients may share the server-side one).
+//!
+//! Answers the proxy adds or hides must appear exactly where PostgreSQL would have put them,
+//! so [`Exchange`] keeps the queue of replies the server owes and replays PostgreSQL's rule
+//! that after an error everything up to the next Sync is skipped ("Message Flow" in the
+//! protocol docs). Sans IO: frames in, bytes out.
+//!
+//! A statement whose plan went stale ("cached plan must not change result type" after a
+//! schema change) gets a new proxy-wide name, so every connection prepares it afresh instead
+//! of failing again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+
+pub use crate::backend::statements::{SERVER_STATEMENTS, ServerStatements};
+use crate::protocol::framing::{Frame, get_cstr};
+use crate::protocol::messages::parse_error_fields;
+
+/// Proxy-wide statement ids, by statement (query text and parameter types).
+#[derive(Default)]
+pub struct Registry {
+    ids: Mutex<HashMap<Bytes, u64>>,
+    next: AtomicU64,
+    /// Bumped whenever a statement gets a new id, so cached ids can be checked cheaply.
+    epoch: AtomicU64,
+}
+
+impl Registry {
+    fn id(&self, key: &Bytes) -> u64 {
+        let mut ids = self.ids.lock().expect("registry lock");
+        if let Some(&id) = ids.get(key) {
+            return id;
+        }
+        if ids.len() >= 100_000 {
+            // forget old statements rather than grow without bound; ids are never reused
+            ids.clear();
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        ids.insert(key.clone(), id);
+        id
+    }
+
+    /// Gives a statement a new id (its plan went stale on the servers).
+    fn renew(&self, key: &Bytes) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.ids.lock().expect("registry lock").insert(key.clone(), id);
+        self.epoch.fetch_add(1, Ordering::Release);
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+}
+
+/// The name a statement has on the servers.
+fn server_name(id: u64) -> String {
+    format!("pgr_{id}")
+}
+
+/// One named statement of a client.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// The Parse body after the name: query text, parameter count and types.
+    key: Bytes,
+    id: u64,
+    epoch: u64,
+}
+
+/// A client's named statements.
+#[derive(Default)]
+pub struct ClientStatements {
+    by_name: HashMap<Box<[u8]>, Entry>,
+}
+
+impl ClientStatements {
+    /// Records a client's Parse of a named statement (`rest`: the Parse body after the name).
+    /// Returns the proxy-wide id and key.
+    pub fn define(&mut self, name: &[u8], rest: &[u8], registry: &Registry) -> (u64, Bytes) {
+        let key = Bytes::copy_from_slice(rest);
+        let id = registry.id(&key);
+        self.by_name.insert(name.into(), Entry { key: key.clone(), id, epoch: registry.epoch() });
+        (id, key)
+    }
+
+    fn resolve(&mut self, name: &[u8], registry: &Registry) -> Option<Entry> {
+        let entry = self.by_name.get_mut(name)?;
+        let epoch = registry.epoch();
+        if entry.epoch != epoch {
+            entry.id = registry.id(&entry.key);
+            entry.epoch = epoch;
+        }
+        Some(entry.clone())
+    }
+
+    /// Forgets every statement (DEALLOCATE ALL, DISCARD ALL).
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+
+    /// Forgets one statement (DEALLOCATE name); false if the client has no such statement.
+    pub fn remove(&mut self, name: &[u8]) -> bool {
+        self.by_name.remove(name).is_some()
+    }
+}
+
+/// What a reply the server owes answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Parse,
+    Bind,
+    Close,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Sync,
+    /// A simple Query or a FunctionCall: everything up to ReadyForQuery.
+    UntilReady,
+}
+
+#[derive(Debug)]
+enum Expect {
+    Reply {
+        kind: Kind,
+        /// An answer to a message the proxy added: not forwarded.
+        hidden: bool,
+        /// The statement it concerns: marked prepared (Parse) or renewed (stale plan).
+        statement: Option<(u64, Bytes)>,
+        /// An Execute that started COPY FROM STDIN.
+        copying: bool,
+    },
+    /// An answer the proxy gives itself, due at this point of the stream.
+    Local(Bytes),
+}
+
+/// What to do with a server message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Forward,
+    Hide,
+}
+
+/// The replies one attachment is owed, and the renaming of its statements.
+#[derive(Default)]
+pub struct Exchange {
+    queue: VecDeque<Expect>,
+    /// Portal name -> the statement bound to it (for stale-plan errors).
+    portals: HashMap<Box<[u8]>, (u64, Bytes)>,
+}
+
+const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
+const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
+
+impl Exchange {
+    /// True when no reply is owed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Server message types whose arrival moves the queue (the others pass untouched).
+    #[must_use]
+    pub fn watches(&self, tag: u8) -> bool {
+        !self.queue.is_empty()
+            && matches!(tag, b'1' | b'2' | b'3' | b't' | b'n' | b'T' | b'C' | b'I' | b's' | b'Z' | b'E' | b'G')
+    }
+
+    /// Takes one client message: what goes to the server is appended to `to_server`, and any
+    /// answer due now to `to_client`.
+    pub fn client_frame(
+        &mut self,
+        frame: Frame,
+        ctx: &mut Context<'_>,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) {
+        let body = frame.body();
+        match frame.tag() {
+            b'P' => self.parse(&frame, ctx, to_server),
+            b'B' => {
+                let mut rest = body;
+                let portal = get_cstr(&mut rest).unwrap_or_default();
+                let name = get_cstr(&mut rest).unwrap_or_default();
+                match self.prepare_for(name, ctx, to_server) {
+                    Some((id, key)) => {
+                        self.portals.insert(portal.into(), (id, key));
+                        let mut out = BytesMut::new();
+                        out.extend_from_slice(portal);
+                        out.extend_from_slice(b"\0");
+                        out.extend_from_slice(server_name(id).as_bytes());
+                        out.extend_from_slice(b"\0");
+                        out.extend_from_slice(rest);
+                        push_frame(to_server, b'B', &out);
+                    }
+                    None => {
+                        self.portals.remove(portal);
+                        to_server.extend_from_slice(frame.as_bytes());
+                    }
+                }
+                self.expect(Kind::Bind, None);
+            }
+            b'D' | b'C' if body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0) => {
+                let name = &body[1..body.len().saturating_sub(1)];
+                if frame.tag() == b'C' {
+                    // other clients may share the server-side statement: answer it here
+                    ctx.client.remove(name);
+                    self.queue.push_back(Expect::Local(Bytes::from_static(CLOSE_COMPLETE)));
+                } else {
+                    match self.prepare_for(name, ctx, to_server) {
+                        Some((id, _)) => {
+                            let mut out = vec![b'S'];
+                            out.extend_from_slice(server_name(id).as_bytes());
+                            out.push(0);
+                            push_frame(to_server, b'D', &out);
+                        }
+                        None => to_server.extend_from_slice(frame.as_bytes()),
+                    }
+                    self.expect(Kind::DescribeStatement, None);
+                }
+            }
+            tag => {
+                to_server.extend_from_slice(frame.as_bytes());
+                match tag {
+                    b'D' if body.first() == Some(&b'S') => self.expect(Kind::DescribeStatement, None),
+                    b'D' => self.expect(Kind::DescribePortal, None),
+                    b'C' => self.expect(Kind::Close, None),
+                    b'E' => {
+                        let mut rest = body;
+                        let portal = get_cstr(&mut rest).unwrap_or_default();
+                        let statement = self.portals.get(portal).cloned();
+                        self.expect(Kind::Execute, statement);
+                    }
+                    b'S' => self.expect(Kind::Sync, None),
+                    b'Q' | b'F' => self.expect(Kind::UntilReady, None),
+                    b'c' | b'f' => self.copy_done(),
+                    _ => {}
+                }
+            }
+        }
+        self.emit_due(to_client);
+    }
+
+    fn expect(&mut self, kind: Kind, statement: Option<(u64, Bytes)>) {
+        self.queue.push_back(Expect::Reply { kind, hidden: false, statement, copying: false });
+    }
+
+    /// A client's Parse: a named one is renamed, or skipped if the server has it already.
+    fn parse(&mut self, frame: &Frame, ctx: &mut Context<'_>, to_server: &mut BytesMut) {
+        let mut rest = frame.body();
+        let name = get_cstr(&mut rest).unwrap_or_default();
+        if name.is_empty() {
+            to_server.extend_from_slice(frame.as_bytes());
+            self.expect(Kind::Parse, None);
+            return;
+        }
+        let (id, key) = ctx.client.define(name, rest, ctx.registry);
+        if ctx.server.has(id) {
+            self.queue.push_back(Expect::Local(Bytes::from_static(PARSE_COMPLETE)));
+        } else {
+            self.send_parse(id, &key, false, ctx, to_server);
+        }
+    }
+
+    /// Makes sure the statement a Bind or Describe names is prepared on this server.
+    /// `None` if the client has no such named statement (the message goes on unchanged and
+    /// the server reports the error with the client's own name).
+    fn prepare_for(&mut self, name: &[u8], ctx: &mut Context<'_>, to_server: &mut BytesMut) -> Option<(u64, Bytes)> {
+        if name.is_empty() {
+            return None;
+        }
+        let entry = ctx.client.resolve(name, ctx.registry)?;
+        if !ctx.server.has(entry.id) {
+            self.send_parse(entry.id, &entry.key, true, ctx, to_server);
+        }
+        Some((entry.id, entry.key))
+    }
+
+    /// Sends Parse for a proxy-wide statement, closing the least recently used one first if
+    /// the server is full. The statement counts as prepared from now on (a second Parse in
+    /// the same pipeline must not be sent); an error takes that back.
+    fn send_parse(&mut self, id: u64, key: &Bytes, hidden: bool, ctx: &mut Context<'_>, to_server: &mut BytesMut) {
+        if let Some(old) = ctx.server.add(id) {
+            let mut close = vec![b'S'];
+            close.extend_from_slice(server_name(old).as_bytes());
+            close.push(0);
+            push_frame(to_server, b'C', &close);
+            self.queue.push_back(Expect::Reply { kind: Kind::Close, hidden: true, statement: None, copying: false });
+        }
+        let mut body = BytesMut::new();
+        body.extend_from_slice(server_name(id).as_bytes());
+        body.extend_from_slice(b"\0");
+        body.extend_from_slice(key);
+        push_frame(to_server, b'P', &body);
+        self.queue.push_back(Expect::Reply {
+            kind: Kind::Parse,
+            hidden,
+            statement: Some((id, key.clone())),
+            copying: false,
+        });
+    }
+
+    /// CopyDone/CopyFail after an Execute that started COPY FROM STDIN: the Syncs the client
+    /// sent meanwhile were swallowed by the server (see `flow`), so no reply is owed for them.
+    fn copy_done(&mut self) {
+        let Some(pos) = self.queue.iter().position(|e| matches!(e, Expect::Reply { copying: true, .. })) else {
+            return;
+        };
+        let mut i = pos + 1;
+        while i < self.queue.len() {
+            if matches!(self.queue[i], Expect::Reply { kind: Kind::Sync, .. }) {
+                self.queue.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if let Some(Expect::Reply { copying, .. }) = self.queue.get_mut(pos) {
+            *copying = false;
+        }
+    }
+
+    /// Takes one watched server message (see [`Exchange::watches`]). After forwarding it (or
+    /// not), the caller calls [`Exchange::emit_due`] for answers that became due.
+    pub fn server_message(&mut self, tag: u8, body: &[u8], ctx: &mut Context<'_>) -> Disposition {
+        let Some(Expect::Reply { kind, hidden, .. }) = self.queue.front() else {
+            return Disposition::Forward; // nothing owed: an unsolicited message
+        };
+        let (kind, hidden) = (*kind, *hidden);
+        let disposition = if hidden { Disposition::Hide } else { Disposition::Forward };
+        match (tag, kind) {
+            (b'E', Kind::UntilReady) => Disposition::Forward,
+            (b'E', _) => {
+                self.on_error(body, ctx);
+                Disposition::Forward // an error always reaches the client
+            }
+            (b'G', Kind::Execute) => {
+                if let Some(Expect::Reply { copying, .. }) = self.queue.front_mut() {
+                    *copying = true;
+                }
+                disposition
+            }
+            (b'1', Kind::Parse)
+            | (b'2', Kind::Bind)
+            | (b'3', Kind::Close)
+            | (b'T' | b'n', Kind::DescribeStatement | Kind::DescribePortal)
+            | (b'C' | b'I' | b's', Kind::Execute)
+            | (b'Z', Kind::Sync | Kind::UntilReady) => {
+                self.queue.pop_front();
+                disposition
+            }
+            (b'Z', _) => {
+                // out of step (should not happen): stop rewriting answers for this request
+                tracing::warn!(expected = ?kind, "ReadyForQuery arrived early; dropping the reply queue");
+                self.queue.clear();
+                Disposition::Forward
+            }
+            _ => disposition,
+        }
+    }
+
+    /// An ErrorResponse ends the current reply, and the server skips everything up to the
+    /// next Sync: those replies (and the proxy's own answers among them) are no longer due.
+    fn on_error(&mut self, body: &[u8], ctx: &mut Context<'_>) {
+        if let Some(Expect::Reply { kind, statement: Some((id, key)), .. }) = self.queue.pop_front() {
+            match kind {
+                Kind::Parse => ctx.server.remove(id),
+                _ if is_stale_plan(body) => {
+                    tracing::info!(statement = %server_name(id), "prepared statement's plan is stale after a schema change; it will be prepared again under a new name");
+                    ctx.registry.renew(&key);
+                }
+                _ => {}
+            }
+        }
+        while let Some(front) = self.queue.front() {
+            match front {
+                Expect::Reply { kind: Kind::Sync, .. } => break,
+                Expect::Reply { kind: Kind::Parse, statement: Some((id, _)), .. } => {
+                    ctx.server.remove(*id);
+                    self.queue.pop_front();
+                }
+                _ => {
+                    self.queue.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Writes the proxy's own answers that are now at the head of the queue.
+    pub fn emit_due(&mut self, to_client: &mut BytesMut) {
+        while let Some(Expect::Local(bytes)) = self.queue.front() {
+            to_client.extend_from_slice(bytes);
+            self.queue.pop_front();
+        }
+    }
+}
+
+/// What a `DEALLOCATE` statement names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deallocate {
+    All,
+    Name(Vec<u8>),
+}
+
+/// Recognises `DEALLOCATE [PREPARE] name | ALL` (which PostgreSQL applies to protocol-level
+/// statements too, so the proxy answers it for the client's renamed ones).
+#[must_use]
+pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
+    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
+    let mut words = text.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut name = words.next()?;
+    if name.eq_ignore_ascii_case("prepare") {
+        name = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if name.eq_ignore_ascii_case("all") {
+        return Some(Deallocate::All);
+    }
+    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    };
+    Some(Deallocate::Name(name.into_bytes()))
+}
+
+impl ClientStatements {
+    /// Whether the client has a statement of this name.
+    #[must_use]
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Applies a DEALLOCATE the proxy answers itself; false if the statement is not one of
+    /// the client's protocol-level ones (then the server must see it).
+    pub fn deallocate(&mut self, what: &Deallocate) -> bool {
+        match what {
+            Deallocate::All => {
+                self.clear();
+                true
+            }
+            Deallocate::Name(name) => self.remove(name),
+        }
+    }
+}
+
+/// "cached plan must not change result type" (SQLSTATE 0A000).
+fn is_stale_plan(error_body: &[u8]) -> bool {
+    let f = parse_error_fields(error_body);
+    f.code == "0A000" && f.message.contains("cached plan must not change result type")
+}
+
+/// What the exchange works with besides its queue.
+pub struct Context<'a> {
+    pub registry: &'a Registry,
+    pub client: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+}
+
+fn push_frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&u32::try_from(body.len() + 4).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod deallocate_tests {
+    use super::*;
+
+    #[test]
+    fn deallocate_statements() {
+        assert_eq!(deallocate(b"DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(deallocate(b"deallocate prepare S_1;"), Some(Deallocate::Name(b"s_1".to_vec())));
+        assert_eq!(deallocate(b"DEALLOCATE \"S_1\""), Some(Deallocate::Name(b"S_1".to_vec())));
+        assert_eq!(deallocate(b"DEALLOCATE a; select 1"), None);
+        assert_eq!(deallocate(b"select 1"), None);
+    }
+}
