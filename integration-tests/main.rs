@@ -5,6 +5,7 @@ mod harness;
 
 mod auth;
 mod cli;
+mod differential;
 mod lifecycle;
 mod pooling;
 mod psql;

@@ -35,6 +35,8 @@ pub struct EnvOptions {
     pub databases: String,
     pub pool_size: usize,
     pub pg_conf: Vec<String>,
+    /// Databases created on the primary (owned by `app`) besides `app`.
+    pub server_databases: Vec<String>,
 }
 
 impl Default for EnvOptions {
@@ -47,6 +49,7 @@ impl Default for EnvOptions {
             databases: String::new(),
             pool_size: 4,
             pg_conf: vec!["max_connections = 120".into()],
+            server_databases: Vec::new(),
         }
     }
 }
@@ -67,7 +70,7 @@ impl Env {
                 UserSpec { name: MD5_USER.into(), password: MD5_PASSWORD.into(), auth: AuthMethod::Md5 },
                 UserSpec { name: CLEAR_USER.into(), password: CLEAR_PASSWORD.into(), auth: AuthMethod::Cleartext },
             ],
-            databases: vec!["app".into()],
+            databases: std::iter::once("app".to_owned()).chain(opts.server_databases.iter().cloned()).collect(),
             extra_conf: opts.pg_conf.clone(),
             base_dir: None,
         })

@@ -36,8 +36,9 @@ pub struct ConnectSpec {
     pub password: Option<String>,
     pub database: String,
     pub connect_timeout: Duration,
-    /// Shown in pg_stat_activity: "pgrouter" for pooled connections.
-    pub application_name: &'static str,
+    /// Shown in pg_stat_activity. None for pooled connections: they start as a client that sent
+    /// no application_name, so `RESET ALL` gives a client what it would get from PostgreSQL.
+    pub application_name: Option<&'static str>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -102,12 +103,10 @@ impl ServerConn {
             statements: super::statements::ServerStatements::default(),
         };
         let mut out = BytesMut::new();
-        let params = [
-            ("user", spec.user.as_str()),
-            ("database", spec.database.as_str()),
-            ("application_name", spec.application_name),
-        ];
-        frontend::startup_message(params.iter().copied(), &mut out).map_err(|e| connect_error(spec, e.to_string()))?;
+        let params = [("user", spec.user.as_str()), ("database", spec.database.as_str())]
+            .into_iter()
+            .chain(spec.application_name.map(|name| ("application_name", name)));
+        frontend::startup_message(params, &mut out).map_err(|e| connect_error(spec, e.to_string()))?;
         conn.send(&out).await.map_err(|e| connect_error(spec, e.to_string()))?;
         conn.authenticate(spec).await?;
         conn.await_ready(spec).await?;

@@ -173,7 +173,10 @@ fn shard_health(
     Arc::new(ShardHealth {
         primary: ServerHealth::new(&db.name, shard, Role::Primary, primary.clone()),
         replicas: replicas.iter().map(|r| ServerHealth::new(&db.name, shard, Role::Replica, r.clone())).collect(),
-        spec: ConnectSpec { application_name: "pgrouter health check", ..connect_spec(config, db, checker, primary) },
+        spec: ConnectSpec {
+            application_name: Some("pgrouter health check"),
+            ..connect_spec(config, db, checker, primary)
+        },
     })
 }
 
@@ -184,7 +187,7 @@ fn connect_spec(config: &Config, db: &DatabaseConfig, user: &UserConfig, addr: &
         password: user.server_password.clone(),
         database: db.server_database.clone(),
         connect_timeout: config.proxy.server_connect_timeout,
-        application_name: "pgrouter",
+        application_name: None,
     }
 }
 
@@ -227,7 +230,7 @@ mod tests {
             password: None,
             database: "d".into(),
             connect_timeout: Duration::from_secs(1),
-            application_name: "test",
+            application_name: Some("test"),
         };
         let settings = PoolSettings {
             size: 1,
