@@ -155,6 +155,9 @@ delete from t where id = 1
 select 'x' || repeat('y', 10) from generate_series(1, 3) where 1/(3 - generate_series) > 0
 ! do $$ begin raise exception using errcode = 'P1234', message = 'custom failure', detail = 'some detail', hint = 'a hint'; end $$
 ! do $$ begin raise notice 'notice % and %', 1, 'two'; raise warning 'a warning'; raise info 'info line'; end $$
+! create table dpar (id int primary key) ;; create table dchild (p int references dpar deferrable initially deferred)
+-- fails at COMMIT: with the extended protocol the error answers the Sync itself
+insert into dchild values (1)
 select 1 as after_errors
 
 -- Transactions (simple protocol)

@@ -369,6 +369,9 @@ impl Exchange {
     /// An ErrorResponse ends the current reply, and the server skips everything up to the
     /// next Sync: those replies (and the proxy's own answers among them) are no longer due.
     fn on_error(&mut self, body: &[u8], ctx: &mut Context<'_>) {
+        if matches!(self.queue.front(), Some(Expect::Reply { kind: Kind::Sync, .. })) {
+            return; // an error of the Sync itself (the implicit COMMIT failed): ReadyForQuery follows
+        }
         if let Some(Expect::Reply { kind, statement: Some((id, key)), .. }) = self.queue.pop_front() {
             match kind {
                 Kind::Parse => ctx.server.remove(id),

@@ -139,6 +139,24 @@ fn errors_skip_to_sync_like_postgresql() {
 }
 
 #[test]
+fn an_error_of_the_sync_itself_keeps_the_next_batch_in_step() {
+    let mut conn = Conn::new();
+    let mut ex = Exchange::default();
+    // two pipelined batches; the first one's implicit COMMIT fails at its Sync
+    send(&mut ex, &mut conn, vec![parse("s", "insert"), bind("", "s"), execute(), sync()]);
+    send(&mut ex, &mut conn, vec![parse("s", "insert"), bind("", "s"), execute(), sync()]);
+    let out = reply(
+        &mut ex,
+        &mut conn,
+        &[(b'1', b""), (b'2', b""), (b'C', b"INSERT 0 1\0"), (b'E', &error("23503", "deferred fk")), (b'Z', b"I")],
+    );
+    assert_eq!(tags(&out), "12CEZ1", "the second batch's ParseComplete (answered by the proxy) follows at once");
+    let out = reply(&mut ex, &mut conn, &[(b'2', b""), (b'C', b"INSERT 0 1\0"), (b'Z', b"I")]);
+    assert_eq!(tags(&out), "2CZ");
+    assert!(ex.is_empty());
+}
+
+#[test]
 fn close_of_a_named_statement_is_answered_locally_in_order() {
     let mut conn = Conn::new();
     let mut ex = Exchange::default();
