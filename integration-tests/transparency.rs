@@ -101,6 +101,49 @@ fn set_local_reset_all_set_config_and_rollback() {
     });
 }
 
+/// Settings made by any statement of a transaction (not only its first request), custom
+/// settings (`myapp.x`) and `SET ROLE` follow their client and never reach another; LISTEN
+/// later in a transaction pins.
+#[test]
+fn later_statements_custom_settings_and_role_follow_their_client() {
+    let env = Env::start(EnvOptions { pool_size: 1, ..EnvOptions::default() });
+    env.primary_sql("create role reader; grant reader to app");
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    runtime().block_on(async {
+        let a = connect(&url).await.unwrap();
+        let b = connect(&url).await.unwrap();
+        a.simple_query("begin").await.unwrap();
+        one(&a, "select 1").await;
+        a.simple_query("set search_path = later_in_tx").await.unwrap();
+        a.simple_query("set myapp.tenant = 'a'").await.unwrap();
+        a.simple_query("commit").await.unwrap();
+        a.simple_query("set role reader").await.unwrap();
+        one(&a, "select set_config('myapp.user', 'alice', false)").await;
+        for _ in 0..3 {
+            assert_eq!(one(&b, "show search_path").await, "\"$user\", public", "b shares the only connection");
+            assert_eq!(one(&b, "select coalesce(current_setting('myapp.tenant', true), '')").await, "");
+            assert_eq!(one(&b, "select coalesce(current_setting('myapp.user', true), '')").await, "");
+            assert_eq!(one(&b, "select current_user").await, "app");
+            assert_eq!(one(&a, "show search_path").await, "later_in_tx");
+            assert_eq!(one(&a, "select current_setting('myapp.tenant')").await, "a");
+            assert_eq!(one(&a, "select current_setting('myapp.user')").await, "alice");
+            assert_eq!(one(&a, "select current_user").await, "reader");
+        }
+        a.simple_query("reset role; reset myapp.tenant").await.unwrap();
+        assert_eq!(one(&a, "select current_user").await, "app");
+        assert_eq!(one(&a, "select coalesce(current_setting('myapp.tenant', true), '')").await, "");
+        // LISTEN as a later statement of a transaction pins too
+        a.simple_query("begin").await.unwrap();
+        one(&a, "select 1").await;
+        a.simple_query("listen later_channel").await.unwrap();
+        a.simple_query("commit").await.unwrap();
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || env.proxy.log().contains("pinned_clients=1")),
+        "LISTEN inside a transaction did not pin"
+    );
+}
+
 /// Startup parameters (application_name, options -c ...) follow the client to every
 /// server connection, and an invalid one fails the login like PostgreSQL.
 #[test]

@@ -65,6 +65,9 @@ pub struct RelayOptions<'a> {
     pub intercept: fn(&[u8], Option<&ClientStatements>) -> bool,
     /// Named prepared statements are renamed (transaction pooling), or passed through.
     pub renaming: Option<Renaming<'a>>,
+    /// Sees every client message before it goes on (transaction pooling notes what each
+    /// statement does to the session).
+    pub observe: Option<&'a mut (dyn FnMut(&Frame) + Send)>,
 }
 
 /// Relays until the pair is idle or the client is gone. `first` are messages already read
@@ -78,7 +81,7 @@ pub async fn run<S: ClientIo>(
 ) -> Result<RelayEnd, Error> {
     let mut pump = Pump::default();
     for frame in first {
-        pump.forward(frame, flow, server, &mut opts.renaming);
+        pump.forward(frame, flow, server, &mut opts);
     }
     let shutdown = opts.shutdown.cancelled();
     tokio::pin!(shutdown);
@@ -149,7 +152,7 @@ impl Pump {
             if let Some(frame) = self.take_intercepted(client, flow, opts)? {
                 return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
             }
-            self.take_client_frames(client, server, flow, opts.release_when_idle, &mut opts.renaming)?;
+            self.take_client_frames(client, server, flow, opts)?;
             self.take_server_messages(server, flow, &mut opts.renaming)?;
             if self.client_eof || (self.terminated && self.to_server.is_empty()) {
                 let server_dirty = !self.to_server.is_empty();
@@ -220,9 +223,12 @@ impl Pump {
     }
 
     /// Sends one client message on, noting it in the flow and renaming statements if asked.
-    fn forward(&mut self, frame: Frame, flow: &mut Flow, server: &mut ServerConn, renaming: &mut Option<Renaming<'_>>) {
+    fn forward(&mut self, frame: Frame, flow: &mut Flow, server: &mut ServerConn, opts: &mut RelayOptions<'_>) {
         flow.on_client(frame.tag());
-        match renaming {
+        if let Some(observe) = opts.observe.as_mut() {
+            observe(&frame);
+        }
+        match &mut opts.renaming {
             Some(r) => {
                 let mut ctx =
                     prepared::Context { registry: r.registry, client: r.client, server: &mut server.statements };
@@ -238,12 +244,11 @@ impl Pump {
         client: &mut ClientStream<S>,
         server: &mut ServerConn,
         flow: &mut Flow,
-        gate: bool,
-        renaming: &mut Option<Renaming<'_>>,
+        opts: &mut RelayOptions<'_>,
     ) -> Result<(), Error> {
         self.gated = false;
         while self.to_server.len() < HIGH_WATER && !self.terminated {
-            if gate && !may_forward(client.rbuf.first().copied(), flow) {
+            if opts.release_when_idle && !may_forward(client.rbuf.first().copied(), flow) {
                 // the next request must be routed on its own once this one is answered
                 self.gated = true;
                 break;
@@ -253,7 +258,7 @@ impl Pump {
             };
             match frame.tag() {
                 b'X' => self.terminated = true,
-                tag if is_frontend_tag(tag) => self.forward(frame, flow, server, renaming),
+                tag if is_frontend_tag(tag) => self.forward(frame, flow, server, opts),
                 tag => return Err(unexpected_message(tag)),
             }
         }

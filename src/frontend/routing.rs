@@ -5,13 +5,14 @@
 //!
 //! Pure: no sockets. The session does the waiting; this decides and answers locally.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
 use super::prepared::{ClientStatements, Registry};
+use super::settings;
 use crate::backend::health::Lsn;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
@@ -290,6 +291,46 @@ impl RoutingState {
             out.extend_from_slice(&messages::ready_for_query(self.client_status()));
         }
         Some(out.freeze())
+    }
+
+    /// What a message relayed on an attached connection (a later request of a transaction,
+    /// say) does to the session: its statement's classification, for Query, Parse and the
+    /// Bind of a named statement. Parses are remembered for later routing too.
+    /// Names of custom settings a statement that changes settings mentions are added to
+    /// `custom` (see `settings::custom_names`).
+    pub fn observe(
+        &mut self,
+        router: &Router,
+        frame: &Frame,
+        custom: &mut BTreeSet<String>,
+    ) -> Option<Arc<Classification>> {
+        let (class, sql) = match frame.tag() {
+            b'Q' => {
+                let sql = messages::query_text(frame.body())?;
+                (router.classify(sql, &mut self.scratch), sql)
+            }
+            b'P' => {
+                let (name, sql) = messages::parse_parse(frame.body())?;
+                let class = router.classify(sql, &mut self.scratch);
+                if !name.is_empty() {
+                    self.remember(name, Prepared { sql: Bytes::copy_from_slice(sql), class: Arc::clone(&class) });
+                }
+                (class, sql)
+            }
+            b'B' => {
+                let (_, name) = messages::parse_bind_names(frame.body())?;
+                let known = self.prepared.get(name)?;
+                if known.class.session_state {
+                    settings::custom_names(&known.sql, custom);
+                }
+                return Some(Arc::clone(&known.class));
+            }
+            _ => return None,
+        };
+        if class.session_state {
+            settings::custom_names(sql, custom);
+        }
+        Some(class)
     }
 
     fn remember(&mut self, name: &[u8], prepared: Prepared) {

@@ -12,8 +12,44 @@ use crate::backend::conn::Settings;
 use crate::error::Error;
 use crate::router::policy::quote_literal;
 
-/// Reads back the settings a session has changed from their defaults.
-pub const CAPTURE_SQL: &str = "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session'";
+/// Reads back the settings a session has changed from their defaults: what `pg_settings`
+/// shows as set by the session, plus two kinds it hides: `role` (SET ROLE) and custom
+/// settings such as `myapp.tenant`, which are asked for by name (`custom`: the names the
+/// client or the connection is known to use). A custom setting that is empty counts as unset.
+#[must_use]
+pub fn capture_sql<'a>(custom: impl IntoIterator<Item = &'a str>) -> String {
+    let mut sql = String::from(
+        "SELECT name, current_setting(name) FROM pg_settings WHERE source = 'session' \
+         UNION ALL SELECT 'role', current_setting('role') WHERE current_setting('role') <> 'none'",
+    );
+    let names: Vec<String> = custom.into_iter().filter(|n| n.contains('.')).map(quote_literal).collect();
+    if !names.is_empty() {
+        sql.push_str(&format!(
+            " UNION ALL SELECT n, v FROM (SELECT n, current_setting(n, true) AS v FROM unnest(ARRAY[{}]::text[]) AS n) AS c WHERE v <> ''",
+            names.join(", ")
+        ));
+    }
+    sql
+}
+
+/// At most this many custom setting names are taken from one request's text.
+const MAX_CUSTOM_NAMES: usize = 64;
+
+/// Names in `sql` that may be custom settings (`a.b`, bare, double- or single-quoted),
+/// lower-cased, added to `names`. Catching a column reference too does no harm: asking for a
+/// setting that does not exist gives NULL.
+pub fn custom_names(sql: &[u8], names: &mut std::collections::BTreeSet<String>) {
+    let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '$';
+    for token in text.split(|c: char| !(word(c) || c == '.')) {
+        let mut parts = token.split('.');
+        let (Some(a), Some(b), None) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let starts_well = |p: &str| p.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if starts_well(a) && starts_well(b) && b.chars().all(word) && names.len() < MAX_CUSTOM_NAMES {
+            names.insert(token.to_owned());
+        }
+    }
+}
 
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
@@ -99,7 +135,7 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Settings from the rows of [`CAPTURE_SQL`].
+/// Settings from the rows of [`capture_sql`].
 #[must_use]
 pub fn from_rows(rows: Vec<Vec<Option<String>>>) -> Settings {
     rows.into_iter()
@@ -140,6 +176,18 @@ mod tests {
         ]);
         assert_eq!(s, expected);
         assert!(from_startup(&[("options".into(), "-X".into())]).is_err());
+    }
+
+    #[test]
+    fn custom_setting_names_are_found_in_any_spelling() {
+        let mut names = std::collections::BTreeSet::new();
+        custom_names(b"SET MyApp.Tenant = 'a'; select set_config('app.user_id', $1, false), t.col from t", &mut names);
+        custom_names(b"reset \"x.y\"; select 1.5, a.b.c, 3.x", &mut names);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert_eq!(names, ["app.user_id", "myapp.tenant", "t.col", "x.y"]);
+        let sql = capture_sql(names.iter().copied().chain(["search_path"]));
+        assert!(sql.contains("unnest(ARRAY[E'app.user_id', E'myapp.tenant', E't.col', E'x.y']::text[])"), "{sql}");
+        assert!(!capture_sql([]).contains("unnest"));
     }
 
     #[test]

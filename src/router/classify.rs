@@ -305,6 +305,8 @@ impl Visitor for Effects {
     fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
         match stmt {
             Statement::Set(Set::SetTransaction { .. }) => {}
+            // the session's user cannot be read back and re-applied by a non-superuser
+            Statement::Set(Set::SetSessionAuthorization(_)) => self.pin("SET SESSION AUTHORIZATION"),
             Statement::Discard { object_type } => {
                 self.session_state = true;
                 self.discards_all |= *object_type == DiscardObject::ALL;
@@ -354,6 +356,7 @@ fn unparsed_effects(sql: &str) -> (bool, Option<&'static str>) {
     let session_state = matches!(words.first(), Some(&("set" | "reset" | "discard"))) || text.contains("set_config(");
     let pins = match words.as_slice() {
         ["listen", ..] => Some("LISTEN"),
+        ["set", "session", "authorization"] => Some("SET SESSION AUTHORIZATION"),
         ["prepare", w, ..] if *w != "transaction" => Some("SQL-level PREPARE"),
         ["create", "temp" | "temporary", ..] | ["create", "local" | "global", "temp" | "temporary"] => {
             Some("a temporary table")

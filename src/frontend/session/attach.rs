@@ -145,7 +145,9 @@ impl<S: ClientIo> Session<S> {
         }
         if attached.session_state {
             let conn = attached.checkout.conn();
-            match conn.query_rows(settings::CAPTURE_SQL, LOOKUP_TIMEOUT).await {
+            let sql =
+                settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
+            match conn.query_rows(&sql, LOOKUP_TIMEOUT).await {
                 Ok(rows) => {
                     self.settings = settings::from_rows(rows);
                     conn.settings.clone_from(&self.settings);

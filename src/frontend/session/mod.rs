@@ -11,6 +11,7 @@
 
 mod attach;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +93,14 @@ struct Attached {
     discards_all: bool,
 }
 
+/// What the statements relayed on an attachment do to the session.
+#[derive(Default)]
+struct Effects {
+    session_state: bool,
+    pins: Option<&'static str>,
+    discards_all: bool,
+}
+
 impl Attached {
     fn role(&self) -> Role {
         self.checkout.pool().key.role
@@ -116,6 +125,9 @@ pub struct Session<S> {
     pinned: Option<&'static str>,
     /// The client's named prepared statements (transaction pooling renames them).
     statements: ClientStatements,
+    /// Custom settings (`myapp.x`) the client's statements mention: pg_settings does not
+    /// show them, so they are read back by name.
+    custom_settings: BTreeSet<String>,
 }
 
 impl<S: ClientIo> Session<S> {
@@ -131,6 +143,7 @@ impl<S: ClientIo> Session<S> {
             settings,
             pinned: None,
             statements: ClientStatements::default(),
+            custom_settings: BTreeSet::new(),
             skip_until_sync: false,
             left: None,
         }
@@ -194,17 +207,33 @@ impl<S: ClientIo> Session<S> {
             };
             let renaming = (self.params.mode == PoolMode::Transaction)
                 .then(|| Renaming { registry: &self.app.statements, client: &mut self.statements });
+            let movable = self.params.mode == PoolMode::Transaction && self.pinned.is_none();
+            // every statement of the attachment counts, not only the request that routed it
+            // (a SET or LISTEN later in a transaction, say)
+            let mut seen = Effects::default();
+            let (routing, router, custom) = (&mut self.routing, &self.app.router, &mut self.custom_settings);
+            let mut observe = |frame: &Frame| {
+                if let Some(class) = routing.observe(router, frame, custom) {
+                    seen.session_state |= class.session_state;
+                    seen.discards_all |= class.discards_all;
+                    seen.pins = seen.pins.or(class.pins);
+                }
+            };
             let opts = RelayOptions {
-                release_when_idle: self.params.mode == PoolMode::Transaction && self.pinned.is_none(),
+                release_when_idle: movable,
                 shutdown: &self.app.shutdown,
                 intercept: |sql, statements| {
                     hint::session_command(sql).is_some()
                         || statements.is_some_and(|s| local_deallocate(sql, s).is_some())
                 },
                 renaming,
+                observe: movable.then_some(&mut observe as &mut (dyn FnMut(&Frame) + Send)),
             };
             let attached = self.server.as_mut().expect("attached above");
             let outcome = relay::run(&mut self.client, attached.checkout.conn(), &mut self.flow, first, opts).await;
+            attached.session_state |= seen.session_state;
+            attached.discards_all |= seen.discards_all;
+            attached.pins = attached.pins.or(seen.pins);
             match outcome {
                 Ok(RelayEnd::ClientGone { terminated, server_dirty }) => {
                     self.left = Some(Departure { terminated, server_dirty });
@@ -452,7 +481,9 @@ impl<S: ClientIo> Session<S> {
             conn.statements.clear();
         } else if attached.session_state {
             // the client changed settings and left before they were read back
-            match conn.query_rows(settings::CAPTURE_SQL, RESET_TIMEOUT).await {
+            let sql =
+                settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
+            match conn.query_rows(&sql, RESET_TIMEOUT).await {
                 Ok(rows) => conn.settings = settings::from_rows(rows),
                 Err(_) => return,
             }

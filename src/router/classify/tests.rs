@@ -161,6 +161,7 @@ fn session_effects() {
         ("SELECT 1 INTO TEMP x", "a temporary table"),
         ("PREPARE q AS SELECT 1", "SQL-level PREPARE"),
         ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "a WITH HOLD cursor"),
+        ("SET SESSION AUTHORIZATION other", "SET SESSION AUTHORIZATION"),
     ] {
         assert_eq!(classify(sql).pins, Some(why), "{sql}");
     }
@@ -171,6 +172,7 @@ fn session_effects() {
         "DECLARE c CURSOR FOR SELECT 1",
         "PREPARE TRANSACTION 'x'",
         "CREATE TABLE t (a int)",
+        "SET ROLE other",
     ] {
         assert_eq!(classify(sql).pins, None, "{sql}");
     }
