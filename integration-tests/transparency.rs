@@ -144,6 +144,35 @@ fn later_statements_custom_settings_and_role_follow_their_client() {
     );
 }
 
+/// The same statement text means different tables under different search_paths
+/// (schema-per-tenant), and a statement prepared again after DDL gets a fresh plan.
+#[test]
+fn prepared_statements_respect_search_path_and_schema_changes() {
+    let env = Env::start(EnvOptions { pool_size: 1, ..EnvOptions::default() });
+    let setup = "create schema ta; create schema tb; create table ta.t (x int); create table tb.t (x int, y text); \
+                 insert into ta.t values (1); insert into tb.t values (2, 'b'); create table alt (x int); insert into alt values (1)";
+    assert_ok(&env.proxy.psql("app", &["-c", setup]), "schemas");
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    runtime().block_on(async {
+        let a = connect(&url).await.unwrap();
+        let b = connect(&url).await.unwrap();
+        a.simple_query("set search_path = ta").await.unwrap();
+        b.simple_query("set search_path = tb").await.unwrap();
+        for _ in 0..3 {
+            let rows = a.query("select * from t", &[]).await.map_err(|e| describe(&e)).unwrap();
+            assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (1, 1), "a reads ta.t");
+            let rows = b.query("select * from t", &[]).await.map_err(|e| describe(&e)).unwrap();
+            assert_eq!((rows[0].len(), rows[0].get::<_, i32>(0)), (2, 2), "b reads tb.t");
+        }
+        let stmt = a.prepare("select * from public.alt").await.unwrap();
+        assert_eq!(a.query(&stmt, &[]).await.unwrap()[0].len(), 1);
+        a.simple_query("alter table public.alt add column y text default 'y'").await.unwrap();
+        drop(stmt);
+        let rows = a.query("select * from public.alt", &[]).await.map_err(|e| describe(&e)).unwrap();
+        assert_eq!(rows[0].len(), 2, "prepared again after the ALTER: the new column is there");
+    });
+}
+
 /// Startup parameters (application_name, options -c ...) follow the client to every
 /// server connection, and an invalid one fails the login like PostgreSQL.
 #[test]

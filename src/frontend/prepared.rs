@@ -29,14 +29,14 @@ use crate::protocol::messages::parse_error_fields;
 /// Proxy-wide statement ids, by statement (query text and parameter types).
 #[derive(Default)]
 pub struct Registry {
-    ids: Mutex<HashMap<Bytes, u64>>,
+    ids: Mutex<HashMap<Key, u64>>,
     next: AtomicU64,
     /// Bumped whenever a statement gets a new id, so cached ids can be checked cheaply.
     epoch: AtomicU64,
 }
 
 impl Registry {
-    fn id(&self, key: &Bytes) -> u64 {
+    fn id(&self, key: &Key) -> u64 {
         let mut ids = self.ids.lock().expect("registry lock");
         if let Some(&id) = ids.get(key) {
             return id;
@@ -51,7 +51,7 @@ impl Registry {
     }
 
     /// Gives a statement a new id (its plan went stale on the servers).
-    fn renew(&self, key: &Bytes) {
+    fn renew(&self, key: &Key) {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.ids.lock().expect("registry lock").insert(key.clone(), id);
         self.epoch.fetch_add(1, Ordering::Release);
@@ -71,22 +71,43 @@ fn server_name(id: u64) -> String {
 #[derive(Debug, Clone)]
 struct Entry {
     /// The Parse body after the name: query text, parameter count and types.
-    key: Bytes,
+    key: Key,
     id: u64,
     epoch: u64,
 }
+
+/// What makes two Parses one statement: the Parse body after the name (query text and
+/// parameter types) and the search_path it is prepared under, which decides what its names
+/// mean (schema-per-tenant clients share texts, not tables).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    body: Bytes,
+    search_path: Bytes,
+}
+
+/// At most this many closed statements are remembered per client (see `released`).
+const MAX_RELEASED: usize = 1024;
 
 /// A client's named statements.
 #[derive(Default)]
 pub struct ClientStatements {
     by_name: HashMap<Box<[u8]>, Entry>,
+    /// Statements the client closed or deallocated. Preparing one again asks for a fresh
+    /// plan (psycopg deallocates everything after DDL, then prepares again), so it gets a
+    /// new proxy-wide name instead of a server-side statement whose plan may be stale.
+    released: std::collections::HashSet<Key>,
+    /// The client's search_path (empty: the server's default).
+    search_path: Bytes,
 }
 
 impl ClientStatements {
     /// Records a client's Parse of a named statement (`rest`: the Parse body after the name).
     /// Returns the proxy-wide id and key.
-    pub fn define(&mut self, name: &[u8], rest: &[u8], registry: &Registry) -> (u64, Bytes) {
-        let key = Bytes::copy_from_slice(rest);
+    pub fn define(&mut self, name: &[u8], rest: &[u8], registry: &Registry) -> (u64, Key) {
+        let key = Key { body: Bytes::copy_from_slice(rest), search_path: self.search_path.clone() };
+        if self.released.remove(&key) {
+            registry.renew(&key);
+        }
         let id = registry.id(&key);
         self.by_name.insert(name.into(), Entry { key: key.clone(), id, epoch: registry.epoch() });
         (id, key)
@@ -104,12 +125,35 @@ impl ClientStatements {
 
     /// Forgets every statement (DEALLOCATE ALL, DISCARD ALL).
     pub fn clear(&mut self) {
-        self.by_name.clear();
+        for (_, entry) in self.by_name.drain() {
+            Self::release(&mut self.released, entry.key);
+        }
     }
 
-    /// Forgets one statement (DEALLOCATE name); false if the client has no such statement.
+    /// Forgets one statement (DEALLOCATE name, Close); false if the client has no such statement.
     pub fn remove(&mut self, name: &[u8]) -> bool {
-        self.by_name.remove(name).is_some()
+        match self.by_name.remove(name) {
+            Some(entry) => {
+                Self::release(&mut self.released, entry.key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Statements prepared from now on are prepared under this search_path.
+    pub fn set_search_path(&mut self, search_path: Option<&str>) {
+        let search_path = search_path.unwrap_or_default().as_bytes();
+        if search_path != self.search_path {
+            self.search_path = Bytes::copy_from_slice(search_path);
+        }
+    }
+
+    fn release(released: &mut std::collections::HashSet<Key>, key: Key) {
+        if released.len() >= MAX_RELEASED {
+            released.clear();
+        }
+        released.insert(key);
     }
 }
 
@@ -134,7 +178,7 @@ enum Expect {
         /// An answer to a message the proxy added: not forwarded.
         hidden: bool,
         /// The statement it concerns: marked prepared (Parse) or renewed (stale plan).
-        statement: Option<(u64, Bytes)>,
+        statement: Option<(u64, Key)>,
         /// An Execute that started COPY FROM STDIN.
         copying: bool,
     },
@@ -154,7 +198,7 @@ pub enum Disposition {
 pub struct Exchange {
     queue: VecDeque<Expect>,
     /// Portal name -> the statement bound to it (for stale-plan errors).
-    portals: HashMap<Box<[u8]>, (u64, Bytes)>,
+    portals: HashMap<Box<[u8]>, (u64, Key)>,
 }
 
 const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
@@ -190,7 +234,8 @@ impl Exchange {
                 let mut rest = body;
                 let portal = get_cstr(&mut rest).unwrap_or_default();
                 let name = get_cstr(&mut rest).unwrap_or_default();
-                match self.prepare_for(name, ctx, to_server) {
+                let statement = self.prepare_for(name, ctx, to_server);
+                match statement.clone() {
                     Some((id, key)) => {
                         self.portals.insert(portal.into(), (id, key));
                         let mut out = BytesMut::new();
@@ -206,7 +251,8 @@ impl Exchange {
                         to_server.extend_from_slice(frame.as_bytes());
                     }
                 }
-                self.expect(Kind::Bind, None);
+                // a stale plan is reported at Bind
+                self.expect(Kind::Bind, statement);
             }
             b'D' | b'C' if body.first() == Some(&b'S') && body.get(1).is_some_and(|&b| b != 0) => {
                 let name = &body[1..body.len().saturating_sub(1)];
@@ -249,7 +295,7 @@ impl Exchange {
         self.emit_due(to_client);
     }
 
-    fn expect(&mut self, kind: Kind, statement: Option<(u64, Bytes)>) {
+    fn expect(&mut self, kind: Kind, statement: Option<(u64, Key)>) {
         self.queue.push_back(Expect::Reply { kind, hidden: false, statement, copying: false });
     }
 
@@ -273,7 +319,7 @@ impl Exchange {
     /// Makes sure the statement a Bind or Describe names is prepared on this server.
     /// `None` if the client has no such named statement (the message goes on unchanged and
     /// the server reports the error with the client's own name).
-    fn prepare_for(&mut self, name: &[u8], ctx: &mut Context<'_>, to_server: &mut BytesMut) -> Option<(u64, Bytes)> {
+    fn prepare_for(&mut self, name: &[u8], ctx: &mut Context<'_>, to_server: &mut BytesMut) -> Option<(u64, Key)> {
         if name.is_empty() {
             return None;
         }
@@ -287,7 +333,7 @@ impl Exchange {
     /// Sends Parse for a proxy-wide statement, closing the least recently used one first if
     /// the server is full. The statement counts as prepared from now on (a second Parse in
     /// the same pipeline must not be sent); an error takes that back.
-    fn send_parse(&mut self, id: u64, key: &Bytes, hidden: bool, ctx: &mut Context<'_>, to_server: &mut BytesMut) {
+    fn send_parse(&mut self, id: u64, key: &Key, hidden: bool, ctx: &mut Context<'_>, to_server: &mut BytesMut) {
         if let Some(old) = ctx.server.add(id) {
             let mut close = vec![b'S'];
             close.extend_from_slice(server_name(old).as_bytes());
@@ -298,7 +344,7 @@ impl Exchange {
         let mut body = BytesMut::new();
         body.extend_from_slice(server_name(id).as_bytes());
         body.extend_from_slice(b"\0");
-        body.extend_from_slice(key);
+        body.extend_from_slice(&key.body);
         push_frame(to_server, b'P', &body);
         self.queue.push_back(Expect::Reply {
             kind: Kind::Parse,

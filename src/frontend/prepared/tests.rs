@@ -195,6 +195,28 @@ fn a_stale_plan_gets_a_new_name() {
     let (to_server, _) = send(&mut ex, &mut conn, vec![bind("", "q"), execute(), sync()]);
     assert_eq!(tags(&to_server), "PBES", "prepared again");
     assert!(messages(&to_server)[0].1.starts_with(b"pgr_2\0"), "under a new name");
+    // PostgreSQL reports a stale plan at Bind as well
+    let out = reply(&mut ex, &mut conn, &[(b'1', b""), (b'E', &stale), (b'Z', b"I")]);
+    assert_eq!(tags(&out), "EZ");
+    let (to_server, _) = send(&mut ex, &mut conn, vec![bind("", "q"), execute(), sync()]);
+    assert!(messages(&to_server)[0].1.starts_with(b"pgr_3\0"), "renewed after a Bind error");
+}
+
+#[test]
+fn preparing_again_after_deallocate_gets_a_fresh_statement() {
+    let mut conn = Conn::new();
+    let mut ex = Exchange::default();
+    send(&mut ex, &mut conn, vec![parse("a", "select * from t"), sync()]);
+    reply(&mut ex, &mut conn, &[(b'1', b""), (b'Z', b"I")]);
+    // the same text under another name is shared: answered by the proxy
+    let (to_server, _) = send(&mut ex, &mut conn, vec![parse("b", "select * from t"), sync()]);
+    assert_eq!(tags(&to_server), "S");
+    reply(&mut ex, &mut conn, &[(b'Z', b"I")]);
+    // DEALLOCATE ALL (after DDL, say), then Parse: a new server-side statement
+    conn.client.clear();
+    let (to_server, _) = send(&mut ex, &mut conn, vec![parse("a", "select * from t"), sync()]);
+    assert_eq!(tags(&to_server), "PS");
+    assert!(messages(&to_server)[0].1.starts_with(b"pgr_2\0"));
 }
 
 #[test]

@@ -151,6 +151,7 @@ impl<S: ClientIo> Session<S> {
                 Ok(rows) => {
                     self.settings = settings::from_rows(rows);
                     conn.settings.clone_from(&self.settings);
+                    self.statements.set_search_path(self.settings.get("search_path").map(String::as_str));
                 }
                 Err(e) => {
                     tracing::warn!(server = %conn.addr, error = %e, "cannot read back session settings; the connection will be closed");

@@ -133,6 +133,8 @@ pub struct Session<S> {
 impl<S: ClientIo> Session<S> {
     pub fn new(app: Arc<App>, client: ClientStream<S>, params: SessionParams) -> Self {
         let settings = params.settings.clone();
+        let mut statements = ClientStatements::default();
+        statements.set_search_path(settings.get("search_path").map(String::as_str));
         Self {
             app,
             client,
@@ -142,7 +144,7 @@ impl<S: ClientIo> Session<S> {
             routing: RoutingState::default(),
             settings,
             pinned: None,
-            statements: ClientStatements::default(),
+            statements,
             custom_settings: BTreeSet::new(),
             skip_until_sync: false,
             left: None,
