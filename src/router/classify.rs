@@ -304,7 +304,8 @@ impl Visitor for Effects {
 
     fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
         match stmt {
-            Statement::Set(Set::SetTransaction { .. }) => {}
+            // SET SESSION CHARACTERISTICS AS TRANSACTION ... sets default_transaction_* settings
+            Statement::Set(Set::SetTransaction { session: false, .. }) => {}
             // the session's user cannot be read back and re-applied by a non-superuser
             Statement::Set(Set::SetSessionAuthorization(_)) => self.pin("SET SESSION AUTHORIZATION"),
             Statement::Discard { object_type } => {

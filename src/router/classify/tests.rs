@@ -146,6 +146,8 @@ fn session_effects() {
         "DISCARD ALL",
         "SELECT set_config('search_path', 's1', false)",
         "insert into t select 1 from (select set_config('a.b', 'c', false)) x",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SET ROLE other",
     ] {
         assert!(classify(sql).session_state, "{sql}");
     }
