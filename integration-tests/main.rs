@@ -6,6 +6,7 @@ mod harness;
 mod auth;
 mod cli;
 mod differential;
+mod driver_matrix;
 mod lifecycle;
 mod pooling;
 mod psql;

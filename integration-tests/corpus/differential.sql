@@ -196,6 +196,11 @@ select current_setting('timezone'), current_setting('search_path'), current_sett
 ! set lc_monetary = 'C' ;; select 1234.5::money ;; reset lc_monetary
 ! set standard_conforming_strings = off ;; select 'a\\b' ;; reset standard_conforming_strings ;; select 'a\\b'
 select current_user, session_user, current_database() = current_database(), current_schema()
+! begin ;; select 1 ;; set timezone = 'Asia/Tokyo' ;; set myapp.tenant = 'acme' ;; commit ;; show timezone
+select current_setting('timezone'), current_setting('myapp.tenant'), now() = now()
+! set session characteristics as transaction isolation level repeatable read ;; begin ;; show transaction_isolation ;; commit
+! select set_config('myapp.user', 'alice', false) ;; select current_setting('myapp.user'), current_setting('myapp.tenant')
+! reset all ;; show timezone ;; show default_transaction_isolation
 
 -- COPY
 COPY t (id, s, by, ia, jb) TO STDOUT
