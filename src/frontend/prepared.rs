@@ -199,6 +199,9 @@ pub struct Exchange {
     queue: VecDeque<Expect>,
     /// Portal name -> the statement bound to it (for stale-plan errors).
     portals: HashMap<Box<[u8]>, (u64, Key)>,
+    /// The server reported an error and discards everything up to the next Sync, including
+    /// messages the client sends only now (after a Flush, say).
+    skipping: bool,
 }
 
 const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
@@ -227,6 +230,14 @@ impl Exchange {
         to_server: &mut BytesMut,
         to_client: &mut BytesMut,
     ) {
+        if self.skipping {
+            if !matches!(frame.tag(), b'S' | b'X') {
+                // PostgreSQL ignores it, so it prepares and closes nothing and owes no reply
+                to_server.extend_from_slice(frame.as_bytes());
+                return;
+            }
+            self.skipping = false;
+        }
         let body = frame.body();
         match frame.tag() {
             b'P' => self.parse(&frame, ctx, to_server),
@@ -428,9 +439,15 @@ impl Exchange {
                 _ => {}
             }
         }
+        // the server now skips to the next Sync; if the client has not sent it yet, what it
+        // sends until then is skipped too
+        self.skipping = true;
         while let Some(front) = self.queue.front() {
             match front {
-                Expect::Reply { kind: Kind::Sync, .. } => break,
+                Expect::Reply { kind: Kind::Sync, .. } => {
+                    self.skipping = false;
+                    break;
+                }
                 Expect::Reply { kind: Kind::Parse, statement: Some((id, _)), .. } => {
                     ctx.server.remove(*id);
                     self.queue.pop_front();

@@ -34,6 +34,13 @@ public class JdbcCheck {
     interface Work { String run(int t) throws Exception; }
 
     public static void main(String[] args) {
+        Thread watchdog = new Thread(() -> { // a reply that never comes must fail the run, not stall it
+            try { Thread.sleep(55_000); } catch (InterruptedException e) { return; }
+            System.err.println("jdbc: still running after 55 s, giving up");
+            Runtime.getRuntime().halt(1);
+        });
+        watchdog.setDaemon(true);
+        watchdog.start();
         phase("setup", "", JdbcCheck::setup);
         phase("prepare threshold", "", c -> out(threshold(c, "default") + " " + threshold(c, "default-again")));
         phase("prepareThreshold=1", "prepareThreshold=1", c -> out(threshold(c, "prepareThreshold=1")));
@@ -97,19 +104,20 @@ public class JdbcCheck {
         }
     }
 
-    // Runs work(0..n-1) on n threads at once and prints the results in thread order.
+    // Runs work(0..n-1) on n threads at once; once all are done, prints their results in thread
+    // order, or throws the first failure.
     static void concurrent(String label, int n, Work work) throws Exception {
         ExecutorService pool = Executors.newFixedThreadPool(n);
-        try {
-            List<Future<String>> results = new ArrayList<>();
-            for (int t = 0; t < n; t++) {
-                final int id = t;
-                results.add(pool.submit(() -> work.run(id)));
-            }
-            for (Future<String> f : results) out(label + " " + f.get(50, TimeUnit.SECONDS));
-        } finally {
-            pool.shutdownNow();
+        List<Future<String>> results = new ArrayList<>();
+        for (int t = 0; t < n; t++) {
+            final int id = t;
+            results.add(pool.submit(() -> work.run(id)));
         }
+        pool.shutdown();
+        if (!pool.awaitTermination(50, TimeUnit.SECONDS)) throw new TimeoutException(label + " threads still running");
+        List<String> lines = new ArrayList<>();
+        for (Future<String> f : results) lines.add(label + " " + f.get());
+        lines.forEach(JdbcCheck::out);
     }
 
     static void setup(Connection c) throws SQLException {

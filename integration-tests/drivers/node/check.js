@@ -25,9 +25,23 @@ const { Pool, Client, Query } = require('pg');
 
 const WORKERS = 12;
 const pool = new Pool({ max: WORKERS });
-pool.on('error', (err) => { console.error('idle client error:', err); process.exitCode = 1; });
+// Work "in between" comes from a separate pool, so a worker holding a client of `pool` never
+// waits for another client of `pool` (which could deadlock when all of them are held).
+const other = new Pool({ max: 2 });
+for (const p of [pool, other]) p.on('error', (err) => { console.error('idle client error:', err); process.exitCode = 1; });
+// A hang (a reply that never comes) must fail the run rather than stall it.
+setTimeout(() => { console.error('node check: still running after 55 s, giving up'); process.exit(1); }, 55000).unref();
 const out = (line) => console.log('node: ' + line);
 const range = (n) => Array.from({ length: n }, (_, i) => i);
+
+// Like Promise.all, but waits for every worker before reporting the first failure, so no
+// worker of a failed phase is still running when the next phase starts.
+async function all(promises) {
+  const settled = await Promise.allSettled(promises);
+  const failed = settled.find((r) => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return settled.map((r) => r.value);
+}
 
 async function withClient(fn) {
   const c = await pool.connect();
@@ -203,7 +217,7 @@ async function longResults() {
   const sum = one.rows.reduce((a, r) => a + r.n, 0);
   assert.equal(one.rows.length, 50000); assert.equal(sum, 50000 * 50001 / 2);
   out(`long result rows=${one.rows.length} sum=${sum}`);
-  const res = await Promise.all(range(10).map(async (w) => {
+  const res = await all(range(10).map(async (w) => {
     const n = 50000 + w;
     const r = await pool.query({ text: 'SELECT n, md5(n::text) AS h FROM generate_series(1, $1::int) AS n', values: [n], rowMode: 'array' });
     assert.equal(r.rows.length, n);
@@ -236,7 +250,7 @@ function chunked(client, config) {
 }
 
 async function portalChunks() {
-  const res = await Promise.all(range(10).map((w) => withClient(async (c) => {
+  const res = await all(range(10).map((w) => withClient(async (c) => {
     const a = await chunked(c, { text: 'SELECT n FROM generate_series(1, $1::int) AS n', values: [1000 + w], rows: 97 });
     const after = await c.query('SELECT 1 AS one');
     assert.equal(after.rows[0].one, 1);
@@ -248,13 +262,13 @@ async function portalChunks() {
 // A session setting made on a checked-out client must hold for its later transactions while
 // other clients run theirs (and so move it between server connections).
 async function stickySetting(label, setSql, probeSql, want) {
-  const res = await Promise.all(range(10).map((w) => withClient(async (c) => {
+  const res = await all(range(10).map((w) => withClient(async (c) => {
     await c.query(setSql(w));
     const seen = [];
     for (let i = 0; i < 8; i++) {
       const r = await c.query({ text: probeSql, rowMode: 'array' });
       seen.push(r.rows[0][0]);
-      if (i % 3 === 2) await pool.query('SELECT count(*) FROM items'); // let another client in between
+      if (i % 3 === 2) await other.query('SELECT count(*) FROM items'); // another client in between
     }
     assert.deepEqual(seen, Array(8).fill(want(w)), `${label} worker ${w}`);
     await c.query('RESET ALL');
@@ -267,7 +281,7 @@ async function stickySetting(label, setSql, probeSql, want) {
 const DEFAULTS = `SELECT current_setting('TimeZone'), current_setting('search_path'), current_setting('application_name'),
   current_setting('default_transaction_isolation'), coalesce(nullif(current_setting('app.worker', true), ''), '-')`;
 async function noLeaks(defaults) {
-  const res = await Promise.all(range(10).map(async (w) => {
+  const res = await all(range(10).map(async (w) => {
     for (let i = 0; i < 5; i++) {
       const r = await pool.query({ text: DEFAULTS, rowMode: 'array' });
       assert.deepEqual(r.rows[0], defaults, `worker ${w} sees settings left behind`);
@@ -281,11 +295,11 @@ async function startupParams() {
   const p = new Pool({ max: 10, application_name: 'drv-node-startup', options: '-c search_path=alt,public -c TimeZone=Asia/Tokyo' });
   try {
     const want = ['drv-node-startup', 'Asia/Tokyo', 'alt'];
-    await Promise.all(range(10).map(async (w) => {
+    await all(range(10).map(async (w) => {
       for (let i = 0; i < 4; i++) {
         const r = await p.query({ text: "SELECT current_setting('application_name'), current_setting('TimeZone'), (SELECT which FROM probe)", rowMode: 'array' });
         assert.deepEqual(r.rows[0], want, `startup worker ${w}`);
-        await pool.query('SELECT 1'); // another client in between
+        await other.query('SELECT 1'); // another client in between
       }
     }));
     out(`startup parameters held on 10 clients: ${want.join(' | ')}`);
@@ -307,16 +321,16 @@ async function main() {
   await setup();
   const defaults = (await pool.query({ text: DEFAULTS, rowMode: 'array' })).rows[0];
   await phase('named statements', async () => {
-    (await Promise.all(range(WORKERS).map(namedWorker))).forEach(out);
+    (await all(range(WORKERS).map(namedWorker))).forEach(out);
     const tot = await pool.query('SELECT count(*)::int AS n, sum(v)::int AS s FROM items');
     out(`named statements total rows=${tot.rows[0].n} sum=${tot.rows[0].s}`);
   });
-  await phase('same name', async () => (await Promise.all(range(10).map(sameNameWorker))).forEach(out));
-  await phase('transactions', async () => (await Promise.all(range(WORKERS).map(txWorker))).forEach(out));
+  await phase('same name', async () => (await all(range(10).map(sameNameWorker))).forEach(out));
+  await phase('transactions', async () => (await all(range(WORKERS).map(txWorker))).forEach(out));
   await phase('types', types);
   await phase('session settings', async () => {
     const d = await pool.query("SELECT current_setting('TimeZone') AS tz, current_setting('application_name') AS app");
-    (await Promise.all(range(10).map((w) => setWorker(w, d.rows[0])))).forEach(out);
+    (await all(range(10).map((w) => setWorker(w, d.rows[0])))).forEach(out);
   });
   await phase('custom setting', () => stickySetting('custom setting', (w) => `SET app.worker = 'w${w}'`,
     "SELECT current_setting('app.worker', true)", (w) => `w${w}`));
@@ -337,4 +351,4 @@ async function main() {
 main().then(() => out('all checks passed'), (err) => {
   console.error('node check failed:', err && err.stack ? err.stack : err);
   process.exitCode = 1;
-}).finally(() => pool.end());
+}).finally(() => Promise.all([pool.end(), other.end()]));

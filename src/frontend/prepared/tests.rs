@@ -139,6 +139,30 @@ fn errors_skip_to_sync_like_postgresql() {
 }
 
 #[test]
+fn messages_sent_after_an_error_before_sync_are_skipped_like_postgresql() {
+    let mut conn = Conn::new();
+    let mut ex = Exchange::default();
+    let flush = frame(b'H', b"");
+    send(&mut ex, &mut conn, vec![parse("", "select 1/0"), bind("", ""), execute(), flush]);
+    let out = reply(&mut ex, &mut conn, &[(b'1', b""), (b'2', b""), (b'E', &error("22012", "division by zero"))]);
+    assert_eq!(tags(&out), "12E");
+    // only now does the client send the rest of the segment: the server ignores it
+    let (to_server, to_client) =
+        send(&mut ex, &mut conn, vec![parse("a", "select 42"), bind("", "a"), execute(), sync()]);
+    assert_eq!(tags(&to_server), "PBES");
+    assert!(to_client.is_empty());
+    let out = reply(&mut ex, &mut conn, &[(b'Z', b"I")]);
+    assert_eq!(tags(&out), "Z");
+    assert!(ex.is_empty() && conn.server.is_empty(), "nothing was prepared");
+    // the next segment prepares the statement for real
+    let (to_server, _) = send(&mut ex, &mut conn, vec![parse("b", "select 42"), bind("", "b"), execute(), sync()]);
+    assert_eq!(tags(&to_server), "PBES");
+    let out = reply(&mut ex, &mut conn, &[(b'1', b""), (b'2', b""), (b'C', b"SELECT 1\0"), (b'Z', b"I")]);
+    assert_eq!(tags(&out), "12CZ");
+    assert!(ex.is_empty() && !conn.server.is_empty());
+}
+
+#[test]
 fn an_error_of_the_sync_itself_keeps_the_next_batch_in_step() {
     let mut conn = Conn::new();
     let mut ex = Exchange::default();
