@@ -93,25 +93,19 @@ pub enum Plan {
     Server(Routed),
 }
 
-/// Where a request goes and what it does to the session.
+/// Where a request goes.
 #[derive(Debug)]
 pub struct Routed {
     pub decision: Decision,
     /// A held BEGIN (and SET TRANSACTION) to run on the server first.
     pub prelude: Option<String>,
-    /// The request may change session settings; they are read back before release.
-    pub session_state: bool,
-    /// The request creates state that cannot move: the client keeps its connection.
-    pub pins: Option<&'static str>,
-    /// DISCARD ALL: the server drops its prepared statements.
-    pub discards_all: bool,
 }
 
 impl Routed {
     /// Everything on the primary of `shard` (session pooling, pinned clients).
     #[must_use]
     pub fn primary(decision: Decision) -> Self {
-        Self { decision, prelude: None, session_state: false, pins: None, discards_all: false }
+        Self { decision, prelude: None }
     }
 }
 
@@ -161,11 +155,7 @@ impl RoutingState {
             hinted.push((sql, class, hints));
         }
         let first_hints = || hinted.iter().map(|(_, _, h)| h).find(|h| !h.is_empty()).cloned();
-        let session_state = hinted.iter().any(|(_, c, _)| c.session_state);
-        let pins = hinted.iter().find_map(|(_, c, _)| c.pins);
-        let discards_all = hinted.iter().any(|(_, c, _)| c.discards_all);
-        let routed =
-            |decision, prelude| Ok(Plan::Server(Routed { decision, prelude, session_state, pins, discards_all }));
+        let routed = |decision, prelude| Ok(Plan::Server(Routed { decision, prelude }));
         if let Some(held) = &self.held {
             // a read-only transaction goes to a replica if its first statements are reads (a
             // SET TRANSACTION SNAPSHOT, say, needs the primary)

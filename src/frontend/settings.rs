@@ -123,11 +123,11 @@ pub fn apply_sql(desired: &Settings, current: &Settings) -> Option<String> {
         .filter(|name| !desired.contains_key(*name))
         .map(|name| format!("RESET {}", name.split('.').map(quote_ident).collect::<Vec<_>>().join(".")))
         .collect();
-    let mut statements = Vec::new();
+    // the SELECT last: a statement_timeout it sets applies only to later statements
+    let mut statements = resets;
     if !sets.is_empty() {
         statements.push(format!("SELECT {}", sets.join(", ")));
     }
-    statements.extend(resets);
     (!statements.is_empty()).then(|| statements.join("; "))
 }
 
@@ -196,7 +196,7 @@ mod tests {
         let current = settings(&[("timezone", "UTC"), ("work_mem", "8MB"), ("my.knob", "x")]);
         assert_eq!(
             apply_sql(&desired, &current).unwrap(),
-            "SELECT set_config(E'search_path', E's1, public', false); RESET \"my\".\"knob\"; RESET \"work_mem\""
+            "RESET \"my\".\"knob\"; RESET \"work_mem\"; SELECT set_config(E'search_path', E's1, public', false)"
         );
         assert_eq!(apply_sql(&desired, &desired), None);
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Attached, LOOKUP_TIMEOUT, RESET_TIMEOUT, Session};
+use super::{Attached, Effects, LOOKUP_TIMEOUT, RESET_TIMEOUT, Session};
 use crate::backend::health::parse_lsn;
 use crate::backend::{Checkout, Pool, ReadNeeds, ShardPools};
 use crate::config::{ReadYourWrites, ReplicaFallback};
@@ -51,7 +51,7 @@ impl<S: ClientIo> Session<S> {
     /// Borrows a server connection as `decision` says, starting a held transaction on it.
     /// `Ok(false)` if the client left while waiting.
     pub(super) async fn attach(&mut self, routed: Routed) -> Result<bool, Error> {
-        let Routed { mut decision, prelude, session_state, pins, discards_all } = routed;
+        let Routed { mut decision, prelude } = routed;
         let policy = Arc::clone(&self.params.policy);
         let pools = Arc::clone(&self.params.pools);
         let shard =
@@ -86,7 +86,7 @@ impl<S: ClientIo> Session<S> {
         self.params.cancel.set_target(Some(CancelTarget { addr: conn.addr.clone(), key: conn.backend_key.clone() }));
         self.flow = Flow::default();
         let mut attached =
-            Attached { checkout, decision, started_idle: prelude.is_none(), session_state, pins, discards_all };
+            Attached { checkout, decision, started_idle: prelude.is_none(), effects: Effects::default() };
         if let Some(prelude) = prelude {
             let conn = attached.checkout.conn();
             match conn.run_simple(&prelude, RESET_TIMEOUT).await {
@@ -139,11 +139,11 @@ impl<S: ClientIo> Session<S> {
         let Some(attached) = self.server.as_mut() else {
             return;
         };
-        if attached.discards_all {
+        if attached.effects.discards_all {
             attached.checkout.conn().statements.clear();
             self.statements.clear();
         }
-        if attached.session_state {
+        if attached.effects.session_state {
             let conn = attached.checkout.conn();
             let sql =
                 settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
@@ -153,13 +153,19 @@ impl<S: ClientIo> Session<S> {
                     conn.settings.clone_from(&self.settings);
                     self.statements.set_search_path(self.settings.get("search_path").map(String::as_str));
                 }
-                Err(e) => {
+                Err(e) if conn.broken => {
                     tracing::warn!(server = %conn.addr, error = %e, "cannot read back session settings; the connection will be closed");
-                    conn.broken = true;
+                }
+                Err(e) => {
+                    // the server refused the read-back (a tiny statement_timeout, say): the
+                    // connection still has the client's settings, so the client keeps it
+                    tracing::warn!(server = %conn.addr, error = %e, "cannot read back session settings; the client keeps its connection");
+                    attached.effects.pins =
+                        attached.effects.pins.or(Some("session settings pgrouter could not read back"));
                 }
             }
         }
-        if let Some(why) = attached.pins {
+        if let Some(why) = attached.effects.pins {
             self.pinned = Some(why);
             let pinned = self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             tracing::info!(user = %self.params.user, database = %self.params.database, reason = why, pinned_clients = pinned,

@@ -31,6 +31,7 @@ use crate::config::PoolMode;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, Severity, TxStatus};
+use crate::router::classify::Classification;
 use crate::router::hint;
 use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Role, Target, Why};
@@ -86,19 +87,27 @@ struct Attached {
     /// The attachment began outside a transaction block, so losing the server loses no
     /// state the client relies on.
     started_idle: bool,
-    /// What the request does to the session (settings to read back, state that pins).
+    /// What the statements relayed on it do to the session.
+    effects: Effects,
+}
+
+/// What statements do to the session beyond their results.
+#[derive(Default)]
+struct Effects {
+    /// Settings may have changed: read them back before the connection goes back.
     session_state: bool,
+    /// State that cannot move was created: the client keeps the connection.
     pins: Option<&'static str>,
     /// DISCARD ALL: the server dropped its prepared statements.
     discards_all: bool,
 }
 
-/// What the statements relayed on an attachment do to the session.
-#[derive(Default)]
-struct Effects {
-    session_state: bool,
-    pins: Option<&'static str>,
-    discards_all: bool,
+impl Effects {
+    fn add(&mut self, class: &Classification) {
+        self.session_state |= class.session_state;
+        self.discards_all |= class.discards_all;
+        self.pins = self.pins.or(class.pins);
+    }
 }
 
 impl Attached {
@@ -210,15 +219,14 @@ impl<S: ClientIo> Session<S> {
             let renaming = (self.params.mode == PoolMode::Transaction)
                 .then(|| Renaming { registry: &self.app.statements, client: &mut self.statements });
             let movable = self.params.mode == PoolMode::Transaction && self.pinned.is_none();
+            let attached = self.server.as_mut().expect("attached above");
             // every statement of the attachment counts, not only the request that routed it
             // (a SET or LISTEN later in a transaction, say)
-            let mut seen = Effects::default();
             let (routing, router, custom) = (&mut self.routing, &self.app.router, &mut self.custom_settings);
+            let effects = &mut attached.effects;
             let mut observe = |frame: &Frame| {
                 if let Some(class) = routing.observe(router, frame, custom) {
-                    seen.session_state |= class.session_state;
-                    seen.discards_all |= class.discards_all;
-                    seen.pins = seen.pins.or(class.pins);
+                    effects.add(&class);
                 }
             };
             let opts = RelayOptions {
@@ -231,11 +239,7 @@ impl<S: ClientIo> Session<S> {
                 renaming,
                 observe: movable.then_some(&mut observe as &mut (dyn FnMut(&Frame) + Send)),
             };
-            let attached = self.server.as_mut().expect("attached above");
             let outcome = relay::run(&mut self.client, attached.checkout.conn(), &mut self.flow, first, opts).await;
-            attached.session_state |= seen.session_state;
-            attached.discards_all |= seen.discards_all;
-            attached.pins = attached.pins.or(seen.pins);
             match outcome {
                 Ok(RelayEnd::ClientGone { terminated, server_dirty }) => {
                     self.left = Some(Departure { terminated, server_dirty });
@@ -481,7 +485,7 @@ impl<S: ClientIo> Session<S> {
             }
             conn.settings.clear();
             conn.statements.clear();
-        } else if attached.session_state {
+        } else if attached.effects.session_state {
             // the client changed settings and left before they were read back
             let sql =
                 settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
