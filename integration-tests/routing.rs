@@ -56,7 +56,10 @@ pub fn wait_replica_caught_up(env: &Env) {
 
 /// Waits until reads through `db` reach the replica (its first health check passed).
 fn wait_replica_in_rotation(env: &Env, db: &str) {
-    let ok = wait_until(Duration::from_secs(20), || value(env, db, "select pg_is_in_recovery()") == "t");
+    // before the first health check a database with replica_fallback = "error" refuses reads
+    let ok = wait_until(Duration::from_secs(20), || {
+        stdout(&env.proxy.psql(db, &["-qAt", "-c", "select pg_is_in_recovery()"])).trim() == "t"
+    });
     assert!(ok, "reads never reached the replica");
 }
 
