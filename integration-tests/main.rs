@@ -11,5 +11,6 @@ mod lifecycle;
 mod pooling;
 mod psql;
 mod routing;
+mod sharding;
 mod topology;
 mod transparency;

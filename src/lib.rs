@@ -9,6 +9,8 @@
 //!   cancel keys.
 //! - [`backend`]: server side: connections to PostgreSQL and the pools that lend them.
 //! - [`router`]: where a statement goes ([`router::Route`]: shard and role).
+//! - [`sharding`]: shard keys and where each sharded table's rows live (PostgreSQL-compatible
+//!   hash, range, list).
 //! - [`protocol`]: sans-IO wire protocol: framing, startup packet, message views and
 //!   builders, SCRAM and md5.
 //! - [`config`]: load, validate (every error with its path), immutable snapshot.
@@ -27,3 +29,4 @@ pub mod error;
 pub mod frontend;
 pub mod protocol;
 pub mod router;
+pub mod sharding;
