@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use pgrouter::router::Router;
 use pgrouter::router::classify::classify;
-use pgrouter::router::shape::shape_into;
+use pgrouter::router::shape::Shape;
 
 const STATEMENTS: &[(&str, &str)] = &[
     (
@@ -28,7 +28,7 @@ const STATEMENTS: &[(&str, &str)] = &[
 
 fn classification(c: &mut Criterion) {
     let router = Router::new(1024);
-    let mut scratch = Vec::new();
+    let mut scratch = Shape::default();
     for (_, sql) in STATEMENTS {
         router.classify(sql.as_bytes(), &mut scratch);
     }
@@ -38,9 +38,9 @@ fn classification(c: &mut Criterion) {
             b.iter(|| black_box(router.classify(black_box(sql.as_bytes()), &mut scratch)));
         });
         group.bench_function(format!("shape only: {name}"), |b| {
-            b.iter(|| shape_into(black_box(sql.as_bytes()), &mut scratch));
+            b.iter(|| scratch.of(black_box(sql.as_bytes())));
         });
-        group.bench_function(format!("full parse: {name}"), |b| b.iter(|| black_box(classify(black_box(sql)))));
+        group.bench_function(format!("full parse: {name}"), |b| b.iter(|| black_box(classify(black_box(sql), &[]))));
     }
     group.finish();
 }

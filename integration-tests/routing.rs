@@ -426,7 +426,7 @@ fn predicted_target(
     use pgrouter::router::classify::{Access, TxControl};
     use pgrouter::router::hint::Hints;
     use pgrouter::router::policy::{Undecided, volatility_query};
-    let class = router.classify(sql.as_bytes(), &mut Vec::new());
+    let class = router.classify(sql.as_bytes(), &mut pgrouter::router::shape::Shape::default());
     match (class.tx, in_tx.as_mut()) {
         (Some(TxControl::Begin { modes, .. }), None) => {
             *in_tx = Some((modes, None));

@@ -115,7 +115,7 @@ pub struct RoutingState {
     pub held: Option<HeldTx>,
     pub last_write: Option<WriteMark>,
     prepared: HashMap<Box<[u8]>, Prepared>,
-    scratch: Vec<u8>,
+    scratch: crate::router::shape::Shape,
 }
 
 impl RoutingState {

@@ -87,6 +87,8 @@ pub struct Classification {
     pub pins: Option<&'static str>,
     /// DISCARD ALL: the server drops every prepared statement of the connection.
     pub discards_all: bool,
+    /// Tables named, WHERE equalities, INSERT rows: what sharding routes by.
+    pub tables: super::keys::TableUse,
 }
 
 impl Classification {
@@ -106,6 +108,7 @@ impl Classification {
             session_state: false,
             pins: None,
             discards_all: false,
+            tables: super::keys::TableUse::default(),
         }
     }
 }
@@ -148,9 +151,10 @@ pub fn bare_name(name: &str) -> &str {
     name.rsplit('.').next().unwrap_or(name)
 }
 
-/// Classifies one query text.
+/// Classifies one query text; `literals` are the byte ranges of its literals (from the shape
+/// scan), by which shard-key values are named.
 #[must_use]
-pub fn classify(sql: &str) -> Classification {
+pub fn classify(sql: &str, literals: &[(usize, usize)]) -> Classification {
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(s) => s,
         Err(e) => {
@@ -187,6 +191,7 @@ pub fn classify(sql: &str) -> Classification {
     }
     result.functions.sort();
     result.functions.dedup();
+    result.tables = super::keys::table_use(&statements, sql, literals);
     result
 }
 

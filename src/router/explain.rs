@@ -49,7 +49,7 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
             return out;
         }
     };
-    let class = router.classify(sql.as_bytes(), &mut Vec::new());
+    let class = router.classify(sql.as_bytes(), &mut crate::router::shape::Shape::default());
     if let Some(TxControl::Begin { modes, .. } | TxControl::SetTransaction { modes }) = class.tx {
         let d = policy.transaction(modes.on_standby(), &hints, None);
         line(

@@ -9,6 +9,7 @@
 pub mod classify;
 pub mod explain;
 pub mod hint;
+pub mod keys;
 pub mod policy;
 pub mod shape;
 
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use classify::{Classification, classify};
+use shape::Shape;
 
 /// Classifies statements, remembering each shape's classification in a bounded cache shared
 /// by all sessions (sharded, so lookups do not contend on one lock).
@@ -34,20 +36,21 @@ impl Router {
     }
 
     /// The classification of `sql`, from the cache when its shape was seen before. `scratch`
-    /// is a buffer the caller keeps so that a hit allocates nothing.
-    pub fn classify(&self, sql: &[u8], scratch: &mut Vec<u8>) -> Arc<Classification> {
-        shape::shape_into(sql, scratch);
-        if let Some(hit) = self.cache.get(scratch.as_slice()) {
+    /// is kept by the caller so that a hit allocates nothing; afterwards it holds the shape
+    /// and the positions of the text's literals (where shard-key values are read from).
+    pub fn classify(&self, sql: &[u8], scratch: &mut Shape) -> Arc<Classification> {
+        scratch.of(sql);
+        if let Some(hit) = self.cache.get(scratch.text.as_slice()) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return hit;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let class = Arc::new(match std::str::from_utf8(sql) {
-            Ok(text) => classify(text),
+            Ok(text) => classify(text, &scratch.literals),
             Err(_) => classify::Classification::unparsable("the text is not valid UTF-8"),
         });
         if class.cacheable {
-            self.cache.insert(scratch.as_slice().into(), Arc::clone(&class));
+            self.cache.insert(scratch.text.as_slice().into(), Arc::clone(&class));
         }
         class
     }

@@ -362,7 +362,7 @@ mod tests {
 
     fn decide(p: &Policy, sql: &str) -> Result<Decision, Undecided> {
         let hints = crate::router::hint::parse_hints(sql.as_bytes()).unwrap();
-        p.decide(sql.as_bytes(), &classify(sql), &hints, None)
+        p.decide(sql.as_bytes(), &classify(sql, &[]), &hints, None)
     }
 
     #[test]

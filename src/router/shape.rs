@@ -8,8 +8,29 @@
 //! escapes, $tag$...$tag$ dollar quoting, "..." identifiers (kept), -- and nested /* */
 //! comments, and numeric literals (PostgreSQL docs, "Lexical Structure").
 
+/// A statement's shape and the byte ranges of its literals in the original text, in order:
+/// a cached classification names key values by their literal's position, so a cache hit
+/// finds them without parsing (see `router::keys`).
+#[derive(Debug, Default, Clone)]
+pub struct Shape {
+    pub text: Vec<u8>,
+    pub literals: Vec<(usize, usize)>,
+}
+
+impl Shape {
+    /// Shapes `sql`, replacing what was here.
+    pub fn of(&mut self, sql: &[u8]) {
+        self.literals.clear();
+        scan(sql, &mut self.text, &mut self.literals);
+    }
+}
+
 /// Writes the shape of `sql` into `out` (cleared first).
 pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
+    scan(sql, out, &mut Vec::new());
+}
+
+fn scan(sql: &[u8], out: &mut Vec<u8>, literals: &mut Vec<(usize, usize)>) {
     out.clear();
     let mut i = 0;
     let n = sql.len();
@@ -35,7 +56,11 @@ pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
                     out.push(b' ');
                     pending_space = false;
                 }
-                shape_token(sql, i, out)
+                let end = shape_token(sql, i, out);
+                if out.last() == Some(&b'?') && sql[i] != b'?' {
+                    literals.push((i, end));
+                }
+                end
             }
         };
         debug_assert!(i > start);
