@@ -444,14 +444,14 @@ fn predicted_target(
         (_, Some((_, Some(target)))) => return *target,
         (_, Some((modes, chosen @ None))) => {
             let on_standby = modes.on_standby() && class.access == Access::Read;
-            let target = policy.transaction(on_standby, &Hints::default(), None).target;
+            let target = policy.transaction(on_standby, &Hints::default(), None, None).target;
             *chosen = Some(target);
             return target;
         }
         _ => {}
     }
     loop {
-        match policy.decide(sql.as_bytes(), &class, &Hints::default(), None) {
+        match policy.decide(sql.as_bytes(), &class, &Hints::default(), None, None) {
             Ok(d) => return d.target,
             Err(Undecided::NeedVolatility(names)) => {
                 let rows = env.primary_sql(&format!(

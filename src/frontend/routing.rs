@@ -20,7 +20,8 @@ use crate::protocol::messages::{self, TxStatus};
 use crate::router::classify::{Access, Classification, TxControl, TxModes};
 use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
 use crate::router::policy::Undecided;
-use crate::router::{Decision, Policy, Router, Target};
+use crate::router::sharded::{BindParams, Values};
+use crate::router::{Decision, Policy, Router, ShardId, Target};
 
 /// Prepared statements remembered per session for routing their Binds; beyond this the
 /// oldest knowledge is simply forgotten (a Bind of a forgotten statement goes to the primary).
@@ -93,6 +94,9 @@ pub enum Plan {
     Server(Routed),
 }
 
+/// A statement of a request: its text, classification, and the Bind that executes it.
+type Statement = (Bytes, Arc<Classification>, Option<Frame>);
+
 /// Where a request goes.
 #[derive(Debug)]
 pub struct Routed {
@@ -149,8 +153,9 @@ impl RoutingState {
             }
         }
         let statements = self.statements(router, request)?;
+        let keyed = self.keyed_shard(policy, &statements)?;
         let mut hinted = Vec::with_capacity(statements.len());
-        for (sql, class) in statements {
+        for (sql, class, _) in statements {
             let hints = hint::parse_hints(&sql).map_err(Error::Invalid)?;
             hinted.push((sql, class, hints));
         }
@@ -161,8 +166,8 @@ impl RoutingState {
             // SET TRANSACTION SNAPSHOT, say, needs the primary)
             let reads = hinted.iter().all(|(_, c, _)| c.access == Access::Read);
             let hints = first_hints().unwrap_or_else(|| held.hints.clone());
-            policy.hinted_shard(&hints).map_err(PlanError::Undecided)?;
-            let decision = policy.transaction(held.modes.on_standby() && reads, &hints, self.route_setting);
+            policy.hinted_shard(&hints, keyed).map_err(PlanError::Undecided)?;
+            let decision = policy.transaction(held.modes.on_standby() && reads, &hints, self.route_setting, keyed);
             // newline before each `;` so a trailing `-- comment` cannot swallow what follows
             let prelude = Some(held.statements.join("\n;\n"));
             return routed(decision, prelude);
@@ -174,33 +179,50 @@ impl RoutingState {
         if let Some(modes) = begin {
             // an extended-protocol BEGIN: the batch itself opens the transaction
             let hints = first_hints().unwrap_or_default();
-            policy.hinted_shard(&hints).map_err(PlanError::Undecided)?;
-            let decision = policy.transaction(modes.on_standby(), &hints, self.route_setting);
+            policy.hinted_shard(&hints, keyed).map_err(PlanError::Undecided)?;
+            let decision = policy.transaction(modes.on_standby(), &hints, self.route_setting, keyed);
             return routed(decision, None);
         }
         let mut strongest: Option<Decision> = None;
         for (sql, class, hints) in &hinted {
-            let d = policy.decide(sql, class, hints, self.route_setting).map_err(PlanError::Undecided)?;
+            let d = policy.decide(sql, class, hints, self.route_setting, keyed).map_err(PlanError::Undecided)?;
             if strongest.as_ref().is_none_or(|s| rank(d.target) > rank(s.target)) {
                 strongest = Some(d);
             }
         }
-        let decision = strongest.unwrap_or_else(|| policy.read(policy.home(), crate::router::Why::Read));
+        let decision =
+            strongest.unwrap_or_else(|| policy.read(keyed.unwrap_or(policy.home()), crate::router::Why::Read));
         routed(decision, None)
     }
 
-    /// The statements a request carries, with their classifications. Parses are
-    /// remembered so later Binds of the same statement route the same way.
-    fn statements(&mut self, router: &Router, request: &Request) -> Result<Vec<(Bytes, Arc<Classification>)>, Error> {
+    /// The shard a sharded database's request must run on, by its statements' shard keys
+    /// (None: no key decides it; hints and the home shard do).
+    fn keyed_shard(&mut self, policy: &Policy, statements: &[Statement]) -> Result<Option<ShardId>, Error> {
+        if policy.shards.is_empty() {
+            return Ok(None);
+        }
+        let mut routes = Vec::with_capacity(statements.len());
+        for (sql, class, bind) in statements {
+            self.scratch.of(sql);
+            let params = bind.as_ref().and_then(|b| BindParams::parse(b.body()));
+            routes.push(policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params }));
+        }
+        policy.shards.request_shard(&routes, policy.home()).map_err(Error::NotSupported)
+    }
+
+    /// The statements a request carries, with their classifications (and, for a Bind, the
+    /// Bind, whose parameters may be shard keys). Parses are remembered so later Binds of the
+    /// same statement route the same way.
+    fn statements(&mut self, router: &Router, request: &Request) -> Result<Vec<Statement>, Error> {
         let malformed = |what: &str| Error::Protocol(format!("malformed {what} message"));
         match request {
             Request::Query(frame) => {
                 let sql = messages::query_text(frame.body()).ok_or_else(|| malformed("Query"))?;
                 let class = router.classify(sql, &mut self.scratch);
-                Ok(vec![(Bytes::copy_from_slice(sql), class)])
+                Ok(vec![(Bytes::copy_from_slice(sql), class, None)])
             }
             Request::Function(_) => {
-                Ok(vec![(Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")))])
+                Ok(vec![(Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")), None)])
             }
             Request::Batch(frames) => {
                 let mut out = Vec::new();
@@ -219,7 +241,7 @@ impl RoutingState {
                             let class = router.classify(sql, &mut self.scratch);
                             let sql = Bytes::copy_from_slice(sql);
                             self.remember(name, Prepared { sql: sql.clone(), class: Arc::clone(&class) });
-                            out.push((sql, class));
+                            out.push((sql, class, None));
                         }
                         b'B' => {
                             let (_, name) =
@@ -232,9 +254,10 @@ impl RoutingState {
                                         Arc::new(Classification::unparsable(
                                             "Bind of a statement pgrouter has not seen prepared",
                                         )),
+                                        None,
                                     )
                                 },
-                                |p| (p.sql, p.class),
+                                |p| (p.sql, p.class, Some(frame.clone())),
                             ));
                         }
                         _ => {}

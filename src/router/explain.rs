@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use super::classify::TxControl;
 use super::hint::{self, SessionCommand};
 use super::policy::Undecided;
+use super::sharded::{ShardRoute, Values};
 use super::{Policy, Router, Target};
 use crate::config::{DatabaseConfig, PoolMode};
 
@@ -49,9 +50,27 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
             return out;
         }
     };
-    let class = router.classify(sql.as_bytes(), &mut crate::router::shape::Shape::default());
+    let mut shape = crate::router::shape::Shape::default();
+    let class = router.classify(sql.as_bytes(), &mut shape);
+    let values = Values { sql: sql.as_bytes(), literals: &shape.literals, params: None };
+    let route = policy.shards.route(&class.tables, &values);
+    let keyed = match policy.shards.request_shard(std::slice::from_ref(&route), policy.home()) {
+        Ok(keyed) => keyed,
+        Err(e) => {
+            line(&mut out, "route:", "none");
+            line(&mut out, "reason:", &format!("error: {e}"));
+            return out;
+        }
+    };
+    match &route {
+        ShardRoute::One { shard, table, key } => {
+            line(&mut out, "shard key:", &format!("{table} key {key} -> shard {shard}"));
+        }
+        ShardRoute::Unbound => line(&mut out, "shard key:", "a parameter: the value bound at run time picks the shard"),
+        _ => {}
+    }
     if let Some(TxControl::Begin { modes, .. } | TxControl::SetTransaction { modes }) = class.tx {
-        let d = policy.transaction(modes.on_standby(), &hints, None);
+        let d = policy.transaction(modes.on_standby(), &hints, None, keyed);
         line(
             &mut out,
             "route:",
@@ -64,7 +83,7 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
         line(&mut out, "reason:", &d.why.to_string());
         return out;
     }
-    match policy.decide(sql.as_bytes(), &class, &hints, None) {
+    match policy.decide(sql.as_bytes(), &class, &hints, None, keyed) {
         Ok(d) => {
             line(&mut out, "route:", &format!("{} of shard {}", d.target.as_str(), d.shard));
             line(&mut out, "reason:", &d.why.to_string());

@@ -12,6 +12,7 @@ pub mod hint;
 pub mod keys;
 pub mod policy;
 pub mod shape;
+pub mod sharded;
 
 pub use policy::{Decision, Policy, Target, Why};
 

@@ -9,6 +9,8 @@ use std::time::Instant;
 use super::ShardId;
 use super::classify::{Access, Classification, bare_name};
 use super::hint::{Hints, RouteHint};
+use super::keys::TableUse;
+use super::sharded::ShardMap;
 use std::time::Duration;
 
 use crate::config::{DatabaseConfig, LoadBalance, ReadYourWrites, ReadsTo, ReplicaFallback, RoutingRule, RuleRoute};
@@ -130,6 +132,8 @@ pub struct Policy {
     home: ShardId,
     /// Per shard: does it have replicas?
     replicas: Vec<bool>,
+    /// The sharded tables and where their keys place rows.
+    pub shards: ShardMap,
     /// User function name as called -> VOLATILE and user-defined.
     /// Function name as called -> (VOLATILE and user-defined, when looked up). Entries expire
     /// after [`VOLATILITY_TTL`], so a migration that creates or changes a function is noticed.
@@ -151,6 +155,7 @@ impl Policy {
             read_only_functions: db.routing.read_only_functions.iter().map(|f| f.to_lowercase()).collect(),
             home: ShardId(db.sharding.home_shard),
             replicas: db.shards.iter().map(|s| !s.replicas.is_empty()).collect(),
+            shards: ShardMap::new(db),
             volatile: RwLock::new(HashMap::new()),
         })
     }
@@ -165,15 +170,17 @@ impl Policy {
         self.replicas.get(shard.0).copied().unwrap_or(false)
     }
 
-    /// Decides where `sql` goes outside a transaction block.
+    /// Decides where `sql` goes outside a transaction block; `keyed` is the shard its shard
+    /// keys chose (see `sharded::ShardMap::request_shard`), which a shard hint overrides.
     pub fn decide(
         &self,
         sql: &[u8],
         class: &Classification,
         hints: &Hints,
         session: Option<RouteHint>,
+        keyed: Option<ShardId>,
     ) -> Result<Decision, Undecided> {
-        let shard = self.hinted_shard(hints)?;
+        let shard = self.hinted_shard(hints, keyed)?;
         let decided = |target, why| Ok(Decision { shard, target, why });
         if let Some(hint) = hints.route {
             return decided(hint_target(hint), Why::Hint(hint));
@@ -196,10 +203,11 @@ impl Policy {
         Ok(self.read(shard, Why::Read))
     }
 
-    /// The shard the hints name (the home shard if none), or why the hints are unusable.
-    pub fn hinted_shard(&self, hints: &Hints) -> Result<ShardId, Undecided> {
-        if hints.shard_key.is_some() {
-            return Err(Undecided::Invalid("shard_key hints need sharding, which this build does not have yet".into()));
+    /// The shard the hints name, else `keyed`, else the home shard; or why the hints are
+    /// unusable. A `shard_key` hint is placed as the first configured sharded table's key.
+    pub fn hinted_shard(&self, hints: &Hints, keyed: Option<ShardId>) -> Result<ShardId, Undecided> {
+        if let Some(key) = &hints.shard_key {
+            return self.shards.hinted_key_shard(&TableUse::default(), key).map_err(Undecided::Invalid);
         }
         match hints.shard {
             Some(n) if n >= self.replicas.len() => Err(Undecided::Invalid(format!(
@@ -208,7 +216,7 @@ impl Policy {
                 self.replicas.len()
             ))),
             Some(n) => Ok(ShardId(n)),
-            None => Ok(self.home),
+            None => Ok(keyed.unwrap_or(self.home)),
         }
     }
 
@@ -226,9 +234,15 @@ impl Policy {
 
     /// Where an explicit transaction goes once its first statement arrives.
     #[must_use]
-    pub fn transaction(&self, read_only: bool, hints: &Hints, session: Option<RouteHint>) -> Decision {
+    pub fn transaction(
+        &self,
+        read_only: bool,
+        hints: &Hints,
+        session: Option<RouteHint>,
+        keyed: Option<ShardId>,
+    ) -> Decision {
         // callers check the hints with `hinted_shard` first
-        let shard = self.hinted_shard(hints).unwrap_or(self.home);
+        let shard = self.hinted_shard(hints, keyed).unwrap_or(self.home);
         if let Some(hint) = hints.route.or(session) {
             let why = if hints.route.is_some() { Why::Hint(hint) } else { Why::SessionSetting(hint) };
             return Decision { shard, target: hint_target(hint), why };
@@ -362,7 +376,7 @@ mod tests {
 
     fn decide(p: &Policy, sql: &str) -> Result<Decision, Undecided> {
         let hints = crate::router::hint::parse_hints(sql.as_bytes()).unwrap();
-        p.decide(sql.as_bytes(), &classify(sql, &[]), &hints, None)
+        p.decide(sql.as_bytes(), &classify(sql, &[]), &hints, None, None)
     }
 
     #[test]
@@ -401,9 +415,9 @@ mod tests {
         let p = policy("[databases.routing]\nreads = \"any\"");
         assert_eq!(decide(&p, "select 1").unwrap().target, Target::Any);
         let p = policy("");
-        assert_eq!(p.transaction(true, &Hints::default(), None).target, Target::Replica);
-        assert_eq!(p.transaction(false, &Hints::default(), None).target, Target::Primary);
-        assert_eq!(p.transaction(false, &Hints::default(), Some(RouteHint::Replica)).target, Target::Replica);
+        assert_eq!(p.transaction(true, &Hints::default(), None, None).target, Target::Replica);
+        assert_eq!(p.transaction(false, &Hints::default(), None, None).target, Target::Primary);
+        assert_eq!(p.transaction(false, &Hints::default(), Some(RouteHint::Replica), None).target, Target::Replica);
     }
 
     #[test]
