@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt, pin_mut};
-use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, SimpleQueryMessage};
 
-use crate::harness::{APP_PASSWORD, APP_USER, Env, EnvOptions, connect, runtime};
+use crate::harness::{APP_PASSWORD, APP_USER, Env, EnvOptions, TextParam, connect, runtime};
 
 const CASES: &str = include_str!("corpus/differential.sql");
 /// Results longer than this many rows are summarised by count and digest.
@@ -40,29 +40,6 @@ impl<'a> FromSql<'a> for Raw {
     fn accepts(_: &Type) -> bool {
         true
     }
-}
-
-/// A parameter sent in text format, so one case can bind any type.
-#[derive(Debug)]
-struct TextParam(Option<String>);
-
-impl ToSql for TextParam {
-    fn to_sql(&self, _: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match &self.0 {
-            Some(s) => {
-                out.extend_from_slice(s.as_bytes());
-                Ok(IsNull::No)
-            }
-            None => Ok(IsNull::Yes),
-        }
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-    fn encode_format(&self, _: &Type) -> tokio_postgres::types::Format {
-        tokio_postgres::types::Format::Text
-    }
-    to_sql_checked!();
 }
 
 /// A client whose notices are kept for the transcript.

@@ -123,9 +123,14 @@ password = "{CLEAR_PASSWORD}"
         )
         .unwrap();
     }
-    // `{PRIMARY}` and `{REPLICA}` in extra databases stand for those servers' addresses.
+    // `{PRIMARY}`, `{REPLICA}` and `{SHARD<n>}` in extra databases stand for those servers'
+    // addresses.
     let replica = topo.replica.as_ref().map(|r| r.addr()).unwrap_or_default();
-    text.push_str(&opts.databases.replace("{PRIMARY}", &topo.primary.addr()).replace("{REPLICA}", &replica));
+    let mut databases = opts.databases.replace("{PRIMARY}", &topo.primary.addr()).replace("{REPLICA}", &replica);
+    for (n, shard) in topo.shards.iter().enumerate() {
+        databases = databases.replace(&format!("{{SHARD{n}}}"), &shard.addr());
+    }
+    text.push_str(&databases);
     text
 }
 
@@ -349,4 +354,32 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     }
+}
+
+/// A parameter sent in text format, so one statement can bind any type as PostgreSQL would
+/// parse it from text.
+#[derive(Debug)]
+pub struct TextParam(pub Option<String>);
+
+impl tokio_postgres::types::ToSql for TextParam {
+    fn to_sql(
+        &self,
+        _: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Some(s) => {
+                out.extend_from_slice(s.as_bytes());
+                Ok(tokio_postgres::types::IsNull::No)
+            }
+            None => Ok(tokio_postgres::types::IsNull::Yes),
+        }
+    }
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+    fn encode_format(&self, _: &tokio_postgres::types::Type) -> tokio_postgres::types::Format {
+        tokio_postgres::types::Format::Text
+    }
+    tokio_postgres::types::to_sql_checked!();
 }
