@@ -238,3 +238,54 @@ fn statements_go_to_the_shard_their_key_names() {
         "measured: 60 rows by literal, binary and text keys, all on their shard; list and range schemes placed as configured"
     );
 }
+
+/// A transaction runs on one shard: a statement for another shard inside it (simple or
+/// extended protocol, literal or parameter key), or one that needs every shard, fails with a
+/// clear error, the transaction aborts, and nothing of it is committed on either shard.
+#[test]
+fn a_transaction_stays_on_one_shard() {
+    let env = Env::start(EnvOptions { shards: 2, databases: SHOP.into(), ..EnvOptions::default() });
+    for shard in &env.topo.shards {
+        shard.psql("app", "set role app; create table orders (customer_id bigint, note text)").unwrap();
+    }
+    let a = 1i64;
+    let b = (2..).find(|&k| orders_shard(k) != orders_shard(a)).unwrap();
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "shop");
+    runtime().block_on(async {
+        let mut c = connect(&url).await.unwrap();
+        let err = |r: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>| {
+            r.map(|_| ()).map_err(|e| describe(&e))
+        };
+        // simple protocol, literal keys
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!("insert into orders (customer_id, note) values ({a}, 'simple')")).await.unwrap();
+        let second =
+            err(c.simple_query(&format!("insert into orders (customer_id, note) values ({b}, 'simple')")).await);
+        assert!(second.as_ref().is_err_and(|e| e.contains("runs on one shard")), "{second:?}");
+        let after = err(c.simple_query("select 1").await);
+        assert!(after.as_ref().is_err_and(|e| e.starts_with("25P02")), "the transaction is aborted: {after:?}");
+        c.simple_query("commit").await.unwrap();
+        // a statement that needs every shard
+        c.simple_query("begin").await.unwrap();
+        c.simple_query(&format!("insert into orders (customer_id, note) values ({a}, 'all')")).await.unwrap();
+        let all = err(c.simple_query("select count(*) from orders").await);
+        assert!(all.as_ref().is_err_and(|e| e.contains("needs every shard")), "{all:?}");
+        c.simple_query("rollback").await.unwrap();
+        // extended protocol, the key as a parameter
+        let tx = c.transaction().await.unwrap();
+        tx.execute("insert into orders (customer_id, note) values ($1, 'extended')", &[&a]).await.unwrap();
+        let second = tx.execute("insert into orders (customer_id, note) values ($1, 'extended')", &[&b]).await;
+        let second = second.map_err(|e| describe(&e));
+        assert!(second.as_ref().is_err_and(|e| e.contains("not for shard")), "{second:?}");
+        drop(tx);
+        let n: i64 = c.query_one("select count(*) from orders where customer_id = $1", &[&a]).await.unwrap().get(0);
+        assert_eq!(n, 0, "nothing committed through the proxy");
+    });
+    for shard in &env.topo.shards {
+        assert_eq!(
+            shard.psql("app", "select count(*) from orders").unwrap().trim(),
+            "0",
+            "nothing committed on any shard"
+        );
+    }
+}

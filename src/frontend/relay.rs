@@ -66,9 +66,12 @@ pub struct RelayOptions<'a> {
     /// Named prepared statements are renamed (transaction pooling), or passed through.
     pub renaming: Option<Renaming<'a>>,
     /// Sees every client message before it goes on (transaction pooling notes what each
-    /// statement does to the session).
-    pub observe: Option<&'a mut (dyn FnMut(&Frame) + Send)>,
+    /// statement does to the session), and may replace it (a statement for another shard).
+    pub observe: Option<&'a mut Observer<'a>>,
 }
+
+/// Sees a client message before it is relayed; returns a replacement, if any.
+pub type Observer<'a> = dyn FnMut(&Frame) -> Option<Frame> + Send + 'a;
 
 /// Relays until the pair is idle or the client is gone. `first` are messages already read
 /// from the client that go to the server first.
@@ -225,9 +228,10 @@ impl Pump {
     /// Sends one client message on, noting it in the flow and renaming statements if asked.
     fn forward(&mut self, frame: Frame, flow: &mut Flow, server: &mut ServerConn, opts: &mut RelayOptions<'_>) {
         flow.on_client(frame.tag());
-        if let Some(observe) = opts.observe.as_mut() {
-            observe(&frame);
-        }
+        let frame = match opts.observe.as_mut().and_then(|observe| observe(&frame)) {
+            Some(replacement) => replacement,
+            None => frame,
+        };
         match &mut opts.renaming {
             Some(r) => {
                 let mut ctx =

@@ -203,6 +203,9 @@ impl RoutingState {
         }
         let mut routes = Vec::with_capacity(statements.len());
         for (sql, class, bind) in statements {
+            if hint::parse_hints(sql).is_ok_and(|h| policy.shard_is_given(sql, &h)) {
+                continue;
+            }
             self.scratch.of(sql);
             let params = bind.as_ref().and_then(|b| BindParams::parse(b.body()));
             routes.push(policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params }));
@@ -325,9 +328,7 @@ impl RoutingState {
             b'P' => {
                 let (name, sql) = messages::parse_parse(frame.body())?;
                 let class = router.classify(sql, &mut self.scratch);
-                if !name.is_empty() {
-                    self.remember(name, Prepared { sql: Bytes::copy_from_slice(sql), class: Arc::clone(&class) });
-                }
+                self.remember(name, Prepared { sql: Bytes::copy_from_slice(sql), class: Arc::clone(&class) });
                 (class, sql)
             }
             b'B' => {
@@ -344,6 +345,77 @@ impl RoutingState {
             settings::custom_names(sql, custom);
         }
         Some(class)
+    }
+
+    /// On a sharded database, a statement relayed inside a transaction that runs on `shard`
+    /// must be for that shard. If its key (or its unsharded tables, or its need for every
+    /// shard) says otherwise, this returns the message to send instead: one the server
+    /// rejects with a message saying why, so the transaction fails as on any error and
+    /// nothing of it commits on any shard. A shard hint is the client's word and is trusted.
+    pub fn guard_shard(&mut self, router: &Router, policy: &Policy, frame: &Frame, shard: ShardId) -> Option<Frame> {
+        if policy.shards.is_empty() {
+            return None;
+        }
+        let (sql, class, params) = match frame.tag() {
+            b'Q' => {
+                let sql = messages::query_text(frame.body())?;
+                (Bytes::copy_from_slice(sql), router.classify(sql, &mut self.scratch), None)
+            }
+            b'P' => {
+                let (_, sql) = messages::parse_parse(frame.body())?;
+                (Bytes::copy_from_slice(sql), router.classify(sql, &mut self.scratch), None)
+            }
+            b'B' => {
+                let (_, name) = messages::parse_bind_names(frame.body())?;
+                let known = self.prepared.get(name)?;
+                (known.sql.clone(), Arc::clone(&known.class), BindParams::parse(frame.body()))
+            }
+            _ => return None,
+        };
+        if hint::parse_hints(&sql).is_ok_and(|h| policy.shard_is_given(&sql, &h)) {
+            return None;
+        }
+        self.scratch.of(&sql);
+        let route = policy.shards.route(&class.tables, &Values { sql: &sql, literals: &self.scratch.literals, params });
+        let why = match policy.shards.request_shard(std::slice::from_ref(&route), policy.home()) {
+            Ok(None) => return None,
+            Ok(Some(wanted)) if wanted == shard => return None,
+            Ok(Some(wanted)) => {
+                format!("this transaction runs on shard {}; the statement is for shard {}", shard.0, wanted.0)
+            }
+            Err(why) => why,
+        };
+        tracing::info!(shard = shard.0, reason = %why, "statement for another shard refused inside a transaction");
+        // identifiers are cut at 63 bytes: keep what the server echoes short
+        let short = format!("pgrouter: not for shard {} of this transaction", shard.0);
+        let mut body = BytesMut::new();
+        match frame.tag() {
+            b'Q' => {
+                let message = format!("pgrouter: a transaction runs on one shard: {why}");
+                body.extend_from_slice(
+                    format!(
+                        "DO $pgrouter$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}; END $pgrouter$\0",
+                        crate::router::policy::quote_literal(&message)
+                    )
+                    .as_bytes(),
+                );
+            }
+            b'P' => {
+                let (name, _) = messages::parse_parse(frame.body())?;
+                body.extend_from_slice(name);
+                body.extend_from_slice(format!("\0SELECT * FROM \"{short}\"\0").as_bytes());
+                body.extend_from_slice(&0i16.to_be_bytes());
+            }
+            _ => {
+                let mut rest = frame.body();
+                let portal = crate::protocol::framing::get_cstr(&mut rest)?;
+                let _statement = crate::protocol::framing::get_cstr(&mut rest)?;
+                body.extend_from_slice(portal);
+                body.extend_from_slice(format!("\0{short}\0").as_bytes());
+                body.extend_from_slice(rest);
+            }
+        }
+        Some(Frame::new(frame.tag(), &body))
     }
 
     fn remember(&mut self, name: &[u8], prepared: Prepared) {

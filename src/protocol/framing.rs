@@ -50,6 +50,17 @@ impl Frame {
         self.bytes
     }
 
+    /// A message of type `tag` with `body`.
+    #[must_use]
+    pub fn new(tag: u8, body: &[u8]) -> Self {
+        let mut bytes = bytes::BytesMut::with_capacity(HEADER_LEN + body.len());
+        bytes.extend_from_slice(&[tag]);
+        let len = i32::try_from(body.len() + 4).unwrap_or(i32::MAX);
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(body);
+        Self { bytes: bytes.freeze() }
+    }
+
     /// Wraps bytes that already hold exactly one well-formed message.
     #[must_use]
     pub fn from_encoded(bytes: Bytes) -> Self {

@@ -254,6 +254,17 @@ impl Policy {
         }
     }
 
+    /// True if the statement's shard is the client's or the operator's word (a `shard` or
+    /// `shard_key` hint, a `shard:N` rule), so its shard key does not decide.
+    #[must_use]
+    pub fn shard_is_given(&self, sql: &[u8], hints: &Hints) -> bool {
+        hints.shard.is_some()
+            || hints.shard_key.is_some()
+            || self
+                .match_rule(sql, self.home)
+                .is_some_and(|d| matches!(d.why, Why::Rule(i) if matches!(self.rules[i].route, RuleRoute::Shard(_))))
+    }
+
     fn match_rule(&self, sql: &[u8], shard: ShardId) -> Option<Decision> {
         if self.rules.is_empty() {
             return None;

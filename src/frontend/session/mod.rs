@@ -223,11 +223,12 @@ impl<S: ClientIo> Session<S> {
             // every statement of the attachment counts, not only the request that routed it
             // (a SET or LISTEN later in a transaction, say)
             let (routing, router, custom) = (&mut self.routing, &self.app.router, &mut self.custom_settings);
-            let effects = &mut attached.effects;
+            let (effects, shard, policy) = (&mut attached.effects, attached.decision.shard, &self.params.policy);
             let mut observe = |frame: &Frame| {
                 if let Some(class) = routing.observe(router, frame, custom) {
                     effects.add(&class);
                 }
+                routing.guard_shard(router, policy, frame, shard)
             };
             let opts = RelayOptions {
                 release_when_idle: movable,
@@ -237,7 +238,7 @@ impl<S: ClientIo> Session<S> {
                         || statements.is_some_and(|s| local_deallocate(sql, s).is_some())
                 },
                 renaming,
-                observe: movable.then_some(&mut observe as &mut (dyn FnMut(&Frame) + Send)),
+                observe: movable.then_some(&mut observe as &mut relay::Observer<'_>),
             };
             let outcome = relay::run(&mut self.client, attached.checkout.conn(), &mut self.flow, first, opts).await;
             match outcome {
