@@ -289,3 +289,61 @@ fn a_transaction_stays_on_one_shard() {
         );
     }
 }
+
+/// Statements that need every shard: DDL through pgrouter creates the table on both shards;
+/// a keyless read whose rows can simply be concatenated returns every shard's rows with one
+/// summed count; what cannot be merged yet is refused saying why; an error names its shard.
+#[test]
+fn ddl_and_plain_reads_run_on_every_shard() {
+    let env = Env::start(EnvOptions { shards: 2, databases: SHOP.into(), ..EnvOptions::default() });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "shop");
+    let a = 1i64;
+    let b = (2..).find(|&k| orders_shard(k) != orders_shard(a)).unwrap();
+    runtime().block_on(async {
+        let c = connect(&url).await.unwrap();
+        let run = |sql: String| {
+            let c = &c;
+            async move { c.simple_query(&sql).await.map_err(|e| describe(&e)) }
+        };
+        run("create table orders (customer_id bigint not null, note text)".into()).await.unwrap();
+        run("create index orders_note on orders (note)".into()).await.unwrap();
+        for k in [a, b, a] {
+            run(format!("insert into orders (customer_id, note) values ({k}, 'n{k}')")).await.unwrap();
+        }
+        let rows: Vec<String> = run("select note from orders".into())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        let mut sorted = rows.clone();
+        sorted.sort();
+        assert_eq!(sorted, [format!("n{a}"), format!("n{a}"), format!("n{b}")], "rows from both shards");
+        let complete = run("select note from orders where note like 'n%'".into()).await.unwrap();
+        let count = complete.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        });
+        assert_eq!(count, Some(3), "one CommandComplete with the summed count");
+        let merged = run("select count(*) from orders".into()).await;
+        assert!(merged.as_ref().is_err_and(|e| e.contains("aggregate") && e.contains("not built yet")), "{merged:?}");
+        let ordered = run("select * from orders order by note".into()).await;
+        assert!(ordered.as_ref().is_err_and(|e| e.contains("ORDER BY")), "{ordered:?}");
+        let write = run("delete from orders".into()).await;
+        assert!(write.as_ref().is_err_and(|e| e.contains("cross_shard_writes")), "{write:?}");
+        let extended = c.query("select note from orders", &[]).await.map_err(|e| describe(&e));
+        assert!(extended.as_ref().is_err_and(|e| e.contains("simple queries only")), "{extended:?}");
+    });
+    for shard in &env.topo.shards {
+        let index = shard.psql("app", "select count(*) from pg_indexes where indexname = 'orders_note'").unwrap();
+        assert_eq!(index.trim(), "1", "DDL ran on every shard");
+    }
+    // an error on one shard names it
+    env.topo.shards[1].psql("app", "set role app; create index orders_key on orders (customer_id)").unwrap();
+    let out = env.proxy.psql("shop", &["-c", "create index orders_key on orders (customer_id)"]);
+    let err = crate::harness::stderr(&out);
+    assert!(err.contains("shard 1") && err.contains("already exists"), "{err}");
+}

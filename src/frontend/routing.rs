@@ -20,7 +20,7 @@ use crate::protocol::messages::{self, TxStatus};
 use crate::router::classify::{Access, Classification, TxControl, TxModes};
 use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
 use crate::router::policy::Undecided;
-use crate::router::sharded::{BindParams, Values};
+use crate::router::sharded::{BindParams, Shards, Values, needs_every_shard};
 use crate::router::{Decision, Policy, Router, ShardId, Target};
 
 /// Prepared statements remembered per session for routing their Binds; beyond this the
@@ -92,6 +92,8 @@ pub enum Plan {
     Local(Bytes),
     /// Send to a server.
     Server(Routed),
+    /// Run this simple query on every shard and answer with the combined result.
+    Scatter(Frame),
 }
 
 /// A statement of a request: its text, classification, and the Bind that executes it.
@@ -153,7 +155,10 @@ impl RoutingState {
             }
         }
         let statements = self.statements(router, request)?;
-        let keyed = self.keyed_shard(policy, &statements)?;
+        let keyed = match self.keyed_shard(policy, &statements)? {
+            Shards::One(keyed) => keyed,
+            Shards::Every(why) => return Ok(Plan::Scatter(self.scatter(policy, request, &statements, &why)?)),
+        };
         let mut hinted = Vec::with_capacity(statements.len());
         for (sql, class, _) in statements {
             let hints = hint::parse_hints(&sql).map_err(Error::Invalid)?;
@@ -195,11 +200,41 @@ impl RoutingState {
         routed(decision, None)
     }
 
+    /// A statement that needs every shard may run on all of them if the combined answer is
+    /// its true result: a simple query outside a transaction, whose rows can simply be
+    /// concatenated (or DDL, or a write whose counts add up), as `cross_shard_*` allow.
+    fn scatter(&self, policy: &Policy, request: &Request, statements: &[Statement], why: &str) -> Result<Frame, Error> {
+        let refuse = |because: &str| Err(Error::NotSupported(needs_every_shard(why, because)));
+        let (Request::Query(frame), [(_, class, _)]) = (request, statements) else {
+            return refuse("fan-out across shards takes simple queries only for now, not the extended protocol");
+        };
+        let facts = &class.tables;
+        if self.held.is_some() {
+            return refuse("a transaction runs on one shard");
+        }
+        if let Some(what) = facts.unmergeable {
+            return refuse(&format!("merging {what} across shards is not built yet"));
+        }
+        if facts.insert.is_some() {
+            return refuse("an INSERT without a usable key cannot be placed");
+        }
+        match &class.access {
+            _ if facts.ddl => {}
+            Access::Read if policy.cross_shard_reads => {}
+            Access::Read => return refuse("cross_shard_reads = \"deny\""),
+            Access::Write(_) if policy.cross_shard_writes => {}
+            Access::Write(_) => {
+                return refuse("writes without a shard key are refused (cross_shard_writes = \"deny\")");
+            }
+        }
+        Ok(frame.clone())
+    }
+
     /// The shard a sharded database's request must run on, by its statements' shard keys
     /// (None: no key decides it; hints and the home shard do).
-    fn keyed_shard(&mut self, policy: &Policy, statements: &[Statement]) -> Result<Option<ShardId>, Error> {
+    fn keyed_shard(&mut self, policy: &Policy, statements: &[Statement]) -> Result<Shards, Error> {
         if policy.shards.is_empty() {
-            return Ok(None);
+            return Ok(Shards::One(None));
         }
         let mut routes = Vec::with_capacity(statements.len());
         for (sql, class, bind) in statements {
@@ -210,7 +245,7 @@ impl RoutingState {
             let params = bind.as_ref().and_then(|b| BindParams::parse(b.body()));
             routes.push(policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params }));
         }
-        policy.shards.request_shard(&routes, policy.home()).map_err(Error::NotSupported)
+        policy.shards.request_shards(&routes, policy.home()).map_err(Error::NotSupported)
     }
 
     /// The statements a request carries, with their classifications (and, for a Bind, the

@@ -60,6 +60,9 @@ pub struct TableUse {
     pub ddl: bool,
     /// More than one statement: keys are not used, the text goes where its tables allow.
     pub several: bool,
+    /// Why the rows of this statement run on every shard could not simply be concatenated
+    /// into its result (ORDER BY, LIMIT, aggregates, ...); None when they can.
+    pub unmergeable: Option<&'static str>,
 }
 
 /// A name as PostgreSQL resolves its case: quoted parts kept, others lower-cased, joined by
@@ -100,6 +103,10 @@ pub fn table_use(statements: &[Statement], sql: &str, literals: &[(usize, usize)
         }
         out.ddl |= is_ddl(stmt);
     }
+    out.unmergeable = match statements {
+        [stmt] => unmergeable(stmt),
+        _ => Some("several statements"),
+    };
     if let [stmt] = statements {
         let values = Values { sql, literals };
         let (aliases, selection) = match stmt {
@@ -123,6 +130,86 @@ pub fn table_use(statements: &[Statement], sql: &str, literals: &[(usize, usize)
         }
     }
     out
+}
+
+/// Functions whose result depends on more than one row: across shards each shard would give
+/// its own. User-defined aggregates cannot be recognised by name.
+const AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "array_agg",
+    "string_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "bool_and",
+    "bool_or",
+    "every",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "corr",
+    "covar_pop",
+    "covar_samp",
+    "mode",
+    "percentile_cont",
+    "percentile_disc",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "xmlagg",
+    "range_agg",
+    "range_intersect_agg",
+];
+
+/// Why rows from every shard, concatenated, would not be this statement's result.
+fn unmergeable(stmt: &Statement) -> Option<&'static str> {
+    let Statement::Query(q) = stmt else {
+        // writes report counts, which add up; DDL is the same statement everywhere
+        return None;
+    };
+    if q.order_by.is_some() {
+        return Some("ORDER BY");
+    }
+    if q.limit_clause.is_some() || q.fetch.is_some() {
+        return Some("LIMIT/OFFSET");
+    }
+    let SetExpr::Select(select) = q.body.as_ref() else {
+        return Some("a set operation (UNION, INTERSECT, EXCEPT)");
+    };
+    if select.distinct.is_some() {
+        return Some("DISTINCT");
+    }
+    if !matches!(&select.group_by, sqlparser::ast::GroupByExpr::Expressions(e, _) if e.is_empty())
+        || select.having.is_some()
+    {
+        return Some("GROUP BY");
+    }
+    let mut why = None;
+    let _ = sqlparser::ast::visit_expressions(&select.projection, |e| {
+        if let Expr::Function(f) = e {
+            let name = normalise(&f.name);
+            let bare = name.rsplit('.').next().unwrap_or(&name);
+            if f.over.is_some() {
+                why = Some("a window function");
+            } else if AGGREGATES.contains(&bare) {
+                why = Some("an aggregate (count, sum, min, max, ...)");
+            }
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    why
 }
 
 fn is_ddl(stmt: &Statement) -> bool {

@@ -13,7 +13,9 @@ use super::keys::TableUse;
 use super::sharded::ShardMap;
 use std::time::Duration;
 
-use crate::config::{DatabaseConfig, LoadBalance, ReadYourWrites, ReadsTo, ReplicaFallback, RoutingRule, RuleRoute};
+use crate::config::{
+    CrossShard, DatabaseConfig, LoadBalance, ReadYourWrites, ReadsTo, ReplicaFallback, RoutingRule, RuleRoute,
+};
 
 /// How long a looked-up function volatility is trusted.
 const VOLATILITY_TTL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -134,6 +136,10 @@ pub struct Policy {
     replicas: Vec<bool>,
     /// The sharded tables and where their keys place rows.
     pub shards: ShardMap,
+    /// May a read without a shard key run on every shard?
+    pub cross_shard_reads: bool,
+    /// May a write without a shard key run on every shard?
+    pub cross_shard_writes: bool,
     /// User function name as called -> VOLATILE and user-defined.
     /// Function name as called -> (VOLATILE and user-defined, when looked up). Entries expire
     /// after [`VOLATILITY_TTL`], so a migration that creates or changes a function is noticed.
@@ -156,6 +162,8 @@ impl Policy {
             home: ShardId(db.sharding.home_shard),
             replicas: db.shards.iter().map(|s| !s.replicas.is_empty()).collect(),
             shards: ShardMap::new(db),
+            cross_shard_reads: db.sharding.cross_shard_reads == CrossShard::Allow,
+            cross_shard_writes: db.sharding.cross_shard_writes == CrossShard::Allow,
             volatile: RwLock::new(HashMap::new()),
         })
     }

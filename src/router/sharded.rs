@@ -211,19 +211,26 @@ impl ShardMap {
     /// The one shard a request's statements need (None: any shard will do), or why they
     /// cannot run on one shard.
     pub fn request_shard(&self, routes: &[ShardRoute], home: ShardId) -> Result<Option<ShardId>, String> {
+        match self.request_shards(routes, home)? {
+            Shards::One(shard) => Ok(shard),
+            Shards::Every(why) => Err(needs_every_shard(&why, "it cannot run on one shard")),
+        }
+    }
+
+    /// Like [`ShardMap::request_shard`], but a single statement that needs every shard is
+    /// reported as such rather than refused.
+    pub fn request_shards(&self, routes: &[ShardRoute], home: ShardId) -> Result<Shards, String> {
         let mut chosen: Option<ShardId> = None;
+        let decided = routes.iter().filter(|r| !matches!(r, ShardRoute::Any | ShardRoute::Unbound)).count();
         for route in routes {
             let shard = match route {
                 ShardRoute::Any | ShardRoute::Unbound => continue,
                 ShardRoute::Home => home,
                 ShardRoute::One { shard, .. } => *shard,
                 ShardRoute::Refused(why) => return Err(why.clone()),
+                ShardRoute::All { why } if decided == 1 => return Ok(Shards::Every(why.clone())),
                 ShardRoute::All { why } => {
-                    return Err(format!(
-                        "the statement needs every shard ({why}); running a statement on all shards and merging \
-                         the results is not built yet: add the shard key to the WHERE clause, or a \
-                         /* pgrouter: shard=N */ hint"
-                    ));
+                    return Err(needs_every_shard(why, "it must be sent alone, as a simple query"));
                 }
             };
             match chosen {
@@ -236,7 +243,7 @@ impl ShardMap {
                 _ => chosen = Some(shard),
             }
         }
-        Ok(chosen)
+        Ok(Shards::One(chosen))
     }
 
     /// The placement of the first sharded table the facts name (or the first configured),
@@ -252,6 +259,24 @@ impl ShardMap {
         let key = placement.key_from_text(key).map_err(|e| format!("shard_key hint: {e}"))?;
         placement.shard(&key).map(ShardId).map_err(|e| format!("shard_key hint: {e}"))
     }
+}
+
+/// What a request needs among the shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shards {
+    /// One shard (None: any will do).
+    One(Option<ShardId>),
+    /// Its one statement needs every shard, for this reason.
+    Every(String),
+}
+
+/// The error for a statement that needs every shard but cannot have them.
+#[must_use]
+pub fn needs_every_shard(why: &str, because: &str) -> String {
+    format!(
+        "the statement needs every shard ({why}), and {because}: add the shard key to the WHERE clause, \
+         or a /* pgrouter: shard=N */ hint"
+    )
 }
 
 fn mentions_params(facts: &TableUse) -> bool {

@@ -113,7 +113,7 @@ impl<S: ClientIo> Session<S> {
 
     /// Makes the connection's session settings the client's (one round trip, only when they
     /// differ). A setting the server refuses is the client's error, as at PostgreSQL's login.
-    async fn apply_settings(&mut self, checkout: &mut Checkout) -> Result<(), Error> {
+    pub(super) async fn apply_settings(&mut self, checkout: &mut Checkout) -> Result<(), Error> {
         let conn = checkout.conn();
         let Some(sql) = settings::apply_sql(&self.settings, &conn.settings) else {
             return Ok(());

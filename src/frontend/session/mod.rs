@@ -10,6 +10,7 @@
 //! `attach` (a submodule) holds how a routed request gets its server connection.
 
 mod attach;
+mod scatter;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -371,6 +372,10 @@ impl<S: ClientIo> Session<S> {
                     return Ok(None);
                 }
                 Ok(Plan::Server(routed)) => return Ok(Some(routed)),
+                Ok(Plan::Scatter(query)) => {
+                    self.scatter(query).await?;
+                    return Ok(None);
+                }
                 Err(PlanError::Error(e)) => return Err(e),
                 Err(PlanError::Undecided(Undecided::Invalid(msg))) => {
                     return Err(Error::Invalid(msg));

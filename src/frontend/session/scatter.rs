@@ -1,0 +1,184 @@
+//! A simple query on every shard at once (DESIGN §5), answered as one result: one
+//! RowDescription, every shard's rows in shard order, one CommandComplete whose count is the
+//! sum, one ReadyForQuery. Routing only sends here what concatenation answers truly (see
+//! `routing::RoutingState::scatter`): DDL, writes whose counts add up, reads without ORDER BY,
+//! LIMIT, DISTINCT, GROUP BY or aggregates.
+//!
+//! Connections are taken from the shards' primaries in shard order, so two scatters cannot
+//! each hold a shard the other waits for. Shards are read one after another; the others'
+//! answers wait in their sockets meanwhile (TCP pushes back), so memory stays bounded. An
+//! error from a shard names it; a shard that fails leaves what the others did done (DDL on
+//! some shards only, say), which the error says.
+
+use bytes::BytesMut;
+
+use super::Session;
+use crate::backend::Checkout;
+use crate::error::Error;
+use crate::frontend::client::ClientIo;
+use crate::protocol::framing::Frame;
+use crate::protocol::messages::{self, TxStatus};
+use crate::router::ShardId;
+
+/// Bytes of rows gathered before they are sent on to the client.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// What the shards have answered so far.
+#[derive(Default)]
+struct Combined {
+    row_description: Option<Vec<u8>>,
+    count: u64,
+    tag: Option<String>,
+    error: Option<Vec<u8>>,
+    empty_query: bool,
+}
+
+impl<S: ClientIo> Session<S> {
+    /// Runs `query` on every shard's primary and answers the client.
+    pub(super) async fn scatter(&mut self, query: Frame) -> Result<(), Error> {
+        let pools = std::sync::Arc::clone(&self.params.pools);
+        let mut checkouts: Vec<(ShardId, Checkout)> = Vec::new();
+        for shard in (0..).map(ShardId).map_while(|id| pools.shard(id).map(|s| (id, std::sync::Arc::clone(&s.primary))))
+        {
+            let (id, pool) = shard;
+            let Some(mut checkout) = self.checkout(&pool).await? else {
+                return Ok(()); // the client left while waiting
+            };
+            self.apply_settings(&mut checkout).await?;
+            checkouts.push((id, checkout));
+        }
+        for (id, checkout) in &mut checkouts {
+            let conn = checkout.conn();
+            conn.send(query.as_bytes()).await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e.to_string()))?;
+        }
+        let mut combined = Combined::default();
+        let mut out = BytesMut::new();
+        for (id, checkout) in &mut checkouts {
+            let conn = checkout.conn();
+            loop {
+                let frame = conn.read_frame().await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e))?;
+                match frame.tag() {
+                    b'T' => match &combined.row_description {
+                        None => {
+                            combined.row_description = Some(frame.body().to_vec());
+                            out.extend_from_slice(frame.as_bytes());
+                        }
+                        Some(first) if first.as_slice() == frame.body() => {}
+                        Some(_) => {
+                            combined.error.get_or_insert_with(|| {
+                                shard_error(*id, "the shards answered with different columns (is the schema the same on every shard?)")
+                            });
+                        }
+                    },
+                    b'D' if combined.error.is_none() => out.extend_from_slice(frame.as_bytes()),
+                    b'C' => {
+                        let tag = String::from_utf8_lossy(frame.body().strip_suffix(&[0]).unwrap_or(frame.body()));
+                        let (word, count) = split_tag(&tag);
+                        combined.count += count.unwrap_or(0);
+                        combined.tag.get_or_insert(word);
+                    }
+                    b'I' => combined.empty_query = true,
+                    b'E' => {
+                        let named = name_shard(frame.body(), *id, &conn.addr.to_string());
+                        combined.error.get_or_insert(named);
+                    }
+                    b'N' => out.extend_from_slice(frame.as_bytes()),
+                    b'Z' => {
+                        conn.status = TxStatus::Idle;
+                        break;
+                    }
+                    _ => {} // ParameterStatus and the like: the session's own state is not changed here
+                }
+                if out.len() >= FLUSH_AT {
+                    self.client.send(&out.split().freeze()).await?;
+                }
+            }
+        }
+        for (_, checkout) in checkouts {
+            checkout.release();
+        }
+        match (&combined.error, &combined.tag) {
+            (Some(error), _) => out.extend_from_slice(&Frame::new(b'E', error).into_bytes()),
+            (None, Some(word)) => out.extend_from_slice(&messages::command_complete(&join_tag(word, combined.count))),
+            (None, None) if combined.empty_query => out.extend_from_slice(&Frame::new(b'I', &[]).into_bytes()),
+            (None, None) => {}
+        }
+        out.extend_from_slice(&messages::ready_for_query(TxStatus::Idle));
+        self.client.send(&out.freeze()).await?;
+        Ok(())
+    }
+}
+
+fn shard_lost(shard: ShardId, server: String, reason: &str) -> Error {
+    Error::ServerLost { server, reason: format!("shard {shard}: {reason}") }
+}
+
+/// An ErrorResponse body (fields, then a zero) with `message`.
+fn shard_error(shard: ShardId, message: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (code, value) in
+        [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', "XX000"), (b'M', &format!("shard {shard}: {message}"))]
+    {
+        body.push(code);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    body
+}
+
+/// A shard's ErrorResponse body with the shard named at the front of its message.
+fn name_shard(body: &[u8], shard: ShardId, server: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 32);
+    let mut rest = body;
+    while let Some((&code, tail)) = rest.split_first() {
+        if code == 0 {
+            break;
+        }
+        let Some(end) = tail.iter().position(|&b| b == 0) else { break };
+        out.push(code);
+        if code == b'M' {
+            out.extend_from_slice(format!("shard {shard} ({server}): ").as_bytes());
+        }
+        out.extend_from_slice(&tail[..=end]);
+        rest = &tail[end + 1..];
+    }
+    out.push(0);
+    out
+}
+
+/// "INSERT 0 5" -> ("INSERT 0", Some(5)); "CREATE TABLE" -> ("CREATE TABLE", None).
+fn split_tag(tag: &str) -> (String, Option<u64>) {
+    match tag.rsplit_once(' ') {
+        Some((word, n)) if n.bytes().all(|b| b.is_ascii_digit()) && !n.is_empty() => (word.to_owned(), n.parse().ok()),
+        _ => (tag.to_owned(), None),
+    }
+}
+
+fn join_tag(word: &str, count: u64) -> String {
+    const COUNTED: &[&str] = &["SELECT", "INSERT 0", "UPDATE", "DELETE", "MERGE", "COPY", "FETCH", "MOVE"];
+    if COUNTED.contains(&word) { format!("{word} {count}") } else { word.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_add_up() {
+        assert_eq!(split_tag("SELECT 12"), ("SELECT".into(), Some(12)));
+        assert_eq!(split_tag("INSERT 0 3"), ("INSERT 0".into(), Some(3)));
+        assert_eq!(split_tag("CREATE TABLE"), ("CREATE TABLE".into(), None));
+        assert_eq!(join_tag("UPDATE", 7), "UPDATE 7");
+        assert_eq!(join_tag("CREATE INDEX", 0), "CREATE INDEX");
+    }
+
+    #[test]
+    fn errors_name_their_shard() {
+        let body = b"SERROR\0C42P01\0Mrelation \"x\" does not exist\0\0";
+        let named = name_shard(body, ShardId(1), "127.0.0.1:5433");
+        let fields = messages::parse_error_fields(&named);
+        assert_eq!(fields.message, "shard 1 (127.0.0.1:5433): relation \"x\" does not exist");
+        assert_eq!(fields.code, "42P01");
+    }
+}
