@@ -73,8 +73,7 @@ fn print_banner(topology: &Topology, listen: SocketAddr, config: &std::path::Pat
     println!("  pgbench -i \"postgres://{USER}:{PASSWORD}@{}:{}/app\"", listen.ip(), listen.port());
     println!();
     println!("In database app, reads go to the streaming replica and writes to the primary");
-    println!("(try `select pg_is_in_recovery()`). In database shop, a statement on orders goes");
-    println!("to the shard its customer_id names; statements that would need both shards (no key,");
-    println!("DDL) are refused until fan-out is built, so create orders on each shard directly");
-    println!("(the shard addresses are above). Press Ctrl-C to stop.");
+    println!("(try `select pg_is_in_recovery()`). In database shop, `create table orders");
+    println!("(customer_id bigint, note text)` runs on both shards, and a statement on orders goes");
+    println!("to the shard its customer_id names. Press Ctrl-C to stop.");
 }

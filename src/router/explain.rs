@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use super::classify::TxControl;
 use super::hint::{self, SessionCommand};
 use super::policy::Undecided;
-use super::sharded::{ShardRoute, Values};
+use super::sharded::{ShardRoute, Shards, Values};
 use super::{Policy, Router, Target};
 use crate::config::{DatabaseConfig, PoolMode};
 
@@ -54,8 +54,17 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
     let class = router.classify(sql.as_bytes(), &mut shape);
     let values = Values { sql: sql.as_bytes(), literals: &shape.literals, params: None };
     let route = policy.shards.route(&class.tables, &values);
-    let keyed = match policy.shards.request_shard(std::slice::from_ref(&route), policy.home()) {
-        Ok(keyed) => keyed,
+    let keyed = match policy.shards.request_shards(std::slice::from_ref(&route), policy.home()) {
+        Ok(Shards::One(keyed)) => keyed,
+        Ok(Shards::Every(why)) => {
+            let route = match class.tables.unmergeable {
+                Some(what) => format!("none: merging {what} across shards is not built yet"),
+                None => "every shard's primary, rows concatenated (as a simple query outside a transaction)".into(),
+            };
+            line(&mut out, "route:", &route);
+            line(&mut out, "reason:", &format!("needs every shard: {why}"));
+            return out;
+        }
         Err(e) => {
             line(&mut out, "route:", "none");
             line(&mut out, "reason:", &format!("error: {e}"));
