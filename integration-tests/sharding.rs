@@ -334,12 +334,23 @@ fn ddl_and_plain_reads_run_on_every_shard() {
         assert!(ordered.as_ref().is_err_and(|e| e.contains("ORDER BY")), "{ordered:?}");
         let write = run("delete from orders".into()).await;
         assert!(write.as_ref().is_err_and(|e| e.contains("cross_shard_writes")), "{write:?}");
-        let extended = c.query("select note from orders", &[]).await.map_err(|e| describe(&e));
-        assert!(extended.as_ref().is_err_and(|e| e.contains("simple queries only")), "{extended:?}");
+        // the extended protocol with the unnamed statement (as psycopg 3 sends DDL and reads)
+        let rows = c
+            .query_typed("select note from orders where note <> $1", &[(&"x", tokio_postgres::types::Type::TEXT)])
+            .await;
+        assert_eq!(rows.map_err(|e| describe(&e)).unwrap().len(), 3, "extended-protocol rows from both shards");
+        c.query_typed("create index orders_extended on orders (customer_id)", &[])
+            .await
+            .map_err(|e| describe(&e))
+            .unwrap();
+        let named = c.query("select note from orders", &[]).await.map_err(|e| describe(&e));
+        assert!(named.as_ref().is_err_and(|e| e.contains("named prepared statement")), "{named:?}");
     });
     for shard in &env.topo.shards {
-        let index = shard.psql("app", "select count(*) from pg_indexes where indexname = 'orders_note'").unwrap();
-        assert_eq!(index.trim(), "1", "DDL ran on every shard");
+        let index = shard
+            .psql("app", "select count(*) from pg_indexes where indexname in ('orders_note', 'orders_extended')")
+            .unwrap();
+        assert_eq!(index.trim(), "2", "DDL ran on every shard, by simple and extended protocol");
     }
     // an error on one shard names it
     env.topo.shards[1].psql("app", "set role app; create index orders_key on orders (customer_id)").unwrap();

@@ -92,8 +92,24 @@ pub enum Plan {
     Local(Bytes),
     /// Send to a server.
     Server(Routed),
-    /// Run this simple query on every shard and answer with the combined result.
-    Scatter(Frame),
+    /// Run these messages (a simple query, or one unnamed extended-protocol statement up to
+    /// its Sync) on every shard and answer with the combined result.
+    Scatter(Vec<Frame>),
+}
+
+/// One extended-protocol statement, unnamed, executed once, ending with Sync: what can be
+/// sent to every shard as it is (a named statement would bypass the per-connection renaming).
+fn one_unnamed_statement(frames: &[Frame]) -> bool {
+    let unnamed = |f: &Frame| match f.tag() {
+        b'P' => messages::parse_parse(f.body()).is_some_and(|(name, _)| name.is_empty()),
+        b'B' => messages::parse_bind_names(f.body()).is_some_and(|(portal, name)| portal.is_empty() && name.is_empty()),
+        b'D' | b'E' | b'S' => true,
+        _ => false,
+    };
+    frames.last().is_some_and(|f| f.tag() == b'S')
+        && frames.iter().filter(|f| f.tag() == b'E').count() == 1
+        && frames.iter().filter(|f| f.tag() == b'S').count() == 1
+        && frames.iter().all(unnamed)
 }
 
 /// A statement of a request: its text, classification, and the Bind that executes it.
@@ -203,11 +219,30 @@ impl RoutingState {
     /// A statement that needs every shard may run on all of them if the combined answer is
     /// its true result: a simple query outside a transaction, whose rows can simply be
     /// concatenated (or DDL, or a write whose counts add up), as `cross_shard_*` allow.
-    fn scatter(&self, policy: &Policy, request: &Request, statements: &[Statement], why: &str) -> Result<Frame, Error> {
+    fn scatter(
+        &self,
+        policy: &Policy,
+        request: &Request,
+        statements: &[Statement],
+        why: &str,
+    ) -> Result<Vec<Frame>, Error> {
         let refuse = |because: &str| Err(Error::NotSupported(needs_every_shard(why, because)));
-        let (Request::Query(frame), [(_, class, _)]) = (request, statements) else {
-            return refuse("fan-out across shards takes simple queries only for now, not the extended protocol");
+        let frames = match request {
+            Request::Query(frame) => vec![frame.clone()],
+            Request::Batch(frames) if one_unnamed_statement(frames) => frames.clone(),
+            _ => {
+                return refuse(
+                    "fan-out across shards takes one statement, unnamed if prepared, ending with Sync (not a named \
+                     prepared statement or a pipeline)",
+                );
+            }
         };
+        let Some((first, class, _)) = statements.first() else {
+            return refuse("the request has no statement");
+        };
+        if statements.iter().any(|(sql, ..)| sql != first) {
+            return refuse("it must be sent alone");
+        }
         let facts = &class.tables;
         if self.held.is_some() {
             return refuse("a transaction runs on one shard");
@@ -227,7 +262,7 @@ impl RoutingState {
                 return refuse("writes without a shard key are refused (cross_shard_writes = \"deny\")");
             }
         }
-        Ok(frame.clone())
+        Ok(frames)
     }
 
     /// The shard a sharded database's request must run on, by its statements' shard keys
@@ -237,8 +272,12 @@ impl RoutingState {
             return Ok(Shards::One(None));
         }
         let mut routes = Vec::with_capacity(statements.len());
-        for (sql, class, bind) in statements {
+        for (i, (sql, class, bind)) in statements.iter().enumerate() {
             if hint::parse_hints(sql).is_ok_and(|h| policy.shard_is_given(sql, &h)) {
+                continue;
+            }
+            // a Parse followed by the Bind of the same statement: the Bind (with its values) decides
+            if bind.is_none() && statements.get(i + 1).is_some_and(|(next, _, b)| next == sql && b.is_some()) {
                 continue;
             }
             self.scratch.of(sql);

@@ -34,8 +34,9 @@ struct Combined {
 }
 
 impl<S: ClientIo> Session<S> {
-    /// Runs `query` on every shard's primary and answers the client.
-    pub(super) async fn scatter(&mut self, query: Frame) -> Result<(), Error> {
+    /// Runs `request` (a simple query, or one unnamed extended-protocol statement up to its
+    /// Sync) on every shard's primary and answers the client.
+    pub(super) async fn scatter(&mut self, request: Vec<Frame>) -> Result<(), Error> {
         let pools = std::sync::Arc::clone(&self.params.pools);
         let mut checkouts: Vec<(ShardId, Checkout)> = Vec::new();
         for shard in (0..).map(ShardId).map_while(|id| pools.shard(id).map(|s| (id, std::sync::Arc::clone(&s.primary))))
@@ -47,9 +48,13 @@ impl<S: ClientIo> Session<S> {
             self.apply_settings(&mut checkout).await?;
             checkouts.push((id, checkout));
         }
+        let mut bytes = BytesMut::new();
+        for frame in &request {
+            bytes.extend_from_slice(frame.as_bytes());
+        }
         for (id, checkout) in &mut checkouts {
             let conn = checkout.conn();
-            conn.send(query.as_bytes()).await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e.to_string()))?;
+            conn.send(&bytes).await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e.to_string()))?;
         }
         let mut combined = Combined::default();
         let mut out = BytesMut::new();
@@ -83,6 +88,10 @@ impl<S: ClientIo> Session<S> {
                         combined.error.get_or_insert(named);
                     }
                     b'N' => out.extend_from_slice(frame.as_bytes()),
+                    // ParseComplete, BindComplete, ParameterDescription, NoData: once
+                    b'1' | b'2' | b't' | b'n' if id.0 == 0 && combined.error.is_none() => {
+                        out.extend_from_slice(frame.as_bytes());
+                    }
                     b'Z' => {
                         conn.status = TxStatus::Idle;
                         break;
