@@ -19,6 +19,7 @@ use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, TxStatus};
 use crate::router::classify::{Access, Classification, TxControl, TxModes};
 use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
+use crate::router::keys::Aggregate;
 use crate::router::policy::Undecided;
 use crate::router::sharded::{BindParams, Shards, Values, needs_every_shard};
 use crate::router::{Decision, Policy, Router, ShardId, Target};
@@ -92,9 +93,17 @@ pub enum Plan {
     Local(Bytes),
     /// Send to a server.
     Server(Routed),
-    /// Run these messages (a simple query, or one unnamed extended-protocol statement up to
-    /// its Sync) on every shard and answer with the combined result.
-    Scatter(Vec<Frame>),
+    /// Run a statement on every shard and answer with the combined result.
+    Scatter(Scatter),
+}
+
+/// A statement for every shard: the messages to send (a simple query, or one unnamed
+/// extended-protocol statement up to its Sync) and how to combine the answers.
+#[derive(Debug)]
+pub struct Scatter {
+    pub frames: Vec<Frame>,
+    /// Empty: concatenate the rows; else combine each shard's one row column by column.
+    pub aggregates: Vec<Aggregate>,
 }
 
 /// One extended-protocol statement, unnamed, executed once, ending with Sync: what can be
@@ -225,7 +234,7 @@ impl RoutingState {
         request: &Request,
         statements: &[Statement],
         why: &str,
-    ) -> Result<Vec<Frame>, Error> {
+    ) -> Result<Scatter, Error> {
         let refuse = |because: &str| Err(Error::NotSupported(needs_every_shard(why, because)));
         let frames = match request {
             Request::Query(frame) => vec![frame.clone()],
@@ -262,7 +271,7 @@ impl RoutingState {
                 return refuse("writes without a shard key are refused (cross_shard_writes = \"deny\")");
             }
         }
-        Ok(frames)
+        Ok(Scatter { frames, aggregates: facts.aggregates.clone() })
     }
 
     /// The shard a sharded database's request must run on, by its statements' shard keys

@@ -57,9 +57,10 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
     let keyed = match policy.shards.request_shards(std::slice::from_ref(&route), policy.home()) {
         Ok(Shards::One(keyed)) => keyed,
         Ok(Shards::Every(why)) => {
+            let how = if class.tables.aggregates.is_empty() { "rows concatenated" } else { "aggregates combined" };
             let route = match class.tables.unmergeable {
                 Some(what) => format!("none: merging {what} across shards is not built yet"),
-                None => "every shard's primary, rows concatenated (as a simple query outside a transaction)".into(),
+                None => format!("every shard's primary, {how} (outside a transaction, unnamed statements only)"),
             };
             line(&mut out, "route:", &route);
             line(&mut out, "reason:", &format!("needs every shard: {why}"));

@@ -60,10 +60,15 @@ pub struct TableUse {
     pub ddl: bool,
     /// More than one statement: keys are not used, the text goes where its tables allow.
     pub several: bool,
-    /// Why the rows of this statement run on every shard could not simply be concatenated
-    /// into its result (ORDER BY, LIMIT, aggregates, ...); None when they can.
+    /// Why the rows of this statement run on every shard could not be combined into its
+    /// result (ORDER BY, LIMIT, GROUP BY, ...); None when they can.
     pub unmergeable: Option<&'static str>,
+    /// A query whose every column is count/sum/min/max (no GROUP BY): each shard answers one
+    /// row, and these say how to combine the columns. Empty: rows are concatenated.
+    pub aggregates: Vec<Aggregate>,
 }
+
+pub use crate::sharding::combine::Aggregate;
 
 /// A name as PostgreSQL resolves its case: quoted parts kept, others lower-cased, joined by
 /// dots.
@@ -103,9 +108,12 @@ pub fn table_use(statements: &[Statement], sql: &str, literals: &[(usize, usize)
         }
         out.ddl |= is_ddl(stmt);
     }
-    out.unmergeable = match statements {
-        [stmt] => unmergeable(stmt),
-        _ => Some("several statements"),
+    (out.unmergeable, out.aggregates) = match statements {
+        [stmt] => match combinable_aggregates(stmt) {
+            Some(aggregates) => (None, aggregates),
+            None => (unmergeable(stmt), Vec::new()),
+        },
+        _ => (Some("several statements"), Vec::new()),
     };
     if let [stmt] = statements {
         let values = Values { sql, literals };
@@ -172,6 +180,49 @@ const AGGREGATES: &[&str] = &[
     "range_agg",
     "range_intersect_agg",
 ];
+
+/// `SELECT count(*), sum(x), min(y), max(z) FROM ... [WHERE ...]`: every column one of
+/// those aggregates (FILTER allowed, DISTINCT not), nothing that works on the combined rows.
+fn combinable_aggregates(stmt: &Statement) -> Option<Vec<Aggregate>> {
+    let Statement::Query(q) = stmt else { return None };
+    let SetExpr::Select(select) = q.body.as_ref() else { return None };
+    let plain_group = matches!(&select.group_by, sqlparser::ast::GroupByExpr::Expressions(e, _) if e.is_empty());
+    if q.order_by.is_some()
+        || q.limit_clause.is_some()
+        || q.fetch.is_some()
+        || q.with.is_some()
+        || select.distinct.is_some()
+        || !plain_group
+        || select.having.is_some()
+        || select.projection.is_empty()
+    {
+        return None;
+    }
+    select
+        .projection
+        .iter()
+        .map(|item| {
+            let expr = match item {
+                sqlparser::ast::SelectItem::UnnamedExpr(e)
+                | sqlparser::ast::SelectItem::ExprWithAlias { expr: e, .. } => e,
+                _ => return None,
+            };
+            let Expr::Function(f) = expr else { return None };
+            let distinct =
+                matches!(&f.args, sqlparser::ast::FunctionArguments::List(l) if l.duplicate_treatment.is_some());
+            if f.over.is_some() || distinct || !f.within_group.is_empty() {
+                return None;
+            }
+            match normalise(&f.name).as_str() {
+                "count" | "pg_catalog.count" => Some(Aggregate::Count),
+                "sum" | "pg_catalog.sum" => Some(Aggregate::Sum),
+                "min" | "pg_catalog.min" => Some(Aggregate::Min),
+                "max" | "pg_catalog.max" => Some(Aggregate::Max),
+                _ => None,
+            }
+        })
+        .collect()
+}
 
 /// Why rows from every shard, concatenated, would not be this statement's result.
 fn unmergeable(stmt: &Statement) -> Option<&'static str> {

@@ -2,6 +2,7 @@
 //! placement function of each `[[databases.sharded_tables]]` entry (DESIGN §5). Pure code: no
 //! SQL parsing, no sockets.
 
+pub mod combine;
 pub mod hash;
 
 use std::collections::HashMap;

@@ -1,8 +1,9 @@
 //! A simple query on every shard at once (DESIGN §5), answered as one result: one
 //! RowDescription, every shard's rows in shard order, one CommandComplete whose count is the
-//! sum, one ReadyForQuery. Routing only sends here what concatenation answers truly (see
+//! sum, one ReadyForQuery. Routing only sends here what this answers truly (see
 //! `routing::RoutingState::scatter`): DDL, writes whose counts add up, reads without ORDER BY,
-//! LIMIT, DISTINCT, GROUP BY or aggregates.
+//! LIMIT, DISTINCT or GROUP BY, and queries of only count/sum/min/max, whose one row per
+//! shard is combined column by column (`sharding::combine`).
 //!
 //! Connections are taken from the shards' primaries in shard order, so two scatters cannot
 //! each hold a shard the other waits for. Shards are read one after another; the others'
@@ -16,9 +17,12 @@ use super::Session;
 use crate::backend::Checkout;
 use crate::error::Error;
 use crate::frontend::client::ClientIo;
+use crate::frontend::routing::Scatter;
 use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, TxStatus};
 use crate::router::ShardId;
+use crate::router::keys::Aggregate;
+use crate::sharding::combine::combine;
 
 /// Bytes of rows gathered before they are sent on to the client.
 const FLUSH_AT: usize = 64 * 1024;
@@ -31,12 +35,17 @@ struct Combined {
     tag: Option<String>,
     error: Option<Vec<u8>>,
     empty_query: bool,
+    /// Each shard's row, for aggregates.
+    rows: Vec<Vec<u8>>,
 }
 
 impl<S: ClientIo> Session<S> {
     /// Runs `request` (a simple query, or one unnamed extended-protocol statement up to its
     /// Sync) on every shard's primary and answers the client.
-    pub(super) async fn scatter(&mut self, request: Vec<Frame>) -> Result<(), Error> {
+    pub(super) async fn scatter(&mut self, scatter: Scatter) -> Result<(), Error> {
+        let Scatter { frames: request, aggregates } = scatter;
+        // a RowDescription answering Describe Statement shows format 0 whatever the Bind asked
+        let binary = request.iter().any(|f| f.tag() == b'B' && binary_results(f.body()));
         let pools = std::sync::Arc::clone(&self.params.pools);
         let mut checkouts: Vec<(ShardId, Checkout)> = Vec::new();
         for shard in (0..).map(ShardId).map_while(|id| pools.shard(id).map(|s| (id, std::sync::Arc::clone(&s.primary))))
@@ -75,7 +84,9 @@ impl<S: ClientIo> Session<S> {
                             });
                         }
                     },
-                    b'D' if combined.error.is_none() => out.extend_from_slice(frame.as_bytes()),
+                    b'D' if combined.error.is_some() => {}
+                    b'D' if aggregates.is_empty() => out.extend_from_slice(frame.as_bytes()),
+                    b'D' => combined.rows.push(frame.body().to_vec()),
                     b'C' => {
                         let tag = String::from_utf8_lossy(frame.body().strip_suffix(&[0]).unwrap_or(frame.body()));
                         let (word, count) = split_tag(&tag);
@@ -106,6 +117,20 @@ impl<S: ClientIo> Session<S> {
         for (_, checkout) in checkouts {
             checkout.release();
         }
+        if combined.error.is_none() && !aggregates.is_empty() {
+            let combined_row = if binary {
+                Err("combining aggregates in binary format across shards is not built yet".to_owned())
+            } else {
+                combine_rows(&aggregates, combined.row_description.as_deref(), &combined.rows)
+            };
+            match combined_row {
+                Ok(row) => {
+                    out.extend_from_slice(&Frame::new(b'D', &row).into_bytes());
+                    combined.count = 1;
+                }
+                Err(why) => combined.error = Some(plain_error(&why)),
+            }
+        }
         match (&combined.error, &combined.tag) {
             (Some(error), _) => out.extend_from_slice(&Frame::new(b'E', error).into_bytes()),
             (None, Some(word)) => out.extend_from_slice(&messages::command_complete(&join_tag(word, combined.count))),
@@ -122,18 +147,112 @@ fn shard_lost(shard: ShardId, server: String, reason: &str) -> Error {
     Error::ServerLost { server, reason: format!("shard {shard}: {reason}") }
 }
 
-/// An ErrorResponse body (fields, then a zero) with `message`.
+/// An ErrorResponse body about one shard's answer.
 fn shard_error(shard: ShardId, message: &str) -> Vec<u8> {
+    error_body("XX000", &format!("shard {shard}: {message}"))
+}
+
+/// An ErrorResponse body for what the proxy cannot do with the answers.
+fn plain_error(message: &str) -> Vec<u8> {
+    error_body("0A000", &format!("pgrouter: {message}"))
+}
+
+/// An ErrorResponse body (fields, then a zero).
+fn error_body(code: &str, message: &str) -> Vec<u8> {
     let mut body = Vec::new();
-    for (code, value) in
-        [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', "XX000"), (b'M', &format!("shard {shard}: {message}"))]
-    {
-        body.push(code);
+    for (kind, value) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', code), (b'M', message)] {
+        body.push(kind);
         body.extend_from_slice(value.as_bytes());
         body.push(0);
     }
     body.push(0);
     body
+}
+
+/// The one row of an aggregate query, from each shard's row.
+fn combine_rows(aggregates: &[Aggregate], description: Option<&[u8]>, rows: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    let columns = description.and_then(column_types).ok_or("the shards sent no usable row description")?;
+    if columns.len() != aggregates.len() {
+        return Err("the shards' columns do not match the statement's aggregates".into());
+    }
+    if columns.iter().any(|&(_, format)| format != 0) {
+        return Err("combining aggregates in binary format across shards is not built yet".into());
+    }
+    let rows: Vec<Vec<Option<&[u8]>>> =
+        rows.iter().map(|r| row_values(r)).collect::<Option<_>>().ok_or("a shard sent a malformed row")?;
+    let mut out = Vec::new();
+    out.extend_from_slice(&i16::try_from(columns.len()).unwrap_or(i16::MAX).to_be_bytes());
+    for (i, (&aggregate, &(oid, _))) in aggregates.iter().zip(&columns).enumerate() {
+        let values: Vec<Option<&[u8]>> = rows.iter().map(|r| r.get(i).copied().flatten()).collect();
+        match combine(aggregate, oid, &values)? {
+            Some(text) => {
+                out.extend_from_slice(&i32::try_from(text.len()).unwrap_or(i32::MAX).to_be_bytes());
+                out.extend_from_slice(text.as_bytes());
+            }
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    Ok(out)
+}
+
+/// Does a Bind body ask for any result column in binary format?
+fn binary_results(body: &[u8]) -> bool {
+    let skip = || -> Option<bool> {
+        let mut rest = body;
+        for _ in 0..2 {
+            let end = rest.iter().position(|&b| b == 0)?;
+            rest = &rest[end + 1..];
+        }
+        let read_i16 = |r: &mut &[u8]| -> Option<i16> {
+            let v = i16::from_be_bytes(r.get(..2)?.try_into().ok()?);
+            *r = &r[2..];
+            Some(v)
+        };
+        let formats = usize::try_from(read_i16(&mut rest)?).ok()?;
+        rest = rest.get(formats * 2..)?;
+        for _ in 0..usize::try_from(read_i16(&mut rest)?).ok()? {
+            let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+            rest = rest.get(4 + usize::try_from(len.max(0)).ok()?..)?;
+        }
+        let results = usize::try_from(read_i16(&mut rest)?).ok()?;
+        Some((0..results).any(|i| rest.get(i * 2..i * 2 + 2) == Some(&[0, 1])))
+    };
+    skip().unwrap_or(true)
+}
+
+/// (type OID, format) of each column of a RowDescription body.
+fn column_types(body: &[u8]) -> Option<Vec<(u32, i16)>> {
+    let n = usize::try_from(i16::from_be_bytes(body.get(..2)?.try_into().ok()?)).ok()?;
+    let mut rest = &body[2..];
+    let mut columns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name_end = rest.iter().position(|&b| b == 0)?;
+        let field = rest.get(name_end + 1..name_end + 19)?;
+        let oid = u32::from_be_bytes(field[6..10].try_into().ok()?);
+        let format = i16::from_be_bytes(field[16..18].try_into().ok()?);
+        columns.push((oid, format));
+        rest = &rest[name_end + 19..];
+    }
+    Some(columns)
+}
+
+/// The values of a DataRow body (None: NULL).
+fn row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let n = usize::try_from(i16::from_be_bytes(body.get(..2)?.try_into().ok()?)).ok()?;
+    let mut rest = &body[2..];
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        if len < 0 {
+            values.push(None);
+        } else {
+            let len = usize::try_from(len).ok()?;
+            values.push(Some(rest.get(..len)?));
+            rest = &rest[len..];
+        }
+    }
+    Some(values)
 }
 
 /// A shard's ErrorResponse body with the shard named at the front of its message.
