@@ -19,7 +19,7 @@ use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, TxStatus};
 use crate::router::classify::{Access, Classification, TxControl, TxModes};
 use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
-use crate::router::keys::Aggregate;
+use crate::router::keys::{Aggregate, OrderedMerge, ordered_merge};
 use crate::router::policy::Undecided;
 use crate::router::sharded::{BindParams, Shards, Values, needs_every_shard};
 use crate::router::{Decision, Policy, Router, ShardId, Target};
@@ -104,6 +104,32 @@ pub struct Scatter {
     pub frames: Vec<Frame>,
     /// Empty: concatenate the rows; else combine each shard's one row column by column.
     pub aggregates: Vec<Aggregate>,
+    /// ORDER BY and LIMIT/OFFSET applied to the shards' rows (already sorted by each shard).
+    pub order: Option<OrderedMerge>,
+}
+
+/// A Query or Parse message with its SQL text replaced (a Parse keeps its name and parameter
+/// types); None for other messages.
+fn with_sql(frame: &Frame, sql: &str) -> Option<Frame> {
+    let mut body = Vec::new();
+    match frame.tag() {
+        b'Q' => {
+            body.extend_from_slice(sql.as_bytes());
+            body.push(0);
+        }
+        b'P' => {
+            let mut rest = frame.body();
+            let name = crate::protocol::framing::get_cstr(&mut rest)?;
+            let _old_sql = crate::protocol::framing::get_cstr(&mut rest)?;
+            body.extend_from_slice(name);
+            body.push(0);
+            body.extend_from_slice(sql.as_bytes());
+            body.push(0);
+            body.extend_from_slice(rest);
+        }
+        _ => return None,
+    }
+    Some(Frame::new(frame.tag(), &body))
 }
 
 /// One extended-protocol statement, unnamed, executed once, ending with Sync: what can be
@@ -271,7 +297,22 @@ impl RoutingState {
                 return refuse("writes without a shard key are refused (cross_shard_writes = \"deny\")");
             }
         }
-        Ok(Scatter { frames, aggregates: facts.aggregates.clone() })
+        let mut frames = frames;
+        let order = if facts.ordered {
+            let text =
+                std::str::from_utf8(first).map_err(|_| Error::Invalid("the statement is not valid UTF-8".into()))?;
+            let plan = match ordered_merge(text) {
+                Ok(plan) => plan,
+                Err(what) => return refuse(&format!("merging {what} across shards is not built yet")),
+            };
+            for frame in &mut frames {
+                *frame = with_sql(frame, &plan.sql).unwrap_or_else(|| frame.clone());
+            }
+            Some(plan)
+        } else {
+            None
+        };
+        Ok(Scatter { frames, aggregates: facts.aggregates.clone(), order })
     }
 
     /// The shard a sharded database's request must run on, by its statements' shard keys

@@ -57,10 +57,18 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
     let keyed = match policy.shards.request_shards(std::slice::from_ref(&route), policy.home()) {
         Ok(Shards::One(keyed)) => keyed,
         Ok(Shards::Every(why)) => {
-            let how = if class.tables.aggregates.is_empty() { "rows concatenated" } else { "aggregates combined" };
-            let route = match class.tables.unmergeable {
-                Some(what) => format!("none: merging {what} across shards is not built yet"),
-                None => format!("every shard's primary, {how} (outside a transaction, unnamed statements only)"),
+            let how = match (class.tables.aggregates.is_empty(), class.tables.ordered) {
+                (false, _) => Ok("aggregates combined"),
+                (true, true) => {
+                    super::keys::ordered_merge(sql).map(|_| "rows merged in ORDER BY order, then LIMIT/OFFSET")
+                }
+                (true, false) => Ok("rows concatenated"),
+            };
+            let route = match (class.tables.unmergeable, how) {
+                (Some(what), _) | (None, Err(what)) => format!("none: merging {what} across shards is not built yet"),
+                (None, Ok(how)) => {
+                    format!("every shard's primary, {how} (outside a transaction, unnamed statements only)")
+                }
             };
             line(&mut out, "route:", &route);
             line(&mut out, "reason:", &format!("needs every shard: {why}"));

@@ -63,6 +63,9 @@ pub struct TableUse {
     /// Why the rows of this statement run on every shard could not be combined into its
     /// result (ORDER BY, LIMIT, GROUP BY, ...); None when they can.
     pub unmergeable: Option<&'static str>,
+    /// A query with ORDER BY or LIMIT/OFFSET: run on every shard, its rows need
+    /// [`ordered_merge`].
+    pub ordered: bool,
     /// A query whose every column is count/sum/min/max (no GROUP BY): each shard answers one
     /// row, and these say how to combine the columns. Empty: rows are concatenated.
     pub aggregates: Vec<Aggregate>,
@@ -108,6 +111,7 @@ pub fn table_use(statements: &[Statement], sql: &str, literals: &[(usize, usize)
         }
         out.ddl |= is_ddl(stmt);
     }
+    out.ordered = matches!(statements, [Statement::Query(q)] if q.order_by.is_some() || q.limit_clause.is_some());
     (out.unmergeable, out.aggregates) = match statements {
         [stmt] => match combinable_aggregates(stmt) {
             Some(aggregates) => (None, aggregates),
@@ -138,6 +142,116 @@ pub fn table_use(statements: &[Statement], sql: &str, literals: &[(usize, usize)
         }
     }
     out
+}
+
+/// A column of the result a merge sorts by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SortColumn {
+    /// 0-based position in the result.
+    Position(usize),
+    /// A result column's name.
+    Name(String),
+}
+
+/// One ORDER BY item, as the merge applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortKey {
+    pub column: SortColumn,
+    pub descending: bool,
+    pub nulls_first: bool,
+}
+
+/// How the rows of every shard become the statement's result: merged in `order`, then
+/// `offset` skipped and at most `limit` kept. `sql` is what each shard runs (LIMIT raised to
+/// cover the offset, OFFSET dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderedMerge {
+    pub order: Vec<SortKey>,
+    pub limit: Option<u64>,
+    pub offset: u64,
+    pub sql: String,
+}
+
+/// Plans the merge of a query with ORDER BY and/or LIMIT/OFFSET run on every shard, from the
+/// text itself (positions and limits are literals, so this is not cached by shape). The sort
+/// keys must be result columns, named or by position.
+pub fn ordered_merge(sql: &str) -> Result<OrderedMerge, &'static str> {
+    let statements = sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+        .map_err(|_| "a statement pgrouter cannot parse")?;
+    let [Statement::Query(query)] = statements.as_slice() else { return Err("several statements") };
+    let mut query = query.clone();
+    let SetExpr::Select(select) = query.body.as_ref() else { return Err("a set operation (UNION, INTERSECT, EXCEPT)") };
+    let mut order = Vec::new();
+    if let Some(order_by) = &query.order_by {
+        let sqlparser::ast::OrderByKind::Expressions(items) = &order_by.kind else { return Err("ORDER BY ALL") };
+        for item in items {
+            let descending = match &item.options.sort {
+                None | Some(sqlparser::ast::OrderBySort::Asc) => false,
+                Some(sqlparser::ast::OrderBySort::Desc) => true,
+                Some(sqlparser::ast::OrderBySort::Using(_)) => return Err("ORDER BY ... USING"),
+            };
+            let column = sort_column(&item.expr, &select.projection)
+                .ok_or("ORDER BY an expression that is not a result column")?;
+            order.push(SortKey { column, descending, nulls_first: item.options.nulls_first.unwrap_or(descending) });
+        }
+    }
+    let literal = |e: &Expr| match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse::<u64>().ok(),
+            _ => None,
+        },
+        _ => None,
+    };
+    let (limit, offset) = match &query.limit_clause {
+        None => (None, 0),
+        Some(sqlparser::ast::LimitClause::LimitOffset { limit, offset, limit_by }) if limit_by.is_empty() => {
+            let limit = match limit {
+                None => None,
+                Some(Expr::Value(v)) if matches!(v.value, Value::Null) => None,
+                Some(e) => Some(literal(e).ok_or("LIMIT that is not a number")?),
+            };
+            let offset = match offset {
+                None => 0,
+                Some(o) => literal(&o.value).ok_or("OFFSET that is not a number")?,
+            };
+            (limit, offset)
+        }
+        Some(_) => return Err("this LIMIT syntax"),
+    };
+    // every shard must send the rows that could end up in the first limit + offset
+    query.limit_clause = limit.map(|n| sqlparser::ast::LimitClause::LimitOffset {
+        limit: Some(Expr::value(Value::Number((n + offset).to_string(), false))),
+        offset: None,
+        limit_by: Vec::new(),
+    });
+    Ok(OrderedMerge { order, limit, offset, sql: Statement::Query(query).to_string() })
+}
+
+/// The result column an ORDER BY expression names: `ORDER BY 2`, a column, or an alias.
+fn sort_column(expr: &Expr, projection: &[sqlparser::ast::SelectItem]) -> Option<SortColumn> {
+    let norm =
+        |id: &sqlparser::ast::Ident| if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() };
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse::<usize>().ok().and_then(|p| p.checked_sub(1)).map(SortColumn::Position),
+            _ => None,
+        },
+        Expr::Identifier(id) => Some(SortColumn::Name(norm(id))),
+        // t.col sorts by the result column col only if the select list has it under that name
+        Expr::CompoundIdentifier(parts) => {
+            let col = norm(parts.last()?);
+            let listed = projection.iter().any(|item| match item {
+                sqlparser::ast::SelectItem::UnnamedExpr(Expr::Identifier(id)) => norm(id) == col,
+                sqlparser::ast::SelectItem::UnnamedExpr(Expr::CompoundIdentifier(p)) => {
+                    p.last().map(norm) == Some(col.clone())
+                }
+                sqlparser::ast::SelectItem::Wildcard(_) | sqlparser::ast::SelectItem::QualifiedWildcard(..) => true,
+                _ => false,
+            });
+            listed.then_some(SortColumn::Name(col))
+        }
+        _ => None,
+    }
 }
 
 /// Functions whose result depends on more than one row: across shards each shard would give
@@ -224,17 +338,15 @@ fn combinable_aggregates(stmt: &Statement) -> Option<Vec<Aggregate>> {
         .collect()
 }
 
-/// Why rows from every shard, concatenated, would not be this statement's result.
+/// Why rows from every shard, concatenated, would not be this statement's result. ORDER BY
+/// and LIMIT/OFFSET are left to [`ordered_merge`], which needs the text's own values.
 fn unmergeable(stmt: &Statement) -> Option<&'static str> {
     let Statement::Query(q) = stmt else {
         // writes report counts, which add up; DDL is the same statement everywhere
         return None;
     };
-    if q.order_by.is_some() {
-        return Some("ORDER BY");
-    }
-    if q.limit_clause.is_some() || q.fetch.is_some() {
-        return Some("LIMIT/OFFSET");
+    if q.fetch.is_some() {
+        return Some("FETCH FIRST");
     }
     let SetExpr::Select(select) = q.body.as_ref() else {
         return Some("a set operation (UNION, INTERSECT, EXCEPT)");

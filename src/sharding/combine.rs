@@ -61,6 +61,29 @@ impl Decimal {
     }
 }
 
+/// Orders two non-NULL values of a result column of type `type_oid` (text format) as
+/// PostgreSQL's default ordering does; integers and numeric only.
+pub fn compare(type_oid: u32, a: &[u8], b: &[u8]) -> Result<std::cmp::Ordering, String> {
+    if !matches!(type_oid, INT2 | INT4 | INT8 | NUMERIC) {
+        return Err(format!(
+            "ordering a column of type oid {type_oid} across shards is not built yet (integers and numeric are)"
+        ));
+    }
+    let parse = |v: &[u8]| std::str::from_utf8(v).ok().and_then(Decimal::parse);
+    match (parse(a), parse(b)) {
+        (Some(x), Some(y)) => x.cmp(y).ok_or_else(|| "values too large to compare".to_owned()),
+        // NaN sorts after every number in PostgreSQL
+        (None, Some(_)) if a == b"NaN" => Ok(std::cmp::Ordering::Greater),
+        (Some(_), None) if b == b"NaN" => Ok(std::cmp::Ordering::Less),
+        (None, None) if a == b"NaN" && b == b"NaN" => Ok(std::cmp::Ordering::Equal),
+        _ => Err(format!(
+            "cannot order the shard values {:?} and {:?}",
+            String::from_utf8_lossy(a),
+            String::from_utf8_lossy(b)
+        )),
+    }
+}
+
 /// The combined value of one aggregate column, from each shard's value (None: NULL).
 pub fn combine(aggregate: Aggregate, type_oid: u32, values: &[Option<&[u8]>]) -> Result<Option<String>, String> {
     if !matches!(type_oid, INT2 | INT4 | INT8 | NUMERIC) {

@@ -21,8 +21,8 @@ use crate::frontend::routing::Scatter;
 use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, TxStatus};
 use crate::router::ShardId;
-use crate::router::keys::Aggregate;
-use crate::sharding::combine::combine;
+use crate::router::keys::{Aggregate, OrderedMerge, SortColumn};
+use crate::sharding::combine::{combine, compare};
 
 /// Bytes of rows gathered before they are sent on to the client.
 const FLUSH_AT: usize = 64 * 1024;
@@ -43,7 +43,7 @@ impl<S: ClientIo> Session<S> {
     /// Runs `request` (a simple query, or one unnamed extended-protocol statement up to its
     /// Sync) on every shard's primary and answers the client.
     pub(super) async fn scatter(&mut self, scatter: Scatter) -> Result<(), Error> {
-        let Scatter { frames: request, aggregates } = scatter;
+        let Scatter { frames: request, aggregates, order } = scatter;
         // a RowDescription answering Describe Statement shows format 0 whatever the Bind asked
         let binary = request.iter().any(|f| f.tag() == b'B' && binary_results(f.body()));
         let pools = std::sync::Arc::clone(&self.params.pools);
@@ -67,50 +67,26 @@ impl<S: ClientIo> Session<S> {
         }
         let mut combined = Combined::default();
         let mut out = BytesMut::new();
-        for (id, checkout) in &mut checkouts {
-            let conn = checkout.conn();
-            loop {
-                let frame = conn.read_frame().await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e))?;
-                match frame.tag() {
-                    b'T' => match &combined.row_description {
-                        None => {
-                            combined.row_description = Some(frame.body().to_vec());
-                            out.extend_from_slice(frame.as_bytes());
+        if let Some(order) = &order {
+            self.merge_ordered(&mut checkouts, order, binary, &mut combined, &mut out).await?;
+        } else {
+            for (id, checkout) in &mut checkouts {
+                let conn = checkout.conn();
+                loop {
+                    let frame = conn.read_frame().await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e))?;
+                    match combined.take(*id, &conn.addr.to_string(), &frame, &mut out) {
+                        Step::Row if combined.error.is_some() => {}
+                        Step::Row if aggregates.is_empty() => out.extend_from_slice(frame.as_bytes()),
+                        Step::Row => combined.rows.push(frame.body().to_vec()),
+                        Step::Done => {
+                            conn.status = TxStatus::Idle;
+                            break;
                         }
-                        Some(first) if first.as_slice() == frame.body() => {}
-                        Some(_) => {
-                            combined.error.get_or_insert_with(|| {
-                                shard_error(*id, "the shards answered with different columns (is the schema the same on every shard?)")
-                            });
-                        }
-                    },
-                    b'D' if combined.error.is_some() => {}
-                    b'D' if aggregates.is_empty() => out.extend_from_slice(frame.as_bytes()),
-                    b'D' => combined.rows.push(frame.body().to_vec()),
-                    b'C' => {
-                        let tag = String::from_utf8_lossy(frame.body().strip_suffix(&[0]).unwrap_or(frame.body()));
-                        let (word, count) = split_tag(&tag);
-                        combined.count += count.unwrap_or(0);
-                        combined.tag.get_or_insert(word);
+                        Step::Other => {}
                     }
-                    b'I' => combined.empty_query = true,
-                    b'E' => {
-                        let named = name_shard(frame.body(), *id, &conn.addr.to_string());
-                        combined.error.get_or_insert(named);
+                    if out.len() >= FLUSH_AT {
+                        self.client.send(&out.split().freeze()).await?;
                     }
-                    b'N' => out.extend_from_slice(frame.as_bytes()),
-                    // ParseComplete, BindComplete, ParameterDescription, NoData: once
-                    b'1' | b'2' | b't' | b'n' if id.0 == 0 && combined.error.is_none() => {
-                        out.extend_from_slice(frame.as_bytes());
-                    }
-                    b'Z' => {
-                        conn.status = TxStatus::Idle;
-                        break;
-                    }
-                    _ => {} // ParameterStatus and the like: the session's own state is not changed here
-                }
-                if out.len() >= FLUSH_AT {
-                    self.client.send(&out.split().freeze()).await?;
                 }
             }
         }
@@ -141,6 +117,233 @@ impl<S: ClientIo> Session<S> {
         self.client.send(&out.freeze()).await?;
         Ok(())
     }
+}
+
+/// What one shard message means for the combined answer.
+enum Step {
+    /// A DataRow, for the caller.
+    Row,
+    /// ReadyForQuery: this shard is done.
+    Done,
+    Other,
+}
+
+impl Combined {
+    /// Notes one message of shard `id` (everything but rows), adding to `out` what the client
+    /// gets of it.
+    fn take(&mut self, id: ShardId, server: &str, frame: &Frame, out: &mut BytesMut) -> Step {
+        match frame.tag() {
+            b'T' => match &self.row_description {
+                None => {
+                    self.row_description = Some(frame.body().to_vec());
+                    out.extend_from_slice(frame.as_bytes());
+                }
+                Some(first) if first.as_slice() == frame.body() => {}
+                Some(_) => {
+                    self.error.get_or_insert_with(|| {
+                        shard_error(
+                            id,
+                            "the shards answered with different columns (is the schema the same on every shard?)",
+                        )
+                    });
+                }
+            },
+            b'D' => return Step::Row,
+            b'C' => {
+                let tag = String::from_utf8_lossy(frame.body().strip_suffix(&[0]).unwrap_or(frame.body()));
+                let (word, count) = split_tag(&tag);
+                self.count += count.unwrap_or(0);
+                self.tag.get_or_insert(word);
+            }
+            b'I' => self.empty_query = true,
+            b'E' => {
+                let named = name_shard(frame.body(), id, server);
+                self.error.get_or_insert(named);
+            }
+            b'N' => out.extend_from_slice(frame.as_bytes()),
+            // ParseComplete, BindComplete, ParameterDescription, NoData: once
+            b'1' | b'2' | b't' | b'n' if id.0 == 0 && self.error.is_none() => out.extend_from_slice(frame.as_bytes()),
+            b'Z' => return Step::Done,
+            _ => {} // ParameterStatus and the like: the session's own state is not changed here
+        }
+        Step::Other
+    }
+}
+
+impl<S: ClientIo> Session<S> {
+    /// The shards' rows, each shard's already in ORDER BY order, merged (k-way) into one
+    /// ordered stream, with OFFSET and LIMIT applied after the merge. Every shard is read to
+    /// its end, also when LIMIT stops the merge early.
+    async fn merge_ordered(
+        &mut self,
+        checkouts: &mut [(ShardId, Checkout)],
+        order: &OrderedMerge,
+        binary: bool,
+        combined: &mut Combined,
+        out: &mut BytesMut,
+    ) -> Result<(), Error> {
+        let mut heads: Vec<Option<Vec<u8>>> = Vec::with_capacity(checkouts.len());
+        let mut done = vec![false; checkouts.len()];
+        for ((id, checkout), done) in checkouts.iter_mut().zip(&mut done) {
+            heads.push(next_row(*id, checkout, done, combined, out).await?);
+        }
+        let keys = match (binary, combined.row_description.as_deref()) {
+            (true, _) => Err("merging rows in binary format across shards is not built yet".to_owned()),
+            (false, Some(description)) => sort_keys(order, description),
+            (false, None) => Ok(Vec::new()),
+        };
+        let keys = match keys {
+            Ok(keys) => keys,
+            Err(why) => {
+                combined.error.get_or_insert(plain_error(&why));
+                Vec::new()
+            }
+        };
+        let (mut skipped, mut sent) = (0u64, 0u64);
+        while combined.error.is_none() && order.limit.is_none_or(|limit| sent < limit) {
+            let mut best: Option<usize> = None;
+            for (i, head) in heads.iter().enumerate() {
+                let Some(row) = head else { continue };
+                let better = match best.and_then(|b| heads[b].as_ref()) {
+                    None => true,
+                    Some(current) => match compare_rows(&keys, row, current) {
+                        Ok(ordering) => ordering.is_lt(),
+                        Err(why) => {
+                            combined.error.get_or_insert(plain_error(&why));
+                            false
+                        }
+                    },
+                };
+                if better {
+                    best = Some(i);
+                }
+            }
+            let Some(i) = best.filter(|_| combined.error.is_none()) else { break };
+            let row = heads[i].take().unwrap_or_default();
+            if skipped < order.offset {
+                skipped += 1;
+            } else {
+                out.extend_from_slice(&Frame::new(b'D', &row).into_bytes());
+                sent += 1;
+            }
+            let (id, checkout) = &mut checkouts[i];
+            heads[i] = next_row(*id, checkout, &mut done[i], combined, out).await?;
+            if out.len() >= FLUSH_AT {
+                self.client.send(&out.split().freeze()).await?;
+            }
+        }
+        // what the merge did not need is read and dropped, so every connection ends at rest
+        for ((id, checkout), done) in checkouts.iter_mut().zip(&mut done) {
+            while next_row(*id, checkout, done, combined, &mut BytesMut::new()).await?.is_some() {}
+        }
+        combined.count = sent;
+        combined.tag = Some("SELECT".into());
+        Ok(())
+    }
+}
+
+/// A shard's next row, or None once it has answered ReadyForQuery.
+async fn next_row(
+    id: ShardId,
+    checkout: &mut Checkout,
+    done: &mut bool,
+    combined: &mut Combined,
+    out: &mut BytesMut,
+) -> Result<Option<Vec<u8>>, Error> {
+    if *done {
+        return Ok(None);
+    }
+    let conn = checkout.conn();
+    loop {
+        let frame = conn.read_frame().await.map_err(|e| shard_lost(id, conn.addr.to_string(), &e))?;
+        match combined.take(id, &conn.addr.to_string(), &frame, out) {
+            Step::Row => return Ok(Some(frame.body().to_vec())),
+            Step::Done => {
+                conn.status = TxStatus::Idle;
+                *done = true;
+                return Ok(None);
+            }
+            Step::Other => {}
+        }
+    }
+}
+
+/// A resolved sort key: column index, type, direction.
+struct Key {
+    index: usize,
+    type_oid: u32,
+    descending: bool,
+    nulls_first: bool,
+}
+
+fn sort_keys(order: &OrderedMerge, description: &[u8]) -> Result<Vec<Key>, String> {
+    let columns = column_types(description).ok_or("the shards sent no usable row description")?;
+    let names = column_names(description).ok_or("the shards sent no usable row description")?;
+    order
+        .order
+        .iter()
+        .map(|key| {
+            let index = match &key.column {
+                SortColumn::Position(p) => Some(*p).filter(|p| *p < columns.len()),
+                SortColumn::Name(name) => {
+                    let mut found = names.iter().enumerate().filter(|(_, n)| *n == name).map(|(i, _)| i);
+                    match (found.next(), found.next()) {
+                        (Some(i), None) => Some(i),
+                        _ => None,
+                    }
+                }
+            }
+            .ok_or_else(|| format!("ORDER BY {:?} is not exactly one column of the result", key.column))?;
+            Ok(Key { index, type_oid: columns[index].0, descending: key.descending, nulls_first: key.nulls_first })
+        })
+        .collect()
+}
+
+/// Compares two DataRow bodies by the sort keys.
+fn compare_rows(keys: &[Key], a: &[u8], b: &[u8]) -> Result<std::cmp::Ordering, String> {
+    use std::cmp::Ordering;
+    let (a, b) =
+        (row_values(a).ok_or("a shard sent a malformed row")?, row_values(b).ok_or("a shard sent a malformed row")?);
+    for key in keys {
+        let ordering = match (a.get(key.index).copied().flatten(), b.get(key.index).copied().flatten()) {
+            (None, None) => Ordering::Equal,
+            (None, Some(_)) => {
+                if key.nulls_first {
+                    Ordering::Less
+                } else {
+                    Ordering::Greater
+                }
+            }
+            (Some(_), None) => {
+                if key.nulls_first {
+                    Ordering::Greater
+                } else {
+                    Ordering::Less
+                }
+            }
+            (Some(x), Some(y)) => {
+                let o = compare(key.type_oid, x, y)?;
+                if key.descending { o.reverse() } else { o }
+            }
+        };
+        if ordering != Ordering::Equal {
+            return Ok(ordering);
+        }
+    }
+    Ok(Ordering::Equal)
+}
+
+/// The column names of a RowDescription body.
+fn column_names(body: &[u8]) -> Option<Vec<String>> {
+    let n = usize::try_from(i16::from_be_bytes(body.get(..2)?.try_into().ok()?)).ok()?;
+    let mut rest = &body[2..];
+    let mut names = Vec::with_capacity(n);
+    for _ in 0..n {
+        let end = rest.iter().position(|&b| b == 0)?;
+        names.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+        rest = rest.get(end + 19..)?;
+    }
+    Some(names)
 }
 
 fn shard_lost(shard: ShardId, server: String, reason: &str) -> Error {
