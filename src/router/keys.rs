@@ -120,7 +120,7 @@ pub fn table_use(statements: &[Statement], sql: &str, literals: &[(usize, usize)
         _ => (Some("several statements"), Vec::new()),
     };
     if let [stmt] = statements {
-        let values = Values { sql, literals };
+        let values = Refs { sql, literals };
         let (aliases, selection) = match stmt {
             Statement::Query(q) => match q.body.as_ref() {
                 SetExpr::Select(s) => (aliases(&s.from), s.selection.as_ref()),
@@ -413,7 +413,7 @@ fn aliases(from: &[TableWithJoins]) -> HashMap<String, String> {
     map
 }
 
-fn insert_rows(insert: &sqlparser::ast::Insert, values: &Values<'_>) -> Option<InsertRows> {
+fn insert_rows(insert: &sqlparser::ast::Insert, values: &Refs<'_>) -> Option<InsertRows> {
     let TableObject::TableName(name) = &insert.table else { return None };
     let rows = insert.source.as_ref().and_then(|q| match q.body.as_ref() {
         SetExpr::Values(v) => Some(v.rows.iter().map(|row| row.iter().map(|e| values.of(e)).collect()).collect()),
@@ -424,7 +424,7 @@ fn insert_rows(insert: &sqlparser::ast::Insert, values: &Values<'_>) -> Option<I
 
 /// Collects `column = value` and `column IN (values)` from AND-ed predicates; anything under
 /// an OR or NOT is not a constraint every row meets, so it is skipped.
-fn conjuncts(expr: &Expr, aliases: &HashMap<String, String>, values: &Values<'_>, out: &mut Vec<Equality>) {
+fn conjuncts(expr: &Expr, aliases: &HashMap<String, String>, values: &Refs<'_>, out: &mut Vec<Equality>) {
     match expr {
         Expr::Nested(inner) => conjuncts(inner, aliases, values, out),
         Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
@@ -471,12 +471,12 @@ fn column(expr: &Expr, aliases: &HashMap<String, String>) -> Option<(Option<Stri
 }
 
 /// Turns value expressions into [`ValueRef`]s, finding literals among the text's literals.
-struct Values<'a> {
+struct Refs<'a> {
     sql: &'a str,
     literals: &'a [(usize, usize)],
 }
 
-impl Values<'_> {
+impl Refs<'_> {
     fn of(&self, expr: &Expr) -> ValueRef {
         match expr {
             Expr::Nested(inner) | Expr::Cast { expr: inner, .. } => self.of(inner),
