@@ -19,10 +19,12 @@ use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, TxStatus};
 use crate::router::classify::{Access, Classification, TxControl, TxModes};
 use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
-use crate::router::keys::{Aggregate, OrderedMerge, ordered_merge};
 use crate::router::policy::Undecided;
-use crate::router::sharded::{BindParams, Shards, Values, needs_every_shard};
-use crate::router::{Decision, Policy, Router, ShardId, Target};
+mod shards;
+
+use crate::router::sharded::Shards;
+use crate::router::{Decision, Policy, Router, Target};
+pub use shards::Scatter;
 
 /// Prepared statements remembered per session for routing their Binds; beyond this the
 /// oldest knowledge is simply forgotten (a Bind of a forgotten statement goes to the primary).
@@ -95,56 +97,6 @@ pub enum Plan {
     Server(Routed),
     /// Run a statement on every shard and answer with the combined result.
     Scatter(Scatter),
-}
-
-/// A statement for every shard: the messages to send (a simple query, or one unnamed
-/// extended-protocol statement up to its Sync) and how to combine the answers.
-#[derive(Debug)]
-pub struct Scatter {
-    pub frames: Vec<Frame>,
-    /// Empty: concatenate the rows; else combine each shard's one row column by column.
-    pub aggregates: Vec<Aggregate>,
-    /// ORDER BY and LIMIT/OFFSET applied to the shards' rows (already sorted by each shard).
-    pub order: Option<OrderedMerge>,
-}
-
-/// A Query or Parse message with its SQL text replaced (a Parse keeps its name and parameter
-/// types); None for other messages.
-fn with_sql(frame: &Frame, sql: &str) -> Option<Frame> {
-    let mut body = Vec::new();
-    match frame.tag() {
-        b'Q' => {
-            body.extend_from_slice(sql.as_bytes());
-            body.push(0);
-        }
-        b'P' => {
-            let mut rest = frame.body();
-            let name = crate::protocol::framing::get_cstr(&mut rest)?;
-            let _old_sql = crate::protocol::framing::get_cstr(&mut rest)?;
-            body.extend_from_slice(name);
-            body.push(0);
-            body.extend_from_slice(sql.as_bytes());
-            body.push(0);
-            body.extend_from_slice(rest);
-        }
-        _ => return None,
-    }
-    Some(Frame::new(frame.tag(), &body))
-}
-
-/// One extended-protocol statement, unnamed, executed once, ending with Sync: what can be
-/// sent to every shard as it is (a named statement would bypass the per-connection renaming).
-fn one_unnamed_statement(frames: &[Frame]) -> bool {
-    let unnamed = |f: &Frame| match f.tag() {
-        b'P' => messages::parse_parse(f.body()).is_some_and(|(name, _)| name.is_empty()),
-        b'B' => messages::parse_bind_names(f.body()).is_some_and(|(portal, name)| portal.is_empty() && name.is_empty()),
-        b'D' | b'E' | b'S' => true,
-        _ => false,
-    };
-    frames.last().is_some_and(|f| f.tag() == b'S')
-        && frames.iter().filter(|f| f.tag() == b'E').count() == 1
-        && frames.iter().filter(|f| f.tag() == b'S').count() == 1
-        && frames.iter().all(unnamed)
 }
 
 /// A statement of a request: its text, classification, and the Bind that executes it.
@@ -249,92 +201,6 @@ impl RoutingState {
         let decision =
             strongest.unwrap_or_else(|| policy.read(keyed.unwrap_or(policy.home()), crate::router::Why::Read));
         routed(decision, None)
-    }
-
-    /// A statement that needs every shard may run on all of them if the combined answer is
-    /// its true result: a simple query outside a transaction, whose rows can simply be
-    /// concatenated (or DDL, or a write whose counts add up), as `cross_shard_*` allow.
-    fn scatter(
-        &self,
-        policy: &Policy,
-        request: &Request,
-        statements: &[Statement],
-        why: &str,
-    ) -> Result<Scatter, Error> {
-        let refuse = |because: &str| Err(Error::NotSupported(needs_every_shard(why, because)));
-        let frames = match request {
-            Request::Query(frame) => vec![frame.clone()],
-            Request::Batch(frames) if one_unnamed_statement(frames) => frames.clone(),
-            _ => {
-                return refuse(
-                    "fan-out across shards takes one statement, unnamed if prepared, ending with Sync (not a named \
-                     prepared statement or a pipeline)",
-                );
-            }
-        };
-        let Some((first, class, _)) = statements.first() else {
-            return refuse("the request has no statement");
-        };
-        if statements.iter().any(|(sql, ..)| sql != first) {
-            return refuse("it must be sent alone");
-        }
-        let facts = &class.tables;
-        if self.held.is_some() {
-            return refuse("a transaction runs on one shard");
-        }
-        if let Some(what) = facts.unmergeable {
-            return refuse(&format!("merging {what} across shards is not built yet"));
-        }
-        if facts.insert.is_some() {
-            return refuse("an INSERT without a usable key cannot be placed");
-        }
-        match &class.access {
-            _ if facts.ddl => {}
-            Access::Read if policy.cross_shard_reads => {}
-            Access::Read => return refuse("cross_shard_reads = \"deny\""),
-            Access::Write(_) if policy.cross_shard_writes => {}
-            Access::Write(_) => {
-                return refuse("writes without a shard key are refused (cross_shard_writes = \"deny\")");
-            }
-        }
-        let mut frames = frames;
-        let order = if facts.ordered {
-            let text =
-                std::str::from_utf8(first).map_err(|_| Error::Invalid("the statement is not valid UTF-8".into()))?;
-            let plan = match ordered_merge(text) {
-                Ok(plan) => plan,
-                Err(what) => return refuse(&format!("merging {what} across shards is not built yet")),
-            };
-            for frame in &mut frames {
-                *frame = with_sql(frame, &plan.sql).unwrap_or_else(|| frame.clone());
-            }
-            Some(plan)
-        } else {
-            None
-        };
-        Ok(Scatter { frames, aggregates: facts.aggregates.clone(), order })
-    }
-
-    /// The shard a sharded database's request must run on, by its statements' shard keys
-    /// (None: no key decides it; hints and the home shard do).
-    fn keyed_shard(&mut self, policy: &Policy, statements: &[Statement]) -> Result<Shards, Error> {
-        if policy.shards.is_empty() {
-            return Ok(Shards::One(None));
-        }
-        let mut routes = Vec::with_capacity(statements.len());
-        for (i, (sql, class, bind)) in statements.iter().enumerate() {
-            if hint::parse_hints(sql).is_ok_and(|h| policy.shard_is_given(sql, &h)) {
-                continue;
-            }
-            // a Parse followed by the Bind of the same statement: the Bind (with its values) decides
-            if bind.is_none() && statements.get(i + 1).is_some_and(|(next, _, b)| next == sql && b.is_some()) {
-                continue;
-            }
-            self.scratch.of(sql);
-            let params = bind.as_ref().and_then(|b| BindParams::parse(b.body()));
-            routes.push(policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params }));
-        }
-        policy.shards.request_shards(&routes, policy.home()).map_err(Error::NotSupported)
     }
 
     /// The statements a request carries, with their classifications (and, for a Bind, the
@@ -469,77 +335,6 @@ impl RoutingState {
             settings::custom_names(sql, custom);
         }
         Some(class)
-    }
-
-    /// On a sharded database, a statement relayed inside a transaction that runs on `shard`
-    /// must be for that shard. If its key (or its unsharded tables, or its need for every
-    /// shard) says otherwise, this returns the message to send instead: one the server
-    /// rejects with a message saying why, so the transaction fails as on any error and
-    /// nothing of it commits on any shard. A shard hint is the client's word and is trusted.
-    pub fn guard_shard(&mut self, router: &Router, policy: &Policy, frame: &Frame, shard: ShardId) -> Option<Frame> {
-        if policy.shards.is_empty() {
-            return None;
-        }
-        let (sql, class, params) = match frame.tag() {
-            b'Q' => {
-                let sql = messages::query_text(frame.body())?;
-                (Bytes::copy_from_slice(sql), router.classify(sql, &mut self.scratch), None)
-            }
-            b'P' => {
-                let (_, sql) = messages::parse_parse(frame.body())?;
-                (Bytes::copy_from_slice(sql), router.classify(sql, &mut self.scratch), None)
-            }
-            b'B' => {
-                let (_, name) = messages::parse_bind_names(frame.body())?;
-                let known = self.prepared.get(name)?;
-                (known.sql.clone(), Arc::clone(&known.class), BindParams::parse(frame.body()))
-            }
-            _ => return None,
-        };
-        if hint::parse_hints(&sql).is_ok_and(|h| policy.shard_is_given(&sql, &h)) {
-            return None;
-        }
-        self.scratch.of(&sql);
-        let route = policy.shards.route(&class.tables, &Values { sql: &sql, literals: &self.scratch.literals, params });
-        let why = match policy.shards.request_shard(std::slice::from_ref(&route), policy.home()) {
-            Ok(None) => return None,
-            Ok(Some(wanted)) if wanted == shard => return None,
-            Ok(Some(wanted)) => {
-                format!("this transaction runs on shard {}; the statement is for shard {}", shard.0, wanted.0)
-            }
-            Err(why) => why,
-        };
-        tracing::info!(shard = shard.0, reason = %why, "statement for another shard refused inside a transaction");
-        // identifiers are cut at 63 bytes: keep what the server echoes short
-        let short = format!("pgrouter: not for shard {} of this transaction", shard.0);
-        let mut body = BytesMut::new();
-        match frame.tag() {
-            b'Q' => {
-                let message = format!("pgrouter: a transaction runs on one shard: {why}");
-                body.extend_from_slice(
-                    format!(
-                        "DO $pgrouter$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}; END $pgrouter$\0",
-                        crate::router::policy::quote_literal(&message)
-                    )
-                    .as_bytes(),
-                );
-            }
-            b'P' => {
-                let (name, _) = messages::parse_parse(frame.body())?;
-                body.extend_from_slice(name);
-                body.extend_from_slice(format!("\0SELECT * FROM \"{short}\"\0").as_bytes());
-                body.extend_from_slice(&0i16.to_be_bytes());
-            }
-            _ => {
-                let mut rest = frame.body();
-                let portal = crate::protocol::framing::get_cstr(&mut rest)?;
-                let _statement = crate::protocol::framing::get_cstr(&mut rest)?;
-                body.extend_from_slice(portal);
-                body.extend_from_slice(format!("\0{short}\0").as_bytes());
-                body.extend_from_slice(rest);
-            }
-        }
-        Some(Frame::new(frame.tag(), &body))
     }
 
     fn remember(&mut self, name: &[u8], prepared: Prepared) {

@@ -159,6 +159,67 @@ pub fn parse_parse(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
+/// The parts of a Bind body after its names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BindView<'a> {
+    /// Parameter format codes as sent: none (all text), one (for all), or one per parameter.
+    pub param_formats: Vec<i16>,
+    /// Parameter values; None is NULL.
+    pub values: Vec<Option<&'a [u8]>>,
+    /// Result column format codes, in the same scheme.
+    pub result_formats: Vec<i16>,
+}
+
+/// Reads a Bind body.
+#[must_use]
+pub fn parse_bind(body: &[u8]) -> Option<BindView<'_>> {
+    let mut rest = body;
+    get_cstr(&mut rest)?;
+    get_cstr(&mut rest)?;
+    let param_formats = read_i16s(&mut rest)?;
+    let n = usize::try_from(read_i16(&mut rest)?).ok()?;
+    let values = read_values(&mut rest, n)?;
+    let result_formats = read_i16s(&mut rest)?;
+    Some(BindView { param_formats, values, result_formats })
+}
+
+/// The column values of a DataRow body; None is NULL.
+#[must_use]
+pub fn data_row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let mut rest = body;
+    let n = usize::try_from(read_i16(&mut rest)?).ok()?;
+    read_values(&mut rest, n)
+}
+
+fn read_i16(rest: &mut &[u8]) -> Option<i16> {
+    let v = i16::from_be_bytes(rest.get(..2)?.try_into().ok()?);
+    *rest = &rest[2..];
+    Some(v)
+}
+
+/// A count, then that many int16s.
+fn read_i16s(rest: &mut &[u8]) -> Option<Vec<i16>> {
+    let n = usize::try_from(read_i16(rest)?).ok()?;
+    (0..n).map(|_| read_i16(rest)).collect()
+}
+
+/// `n` length-prefixed values (length -1: NULL), as in Bind and DataRow.
+fn read_values<'a>(rest: &mut &'a [u8], n: usize) -> Option<Vec<Option<&'a [u8]>>> {
+    let mut values = Vec::with_capacity(n.min(rest.len() / 4));
+    for _ in 0..n {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        *rest = &rest[4..];
+        if len < 0 {
+            values.push(None);
+        } else {
+            let len = usize::try_from(len).ok()?;
+            values.push(Some(rest.get(..len)?));
+            *rest = &rest[len..];
+        }
+    }
+    Some(values)
+}
+
 /// A Bind body: portal name and statement name.
 #[must_use]
 pub fn parse_bind_names(body: &[u8]) -> Option<(&[u8], &[u8])> {

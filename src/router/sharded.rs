@@ -36,35 +36,8 @@ impl<'a> BindParams<'a> {
     /// Reads a Bind message body.
     #[must_use]
     pub fn parse(body: &'a [u8]) -> Option<Self> {
-        let mut b = body;
-        let mut cstr = || {
-            let end = b.iter().position(|&c| c == 0)?;
-            b = &b[end + 1..];
-            Some(())
-        };
-        cstr()?;
-        cstr()?;
-        let i16_at = |b: &mut &'a [u8]| -> Option<i16> {
-            let v = i16::from_be_bytes(b.get(..2)?.try_into().ok()?);
-            *b = &b[2..];
-            Some(v)
-        };
-        let nformats = usize::try_from(i16_at(&mut b)?).ok()?;
-        let formats = (0..nformats).map(|_| i16_at(&mut b)).collect::<Option<Vec<_>>>()?;
-        let nparams = usize::try_from(i16_at(&mut b)?).ok()?;
-        let mut values = Vec::with_capacity(nparams);
-        for _ in 0..nparams {
-            let len = i32::from_be_bytes(b.get(..4)?.try_into().ok()?);
-            b = &b[4..];
-            if len < 0 {
-                values.push(None);
-            } else {
-                let len = usize::try_from(len).ok()?;
-                values.push(Some(b.get(..len)?));
-                b = &b[len..];
-            }
-        }
-        Some(Self { formats, values })
+        let bind = crate::protocol::messages::parse_bind(body)?;
+        Some(Self { formats: bind.param_formats, values: bind.values })
     }
 
     fn binary(&self, index: usize) -> bool {

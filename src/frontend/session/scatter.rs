@@ -302,8 +302,10 @@ fn sort_keys(order: &OrderedMerge, description: &[u8]) -> Result<Vec<Key>, Strin
 /// Compares two DataRow bodies by the sort keys.
 fn compare_rows(keys: &[Key], a: &[u8], b: &[u8]) -> Result<std::cmp::Ordering, String> {
     use std::cmp::Ordering;
-    let (a, b) =
-        (row_values(a).ok_or("a shard sent a malformed row")?, row_values(b).ok_or("a shard sent a malformed row")?);
+    let (a, b) = (
+        messages::data_row_values(a).ok_or("a shard sent a malformed row")?,
+        messages::data_row_values(b).ok_or("a shard sent a malformed row")?,
+    );
     for key in keys {
         let ordering = match (a.get(key.index).copied().flatten(), b.get(key.index).copied().flatten()) {
             (None, None) => Ordering::Equal,
@@ -381,8 +383,11 @@ fn combine_rows(aggregates: &[Aggregate], description: Option<&[u8]>, rows: &[Ve
     if columns.iter().any(|&(_, format)| format != 0) {
         return Err("combining aggregates in binary format across shards is not built yet".into());
     }
-    let rows: Vec<Vec<Option<&[u8]>>> =
-        rows.iter().map(|r| row_values(r)).collect::<Option<_>>().ok_or("a shard sent a malformed row")?;
+    let rows: Vec<Vec<Option<&[u8]>>> = rows
+        .iter()
+        .map(|r| messages::data_row_values(r))
+        .collect::<Option<_>>()
+        .ok_or("a shard sent a malformed row")?;
     let mut out = Vec::new();
     out.extend_from_slice(&i16::try_from(columns.len()).unwrap_or(i16::MAX).to_be_bytes());
     for (i, (&aggregate, &(oid, _))) in aggregates.iter().zip(&columns).enumerate() {
@@ -400,27 +405,7 @@ fn combine_rows(aggregates: &[Aggregate], description: Option<&[u8]>, rows: &[Ve
 
 /// Does a Bind body ask for any result column in binary format?
 fn binary_results(body: &[u8]) -> bool {
-    let skip = || -> Option<bool> {
-        let mut rest = body;
-        for _ in 0..2 {
-            let end = rest.iter().position(|&b| b == 0)?;
-            rest = &rest[end + 1..];
-        }
-        let read_i16 = |r: &mut &[u8]| -> Option<i16> {
-            let v = i16::from_be_bytes(r.get(..2)?.try_into().ok()?);
-            *r = &r[2..];
-            Some(v)
-        };
-        let formats = usize::try_from(read_i16(&mut rest)?).ok()?;
-        rest = rest.get(formats * 2..)?;
-        for _ in 0..usize::try_from(read_i16(&mut rest)?).ok()? {
-            let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-            rest = rest.get(4 + usize::try_from(len.max(0)).ok()?..)?;
-        }
-        let results = usize::try_from(read_i16(&mut rest)?).ok()?;
-        Some((0..results).any(|i| rest.get(i * 2..i * 2 + 2) == Some(&[0, 1])))
-    };
-    skip().unwrap_or(true)
+    messages::parse_bind(body).is_none_or(|bind| bind.result_formats.contains(&1))
 }
 
 /// (type OID, format) of each column of a RowDescription body.
@@ -437,25 +422,6 @@ fn column_types(body: &[u8]) -> Option<Vec<(u32, i16)>> {
         rest = &rest[name_end + 19..];
     }
     Some(columns)
-}
-
-/// The values of a DataRow body (None: NULL).
-fn row_values(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
-    let n = usize::try_from(i16::from_be_bytes(body.get(..2)?.try_into().ok()?)).ok()?;
-    let mut rest = &body[2..];
-    let mut values = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-        rest = &rest[4..];
-        if len < 0 {
-            values.push(None);
-        } else {
-            let len = usize::try_from(len).ok()?;
-            values.push(Some(rest.get(..len)?));
-            rest = &rest[len..];
-        }
-    }
-    Some(values)
 }
 
 /// A shard's ErrorResponse body with the shard named at the front of its message.
