@@ -432,3 +432,39 @@ fn aggregates_and_ordered_merges_over_every_shard_match_one_database() {
         per_shard.join("+").replace('\n', "")
     );
 }
+
+/// A multi-row INSERT whose rows belong to different shards is split: each shard gets its
+/// rows, the client one `INSERT 0 n` (and every RETURNING row).
+#[test]
+fn a_multi_row_insert_is_split_between_shards() {
+    let env = Env::start(EnvOptions { shards: 2, databases: SHOP.into(), ..EnvOptions::default() });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "shop");
+    runtime().block_on(async {
+        let c = connect(&url).await.unwrap();
+        c.simple_query("create table orders (customer_id bigint not null, note text)").await.unwrap();
+        let values: Vec<String> = (1..=12).map(|k| format!("({k}, 'n{k}')")).collect();
+        let sql = format!("insert into orders (note, customer_id) select 'x', 0 where false; insert into orders (customer_id, note) values {} returning customer_id", values.join(", "));
+        let several = c.simple_query(&sql).await.map(|_| ()).map_err(|e| describe(&e));
+        assert!(several.is_err(), "a split INSERT must be sent alone");
+        let sql = format!("insert into orders (customer_id, note) values {} returning customer_id", values.join(", "));
+        let messages = c.simple_query(&sql).await.map_err(|e| describe(&e)).unwrap();
+        let returned = messages.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+        let complete = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        });
+        assert_eq!((returned, complete), (12, Some(12)));
+        c.simple_query("begin").await.unwrap();
+        let in_tx = c.simple_query("insert into orders (customer_id, note) values (1, 'a'), (2, 'b'), (3, 'c')").await;
+        assert!(in_tx.map_err(|e| describe(&e)).is_err_and(|e| e.contains("one shard")));
+        c.simple_query("rollback").await.unwrap();
+    });
+    let mut total = 0;
+    for (index, shard) in env.topo.shards.iter().enumerate() {
+        for line in shard.psql("app", "select customer_id from orders").unwrap().lines().filter(|l| !l.is_empty()) {
+            assert_eq!(orders_shard(line.parse().unwrap()), index, "customer {line} is on shard {index}");
+            total += 1;
+        }
+    }
+    assert_eq!(total, 12, "every row once");
+}

@@ -161,6 +161,7 @@ impl RoutingState {
         let keyed = match self.keyed_shard(policy, &statements)? {
             Shards::One(keyed) => keyed,
             Shards::Every(why) => return Ok(Plan::Scatter(self.scatter(policy, request, &statements, &why)?)),
+            Shards::Split(rows) => return Ok(Plan::Scatter(self.split_insert(request, &statements, &rows)?)),
         };
         let mut hinted = Vec::with_capacity(statements.len());
         for (sql, class, _) in statements {

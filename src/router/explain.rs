@@ -56,6 +56,17 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
     let route = policy.shards.route(&class.tables, &values);
     let keyed = match policy.shards.request_shards(std::slice::from_ref(&route), policy.home()) {
         Ok(Shards::One(keyed)) => keyed,
+        Ok(Shards::Split(rows)) => {
+            let mut shards: Vec<String> = rows.iter().map(ToString::to_string).collect();
+            shards.dedup();
+            line(
+                &mut out,
+                "route:",
+                "one INSERT per shard with that shard's rows (as a simple query outside a transaction)",
+            );
+            line(&mut out, "reason:", &format!("the rows' keys are on shards {}", shards.join(", ")));
+            return out;
+        }
         Ok(Shards::Every(why)) => {
             let how = match (class.tables.aggregates.is_empty(), class.tables.ordered) {
                 (false, _) => Ok("aggregates combined"),

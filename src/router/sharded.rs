@@ -85,6 +85,8 @@ pub enum ShardRoute {
     One { shard: ShardId, table: String, key: String },
     /// It touches sharded tables without a usable key (or is DDL on one): every shard.
     All { why: String },
+    /// A multi-row INSERT whose rows belong to different shards: the shard of each row.
+    Split { rows: Vec<ShardId> },
     /// It cannot be routed correctly.
     Refused(String),
 }
@@ -156,6 +158,7 @@ impl ShardMap {
             };
             let found = match self.key_of(table, placement, facts, values) {
                 Ok(found) => found,
+                Err(e) if e == SPLIT => return row_shards(table, placement, facts, values),
                 Err(e) => return ShardRoute::Refused(e),
             };
             let Some((shard, key)) = found else {
@@ -187,6 +190,9 @@ impl ShardMap {
         match self.request_shards(routes, home)? {
             Shards::One(shard) => Ok(shard),
             Shards::Every(why) => Err(needs_every_shard(&why, "it cannot run on one shard")),
+            Shards::Split(_) => {
+                Err("the INSERT's rows belong to different shards, and it cannot run on one shard".into())
+            }
         }
     }
 
@@ -202,6 +208,10 @@ impl ShardMap {
                 ShardRoute::One { shard, .. } => *shard,
                 ShardRoute::Refused(why) => return Err(why.clone()),
                 ShardRoute::All { why } if decided == 1 => return Ok(Shards::Every(why.clone())),
+                ShardRoute::Split { rows } if decided == 1 => return Ok(Shards::Split(rows.clone())),
+                ShardRoute::Split { .. } => {
+                    return Err("an INSERT whose rows belong to different shards must be sent alone".into());
+                }
                 ShardRoute::All { why } => {
                     return Err(needs_every_shard(why, "it must be sent alone, as a simple query"));
                 }
@@ -241,6 +251,8 @@ pub enum Shards {
     One(Option<ShardId>),
     /// Its one statement needs every shard, for this reason.
     Every(String),
+    /// Its one statement is an INSERT whose rows go to these shards, row by row.
+    Split(Vec<ShardId>),
 }
 
 /// The error for a statement that needs every shard but cannot have them.
@@ -250,6 +262,27 @@ pub fn needs_every_shard(why: &str, because: &str) -> String {
         "the statement needs every shard ({why}), and {because}: add the shard key to the WHERE clause, \
          or a /* pgrouter: shard=N */ hint"
     )
+}
+
+/// `key_of` found an INSERT whose rows belong to different shards.
+const SPLIT: &str = "rows on several shards";
+
+/// The shard of each row of a multi-row INSERT into `table`.
+fn row_shards(table: &Table, placement: &Placement, facts: &TableUse, values: &Values<'_>) -> ShardRoute {
+    let Some(insert) = &facts.insert else { return ShardRoute::Refused("not an INSERT".into()) };
+    let Some(index) = insert.columns.iter().position(|c| *c == table.column) else {
+        return ShardRoute::Refused(format!("INSERT into sharded table {} must give its shard key", table.name));
+    };
+    let mut shards = Vec::new();
+    for row in insert.rows.iter().flatten() {
+        let Some(value) = row.get(index) else { return ShardRoute::Refused("an INSERT row is short of values".into()) };
+        match same_shard(table, placement, &[value], values) {
+            Ok(Spread::One(shard, _)) => shards.push(ShardId(shard)),
+            Ok(_) => return ShardRoute::All { why: format!("a row of {} has no usable key", table.name) },
+            Err(e) => return ShardRoute::Refused(e),
+        }
+    }
+    ShardRoute::Split { rows: shards }
 }
 
 fn mentions_params(facts: &TableUse) -> bool {
@@ -285,9 +318,7 @@ impl ShardMap {
             return match same_shard(table, placement, &keys, values)? {
                 Spread::One(shard, key) => Ok(Some((shard, key))),
                 Spread::Unknown => Ok(None),
-                Spread::Several(why) => {
-                    Err(format!("{why}; a multi-row INSERT is not split between shards yet: send one INSERT per shard"))
-                }
+                Spread::Several => Err(SPLIT.into()),
             };
         }
         let equality = facts
@@ -298,7 +329,7 @@ impl ShardMap {
             // an IN list over several shards is a statement for all of them
             Some(e) => match same_shard(table, placement, &e.values.iter().collect::<Vec<_>>(), values)? {
                 Spread::One(shard, key) => Ok(Some((shard, key))),
-                Spread::Unknown | Spread::Several(_) => Ok(None),
+                Spread::Unknown | Spread::Several => Ok(None),
             },
             None => Ok(None),
         }
@@ -308,7 +339,7 @@ impl ShardMap {
 /// Where a list of key values places.
 enum Spread {
     One(usize, String),
-    Several(String),
+    Several,
     /// A value is not usable as a key (an expression, a parameter not bound yet).
     Unknown,
 }
@@ -327,12 +358,7 @@ fn same_shard(table: &Table, placement: &Placement, keys: &[&ValueRef], values: 
         .map_err(|e| format!("{}.{}: {e}", table.name, table.column))?;
         let shard = placement.shard(&key).map_err(|e| format!("{}: {e}", table.name))?;
         match &found {
-            Some((s, first)) if *s != shard => {
-                return Ok(Spread::Several(format!(
-                    "the values of {}.{} are on different shards ({first} on shard {s}, {key} on shard {shard})",
-                    table.name, table.column
-                )));
-            }
+            Some((s, _)) if *s != shard => return Ok(Spread::Several),
             Some(_) => {}
             None => found = Some((shard, key)),
         }

@@ -24,6 +24,9 @@ pub struct Scatter {
     pub aggregates: Vec<Aggregate>,
     /// ORDER BY and LIMIT/OFFSET applied to the shards' rows (already sorted by each shard).
     pub order: Option<OrderedMerge>,
+    /// When not empty, each of these shards gets its own messages instead of `frames` going
+    /// to every shard (a multi-row INSERT split by row).
+    pub per_shard: Vec<(ShardId, Vec<Frame>)>,
 }
 
 /// A Query or Parse message with its SQL text replaced (a Parse keeps its name and parameter
@@ -127,7 +130,56 @@ impl RoutingState {
         } else {
             None
         };
-        Ok(Scatter { frames, aggregates: facts.aggregates.clone(), order })
+        Ok(Scatter { frames, aggregates: facts.aggregates.clone(), order, per_shard: Vec::new() })
+    }
+
+    /// A multi-row INSERT whose rows belong to different shards becomes one INSERT per shard
+    /// with that shard's rows, run together and answered as one (`INSERT 0 <sum>`).
+    pub(super) fn split_insert(
+        &self,
+        request: &Request,
+        statements: &[Statement],
+        rows: &[ShardId],
+    ) -> Result<Scatter, Error> {
+        let refuse = |because: &str| {
+            Err(Error::NotSupported(format!(
+                "the INSERT's rows belong to different shards, and {because}: send one INSERT per shard"
+            )))
+        };
+        let Request::Query(_) = request else {
+            return refuse("splitting it is built for simple queries only (its values are literals)");
+        };
+        if self.held.is_some() {
+            return refuse("a transaction runs on one shard");
+        }
+        let [(sql, _, _)] = statements else { return refuse("it must be sent alone") };
+        let text = std::str::from_utf8(sql).map_err(|_| Error::Invalid("the statement is not valid UTF-8".into()))?;
+        let parsed = sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, text)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let [sqlparser::ast::Statement::Insert(insert)] = parsed.as_slice() else {
+            return refuse("it is not one INSERT");
+        };
+        let Some(sqlparser::ast::SetExpr::Values(values)) = insert.source.as_ref().map(|q| q.body.as_ref()) else {
+            return refuse("it has no VALUES list");
+        };
+        if values.rows.len() != rows.len() {
+            return refuse("its rows could not all be placed");
+        }
+        let mut shards: Vec<ShardId> = rows.to_vec();
+        shards.sort();
+        shards.dedup();
+        let mut per_shard = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let mut part = insert.clone();
+            let mut kept = values.clone();
+            kept.rows = values.rows.iter().zip(rows).filter(|(_, s)| **s == shard).map(|(r, _)| r.clone()).collect();
+            if let Some(source) = part.source.as_mut() {
+                *source.body = sqlparser::ast::SetExpr::Values(kept);
+            }
+            let sql = format!("{}\0", sqlparser::ast::Statement::Insert(part));
+            per_shard.push((shard, vec![Frame::new(b'Q', sql.as_bytes())]));
+        }
+        Ok(Scatter { frames: Vec::new(), aggregates: Vec::new(), order: None, per_shard })
     }
 
     /// The shard a sharded database's request must run on, by its statements' shard keys

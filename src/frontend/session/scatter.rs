@@ -43,25 +43,33 @@ impl<S: ClientIo> Session<S> {
     /// Runs `request` (a simple query, or one unnamed extended-protocol statement up to its
     /// Sync) on every shard's primary and answers the client.
     pub(super) async fn scatter(&mut self, scatter: Scatter) -> Result<(), Error> {
-        let Scatter { frames: request, aggregates, order } = scatter;
+        let Scatter { frames: request, aggregates, order, per_shard } = scatter;
         // a RowDescription answering Describe Statement shows format 0 whatever the Bind asked
         let binary = request.iter().any(|f| f.tag() == b'B' && binary_results(f.body()));
         let pools = std::sync::Arc::clone(&self.params.pools);
+        // what each shard runs, in shard order
+        let sends: Vec<(ShardId, Vec<Frame>)> = if per_shard.is_empty() {
+            (0..).map(ShardId).take_while(|id| pools.shard(*id).is_some()).map(|id| (id, request.clone())).collect()
+        } else {
+            per_shard
+        };
         let mut checkouts: Vec<(ShardId, Checkout)> = Vec::new();
-        for shard in (0..).map(ShardId).map_while(|id| pools.shard(id).map(|s| (id, std::sync::Arc::clone(&s.primary))))
-        {
-            let (id, pool) = shard;
+        for (id, _) in &sends {
+            let pool = pools
+                .shard(*id)
+                .map(|s| std::sync::Arc::clone(&s.primary))
+                .ok_or_else(|| Error::Internal(format!("no shard {id}")))?;
             let Some(mut checkout) = self.checkout(&pool).await? else {
                 return Ok(()); // the client left while waiting
             };
             self.apply_settings(&mut checkout).await?;
-            checkouts.push((id, checkout));
+            checkouts.push((*id, checkout));
         }
-        let mut bytes = BytesMut::new();
-        for frame in &request {
-            bytes.extend_from_slice(frame.as_bytes());
-        }
-        for (id, checkout) in &mut checkouts {
+        for ((id, checkout), (_, frames)) in checkouts.iter_mut().zip(&sends) {
+            let mut bytes = BytesMut::new();
+            for frame in frames {
+                bytes.extend_from_slice(frame.as_bytes());
+            }
             let conn = checkout.conn();
             conn.send(&bytes).await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e.to_string()))?;
         }
