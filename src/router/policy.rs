@@ -268,9 +268,12 @@ impl Policy {
     pub fn shard_is_given(&self, sql: &[u8], hints: &Hints) -> bool {
         hints.shard.is_some()
             || hints.shard_key.is_some()
-            || self
-                .match_rule(sql, self.home)
-                .is_some_and(|d| matches!(d.why, Why::Rule(i) if matches!(self.rules[i].route, RuleRoute::Shard(_))))
+            || std::str::from_utf8(sql).is_ok_and(|text| {
+                self.rules
+                    .iter()
+                    .find(|r| r.pattern.is_match(text))
+                    .is_some_and(|r| matches!(r.route, RuleRoute::Shard(_)))
+            })
     }
 
     fn match_rule(&self, sql: &[u8], shard: ShardId) -> Option<Decision> {

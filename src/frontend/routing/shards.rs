@@ -1,19 +1,18 @@
 //! Routing on sharded databases: the shard a request's keys choose, statements that need
 //! every shard (`Scatter`), and the guard that keeps a transaction's statements on its shard.
 
-use std::sync::Arc;
-
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 use super::{Request, RoutingState, Statement};
 use crate::error::Error;
 use crate::protocol::framing::Frame;
 use crate::protocol::messages;
 use crate::router::classify::Access;
+use crate::router::classify::Classification;
 use crate::router::hint;
 use crate::router::keys::{Aggregate, OrderedMerge, ordered_merge};
 use crate::router::sharded::{BindParams, Shards, Values, needs_every_shard};
-use crate::router::{Policy, Router, ShardId};
+use crate::router::{Policy, ShardId};
 
 /// A statement for every shard: the messages to send (a simple query, or one unnamed
 /// extended-protocol statement up to its Sync) and how to combine the answers.
@@ -209,31 +208,34 @@ impl RoutingState {
     /// shard) says otherwise, this returns the message to send instead: one the server
     /// rejects with a message saying why, so the transaction fails as on any error and
     /// nothing of it commits on any shard. A shard hint is the client's word and is trusted.
-    pub fn guard_shard(&mut self, router: &Router, policy: &Policy, frame: &Frame, shard: ShardId) -> Option<Frame> {
+    ///
+    /// Called right after [`RoutingState::observe`] with the frame's classification, whose
+    /// shape pass left the literal positions of a Query's or Parse's text in the scratch shape.
+    pub fn guard_shard(
+        &mut self,
+        policy: &Policy,
+        frame: &Frame,
+        class: &Classification,
+        shard: ShardId,
+    ) -> Option<Frame> {
         if policy.shards.is_empty() {
             return None;
         }
-        let (sql, class, params) = match frame.tag() {
-            b'Q' => {
-                let sql = messages::query_text(frame.body())?;
-                (Bytes::copy_from_slice(sql), router.classify(sql, &mut self.scratch), None)
-            }
-            b'P' => {
-                let (_, sql) = messages::parse_parse(frame.body())?;
-                (Bytes::copy_from_slice(sql), router.classify(sql, &mut self.scratch), None)
-            }
+        let (sql, params): (&[u8], _) = match frame.tag() {
+            b'Q' => (messages::query_text(frame.body())?, None),
+            b'P' => (messages::parse_parse(frame.body())?.1, None),
             b'B' => {
                 let (_, name) = messages::parse_bind_names(frame.body())?;
                 let known = self.prepared.get(name)?;
-                (known.sql.clone(), Arc::clone(&known.class), BindParams::parse(frame.body()))
+                self.scratch.of(&known.sql);
+                (&known.sql[..], BindParams::parse(frame.body()))
             }
             _ => return None,
         };
-        if hint::parse_hints(&sql).is_ok_and(|h| policy.shard_is_given(&sql, &h)) {
+        if hint::parse_hints(sql).is_ok_and(|h| policy.shard_is_given(sql, &h)) {
             return None;
         }
-        self.scratch.of(&sql);
-        let route = policy.shards.route(&class.tables, &Values { sql: &sql, literals: &self.scratch.literals, params });
+        let route = policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params });
         let why = match policy.shards.request_shard(std::slice::from_ref(&route), policy.home()) {
             Ok(None) => return None,
             Ok(Some(wanted)) if wanted == shard => return None,

@@ -226,10 +226,9 @@ impl<S: ClientIo> Session<S> {
             let (routing, router, custom) = (&mut self.routing, &self.app.router, &mut self.custom_settings);
             let (effects, shard, policy) = (&mut attached.effects, attached.decision.shard, &self.params.policy);
             let mut observe = |frame: &Frame| {
-                if let Some(class) = routing.observe(router, frame, custom) {
-                    effects.add(&class);
-                }
-                routing.guard_shard(router, policy, frame, shard)
+                let class = routing.observe(router, frame, custom)?;
+                effects.add(&class);
+                routing.guard_shard(policy, frame, &class, shard)
             };
             let opts = RelayOptions {
                 release_when_idle: movable,
