@@ -468,3 +468,52 @@ fn a_multi_row_insert_is_split_between_shards() {
     }
     assert_eq!(total, 12, "every row once");
 }
+
+/// DDL on sharded tables inside a transaction (as `create_all()` and migration tools send it):
+/// it runs on the transaction's shard and, at COMMIT, on every other shard; a failure on one
+/// shard fails the COMMIT naming it and leaves nothing on any shard; ROLLBACK forgets it.
+#[test]
+fn ddl_in_a_transaction_reaches_every_shard_at_commit() {
+    let env = Env::start(EnvOptions { shards: 2, databases: SHOP.into(), ..EnvOptions::default() });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "shop");
+    env.topo.shards[1].psql("app", "set role app; create table events (day integer)").unwrap();
+    runtime().block_on(async {
+        let c = connect(&url).await.unwrap();
+        let simple = |sql: &'static str| {
+            let c = &c;
+            async move { c.simple_query(sql).await.map(|_| ()).map_err(|e| describe(&e)) }
+        };
+        let extended = |sql: &'static str| {
+            let c = &c;
+            async move { c.query_typed(sql, &[]).await.map(|_| ()).map_err(|e| describe(&e)) }
+        };
+        // the extended protocol throughout, COMMIT included (as pgjdbc sends it)
+        extended("begin").await.unwrap();
+        extended("create table orders (customer_id bigint not null, note text)").await.unwrap();
+        extended("create index orders_customer on orders (customer_id)").await.unwrap();
+        extended("commit").await.unwrap();
+        // simple queries, after a catalog read (as SQLAlchemy's checkfirst does)
+        simple("begin").await.unwrap();
+        simple("select relname from pg_class where relname = 'regions'").await.unwrap();
+        simple("create table regions (code text primary key)").await.unwrap();
+        simple("commit").await.unwrap();
+        // ROLLBACK forgets the DDL
+        simple("begin").await.unwrap();
+        simple("drop table regions").await.unwrap();
+        simple("rollback").await.unwrap();
+        // a shard that refuses the DDL fails the COMMIT, and no shard keeps it
+        simple("begin").await.unwrap();
+        simple("create table events (day integer)").await.unwrap();
+        let commit = simple("commit").await;
+        assert!(commit.as_ref().is_err_and(|e| e.contains("shard 1") && e.contains("already exists")), "{commit:?}");
+        simple("select 1").await.expect("the session goes on after the failed COMMIT");
+    });
+    for shard in &env.topo.shards {
+        let tables = shard
+            .psql("app", "select string_agg(relname, ',' order by relname) from pg_class where relname in ('orders', 'orders_customer', 'regions')")
+            .unwrap();
+        assert_eq!(tables.trim(), "orders,orders_customer,regions", "DDL committed on every shard");
+    }
+    let events = env.topo.shards[0].psql("app", "select count(*) from pg_class where relname = 'events'").unwrap();
+    assert_eq!(events.trim(), "0", "the failed COMMIT left nothing on shard 0");
+}

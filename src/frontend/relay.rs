@@ -10,6 +10,7 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use crate::error::Error;
 use crate::protocol::framing::{self, Frame};
 use crate::protocol::messages::{self, TxStatus, parse_parameter_status};
 use crate::protocol::scan::{Piece, Scanner};
+use crate::router::hint;
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 << 10;
@@ -38,8 +40,8 @@ const SERVER_CONTROL_MAX: usize = 1 << 20;
 /// Why the relay stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEnd {
-    /// At rest, the client sent a Query the proxy answers itself (`intercept`); the server
-    /// stays attached.
+    /// At rest, the client sent a Query the proxy answers itself (`intercept`), or a COMMIT
+    /// (`intercept_commit`); the server stays attached.
     Intercepted(Frame),
     /// Client and server are at rest outside a transaction block, and either the server may be
     /// released (transaction mode) or the proxy is shutting down.
@@ -63,6 +65,9 @@ pub struct RelayOptions<'a> {
     /// taken when everything before them has been answered, so the answer cannot overtake
     /// the server's.
     pub intercept: fn(&[u8], Option<&ClientStatements>) -> bool,
+    /// While set, a lone COMMIT (simple, or the Parse of an extended one) is intercepted too:
+    /// the session commits a transaction with DDL for every shard itself.
+    pub intercept_commit: Option<&'a AtomicBool>,
     /// Named prepared statements are renamed (transaction pooling), or passed through.
     pub renaming: Option<Renaming<'a>>,
     /// Sees every client message before it goes on (transaction pooling notes what each
@@ -210,15 +215,24 @@ impl Pump {
         opts: &RelayOptions<'_>,
     ) -> Result<Option<Frame>, Error> {
         let quiet = flow.at_rest() && self.to_server.is_empty() && self.to_client.is_empty() && !self.client_flush;
-        if !quiet || client.rbuf.first() != Some(&b'Q') {
+        let commits = opts.intercept_commit.is_some_and(|flag| flag.load(Ordering::Relaxed));
+        let tag = client.rbuf.first().copied();
+        if !quiet || !(tag == Some(b'Q') || (commits && tag == Some(b'P'))) {
             return Ok(None);
         }
         let Some((_, len)) = framing::peek_header(&client.rbuf, client.max_message)? else {
             return Ok(None);
         };
-        let wanted = client.rbuf.len() >= len
-            && messages::query_text(&client.rbuf[framing::HEADER_LEN..len])
-                .is_some_and(|sql| (opts.intercept)(sql, opts.renaming.as_ref().map(|r| &*r.client)));
+        if client.rbuf.len() < len {
+            return Ok(None);
+        }
+        let body = &client.rbuf[framing::HEADER_LEN..len];
+        let wanted = match tag {
+            Some(b'Q') => messages::query_text(body).is_some_and(|sql| {
+                (opts.intercept)(sql, opts.renaming.as_ref().map(|r| &*r.client)) || (commits && hint::is_commit(sql))
+            }),
+            _ => messages::parse_parse(body).is_some_and(|(_, sql)| hint::is_commit(sql)),
+        };
         if !wanted {
             return Ok(None);
         }

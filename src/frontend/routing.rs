@@ -88,6 +88,11 @@ struct Prepared {
     class: Arc<Classification>,
 }
 
+/// DDL alone in its text: in a transaction it may run on every shard (see `guard_shard`).
+fn schema_only(class: &Classification) -> bool {
+    class.tables.ddl && !class.tables.several
+}
+
 /// What routing a request led to.
 #[derive(Debug)]
 pub enum Plan {
@@ -160,6 +165,10 @@ impl RoutingState {
         let statements = self.statements(router, request)?;
         let keyed = match self.keyed_shard(policy, &statements)? {
             Shards::One(keyed) => keyed,
+            // DDL in a transaction runs on its shard and, at COMMIT, on the others (guard_shard)
+            Shards::Every(_) if self.held.is_some() && statements.iter().all(|(_, c, _)| schema_only(c)) => {
+                Some(policy.home())
+            }
             Shards::Every(why) => return Ok(Plan::Scatter(self.scatter(policy, request, &statements, &why)?)),
             Shards::Split(rows) => return Ok(Plan::Scatter(self.split_insert(request, &statements, &rows)?)),
         };

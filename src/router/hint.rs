@@ -118,6 +118,20 @@ fn trim_start(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// A lone `COMMIT` or `END` (with WORK, TRANSACTION or AND [NO] CHAIN), after any comments:
+/// cheap enough to ask of every statement. `COMMIT PREPARED` is not one.
+#[must_use]
+pub fn is_commit(sql: &[u8]) -> bool {
+    let (_, body) = leading_comments(sql);
+    if body.len() > 64 {
+        return false;
+    }
+    let text = String::from_utf8_lossy(body).to_ascii_lowercase();
+    let mut words = text.trim().trim_end_matches(';').split_whitespace();
+    matches!(words.next(), Some("commit" | "end"))
+        && words.all(|w| matches!(w, "work" | "transaction" | "and" | "no" | "chain"))
+}
+
 /// A session command about pgrouter's own settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionCommand {
@@ -188,6 +202,16 @@ mod tests {
         assert!(parse_hints(b"/* pgrouter: color=blue */ select 1").is_err());
         let h = parse_hints(b"-- pgrouter: route=primary\rselect 1").unwrap();
         assert_eq!(h.route, Some(RouteHint::Primary), "-- comments end at a carriage return");
+    }
+
+    #[test]
+    fn commits() {
+        for yes in ["COMMIT", "commit;", " /* x */ END WORK", "COMMIT AND NO CHAIN", "end transaction ;"] {
+            assert!(is_commit(yes.as_bytes()), "{yes}");
+        }
+        for no in ["COMMIT PREPARED 'x'", "ROLLBACK", "SELECT 1; COMMIT", "commitx", "END; SELECT 1"] {
+            assert!(!is_commit(no.as_bytes()), "{no}");
+        }
     }
 
     #[test]

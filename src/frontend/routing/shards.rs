@@ -1,17 +1,17 @@
 //! Routing on sharded databases: the shard a request's keys choose, statements that need
 //! every shard (`Scatter`), and the guard that keeps a transaction's statements on its shard.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::{Request, RoutingState, Statement};
 use crate::error::Error;
 use crate::protocol::framing::Frame;
 use crate::protocol::messages;
 use crate::router::classify::Access;
-use crate::router::classify::Classification;
+use crate::router::classify::{Classification, TxControl};
 use crate::router::hint;
 use crate::router::keys::{Aggregate, OrderedMerge, ordered_merge};
-use crate::router::sharded::{BindParams, Shards, Values, needs_every_shard};
+use crate::router::sharded::{BindParams, ShardRoute, Shards, Values, needs_every_shard};
 use crate::router::{Policy, ShardId};
 
 /// A statement for every shard: the messages to send (a simple query, or one unnamed
@@ -209,6 +209,10 @@ impl RoutingState {
     /// rejects with a message saying why, so the transaction fails as on any error and
     /// nothing of it commits on any shard. A shard hint is the client's word and is trusted.
     ///
+    /// DDL on sharded tables (one statement per text) is the exception: it runs here and its
+    /// text is added to `elsewhere`, to be run on the other shards when the transaction
+    /// commits (`session/schema.rs`).
+    ///
     /// Called right after [`RoutingState::observe`] with the frame's classification, whose
     /// shape pass left the literal positions of a Query's or Parse's text in the scratch shape.
     pub fn guard_shard(
@@ -217,9 +221,13 @@ impl RoutingState {
         frame: &Frame,
         class: &Classification,
         shard: ShardId,
+        elsewhere: &mut Vec<Bytes>,
     ) -> Option<Frame> {
         if policy.shards.is_empty() {
             return None;
+        }
+        if matches!(class.tx, Some(TxControl::End { tag: "ROLLBACK", .. })) {
+            elsewhere.clear();
         }
         let (sql, params): (&[u8], _) = match frame.tag() {
             b'Q' => (messages::query_text(frame.body())?, None),
@@ -236,6 +244,13 @@ impl RoutingState {
             return None;
         }
         let route = policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params });
+        if super::schema_only(class) && matches!(route, ShardRoute::All { .. }) {
+            // the Bind of a DDL statement adds nothing: its Parse was recorded
+            if frame.tag() != b'B' {
+                elsewhere.push(Bytes::copy_from_slice(sql));
+            }
+            return None;
+        }
         let why = match policy.shards.request_shard(std::slice::from_ref(&route), policy.home()) {
             Ok(None) => return None,
             Ok(Some(wanted)) if wanted == shard => return None,

@@ -85,8 +85,13 @@ impl<S: ClientIo> Session<S> {
         let conn = checkout.conn_ref();
         self.params.cancel.set_target(Some(CancelTarget { addr: conn.addr.clone(), key: conn.backend_key.clone() }));
         self.flow = Flow::default();
-        let mut attached =
-            Attached { checkout, decision, started_idle: prelude.is_none(), effects: Effects::default() };
+        let mut attached = Attached {
+            checkout,
+            decision,
+            started_idle: prelude.is_none(),
+            effects: Effects::default(),
+            elsewhere: Vec::new(),
+        };
         if let Some(prelude) = prelude {
             let conn = attached.checkout.conn();
             match conn.run_simple(&prelude, RESET_TIMEOUT).await {

@@ -11,9 +11,11 @@
 
 mod attach;
 mod scatter;
+mod schema;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::cancel::Registration;
@@ -90,6 +92,9 @@ struct Attached {
     started_idle: bool,
     /// What the statements relayed on it do to the session.
     effects: Effects,
+    /// DDL on sharded tables run in this transaction, to be run on the other shards when it
+    /// commits (`schema.rs`).
+    elsewhere: Vec<bytes::Bytes>,
 }
 
 /// What statements do to the session beyond their results.
@@ -225,10 +230,14 @@ impl<S: ClientIo> Session<S> {
             // (a SET or LISTEN later in a transaction, say)
             let (routing, router, custom) = (&mut self.routing, &self.app.router, &mut self.custom_settings);
             let (effects, shard, policy) = (&mut attached.effects, attached.decision.shard, &self.params.policy);
+            let commit_elsewhere = AtomicBool::new(!attached.elsewhere.is_empty());
+            let elsewhere = &mut attached.elsewhere;
             let mut observe = |frame: &Frame| {
                 let class = routing.observe(router, frame, custom)?;
                 effects.add(&class);
-                routing.guard_shard(policy, frame, &class, shard)
+                let replaced = routing.guard_shard(policy, frame, &class, shard, elsewhere);
+                commit_elsewhere.store(!elsewhere.is_empty(), Ordering::Relaxed);
+                replaced
             };
             let opts = RelayOptions {
                 release_when_idle: movable,
@@ -237,6 +246,7 @@ impl<S: ClientIo> Session<S> {
                     hint::session_command(sql).is_some()
                         || statements.is_some_and(|s| local_deallocate(sql, s).is_some())
                 },
+                intercept_commit: Some(&commit_elsewhere),
                 renaming,
                 observe: movable.then_some(&mut observe as &mut relay::Observer<'_>),
             };
@@ -245,6 +255,12 @@ impl<S: ClientIo> Session<S> {
                 Ok(RelayEnd::ClientGone { terminated, server_dirty }) => {
                     self.left = Some(Departure { terminated, server_dirty });
                     return Ok(Exit::ClientGone);
+                }
+                Ok(RelayEnd::Intercepted(frame)) if schema::commits_elsewhere(&frame, self.server.as_ref()) => {
+                    if !self.commit_everywhere(frame).await? {
+                        self.left = Some(Departure { terminated: false, server_dirty: false });
+                        return Ok(Exit::ClientGone);
+                    }
                 }
                 Ok(RelayEnd::Intercepted(frame)) => {
                     // SET/RESET/SHOW pgrouter.route inside a transaction: answered here too
