@@ -454,6 +454,25 @@ fn a_multi_row_insert_is_split_between_shards() {
             _ => None,
         });
         assert_eq!((returned, complete), (12, Some(12)));
+        // with parameters, as one unnamed statement (SQLAlchemy's insertmanyvalues): binary
+        // keys, then text keys; RETURNING answers in the order of the rows sent
+        use tokio_postgres::types::{ToSql, Type};
+        let keys: Vec<i64> = (13..=18).collect();
+        let notes: Vec<String> = keys.iter().map(|k| format!("p{k}")).collect();
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::new();
+        for (k, note) in keys.iter().zip(&notes) {
+            params.push((k, Type::INT8));
+            params.push((note, Type::TEXT));
+        }
+        let sql = "insert into orders (customer_id, note) values ($1, $2), ($3, $4), ($5, $6), ($7, $8), ($9, $10), ($11, $12) returning customer_id, note";
+        let rows = c.query_typed(sql, &params).await.map_err(|e| describe(&e)).unwrap();
+        let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let sent: Vec<(i64, String)> = keys.iter().copied().zip(notes.iter().cloned()).collect();
+        assert_eq!(got, sent, "RETURNING rows in the order sent");
+        let text_keys: Vec<TextParam> = (19..=22).map(|k: i64| TextParam(Some(k.to_string()))).collect();
+        let params: Vec<(&(dyn ToSql + Sync), Type)> = text_keys.iter().map(|k| (k as _, Type::INT8)).collect();
+        let sql = "insert into orders (note, customer_id) values ('t', $4), ('t', $3), ('t', $2), ('t', $1)";
+        c.query_typed(sql, &params).await.map_err(|e| describe(&e)).unwrap();
         c.simple_query("begin").await.unwrap();
         let in_tx = c.simple_query("insert into orders (customer_id, note) values (1, 'a'), (2, 'b'), (3, 'c')").await;
         assert!(in_tx.map_err(|e| describe(&e)).is_err_and(|e| e.contains("one shard")));
@@ -466,7 +485,7 @@ fn a_multi_row_insert_is_split_between_shards() {
             total += 1;
         }
     }
-    assert_eq!(total, 12, "every row once");
+    assert_eq!(total, 22, "every row once");
 }
 
 /// DDL on sharded tables inside a transaction (as `create_all()` and migration tools send it):

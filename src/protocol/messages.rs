@@ -159,6 +159,37 @@ pub fn parse_parse(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((name, sql))
 }
 
+/// The parameter type OIDs a Parse body declares (0: unspecified).
+#[must_use]
+pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
+    let mut b = body;
+    get_cstr(&mut b)?;
+    get_cstr(&mut b)?;
+    let n = usize::try_from(read_i16(&mut b)?).ok()?;
+    (0..n)
+        .map(|_| {
+            let oid = u32::from_be_bytes(b.get(..4)?.try_into().ok()?);
+            b = &b[4..];
+            Some(oid)
+        })
+        .collect()
+}
+
+/// A Parse body.
+#[must_use]
+pub fn parse_body(name: &[u8], sql: &str, types: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len() + sql.len() + 4 + types.len() * 4);
+    out.extend_from_slice(name);
+    out.push(0);
+    out.extend_from_slice(sql.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&i16::try_from(types.len()).unwrap_or(i16::MAX).to_be_bytes());
+    for oid in types {
+        out.extend_from_slice(&oid.to_be_bytes());
+    }
+    out
+}
+
 /// The parts of a Bind body after its names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BindView<'a> {
@@ -168,6 +199,34 @@ pub struct BindView<'a> {
     pub values: Vec<Option<&'a [u8]>>,
     /// Result column format codes, in the same scheme.
     pub result_formats: Vec<i16>,
+}
+
+impl BindView<'_> {
+    /// The Bind body for `portal` and `statement` with these parts.
+    #[must_use]
+    pub fn encode(&self, portal: &[u8], statement: &[u8]) -> Vec<u8> {
+        let count = |n: usize| i16::try_from(n).unwrap_or(i16::MAX).to_be_bytes();
+        let mut out = Vec::new();
+        for name in [portal, statement] {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        out.extend_from_slice(&count(self.param_formats.len()));
+        self.param_formats.iter().for_each(|f| out.extend_from_slice(&f.to_be_bytes()));
+        out.extend_from_slice(&count(self.values.len()));
+        for value in &self.values {
+            match value {
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(v) => {
+                    out.extend_from_slice(&i32::try_from(v.len()).unwrap_or(i32::MAX).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+            }
+        }
+        out.extend_from_slice(&count(self.result_formats.len()));
+        self.result_formats.iter().for_each(|f| out.extend_from_slice(&f.to_be_bytes()));
+        out
+    }
 }
 
 /// Reads a Bind body.

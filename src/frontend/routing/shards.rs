@@ -26,6 +26,11 @@ pub struct Scatter {
     /// When not empty, each of these shards gets its own messages instead of `frames` going
     /// to every shard (a multi-row INSERT split by row).
     pub per_shard: Vec<(ShardId, Vec<Frame>)>,
+    /// For a split INSERT, the shard of each original row: RETURNING rows are answered in
+    /// that order.
+    pub row_order: Vec<ShardId>,
+    /// For a split INSERT, the parameter types a Describe of the statement answers.
+    pub described: Option<Vec<u32>>,
 }
 
 /// A Query or Parse message with its SQL text replaced (a Parse keeps its name and parameter
@@ -50,6 +55,69 @@ fn with_sql(frame: &Frame, sql: &str) -> Option<Frame> {
         _ => return None,
     }
     Some(Frame::new(frame.tag(), &body))
+}
+
+/// A Describe of a prepared statement (its ParameterDescription would differ per shard once
+/// the statement is split).
+fn describes_statement(frame: &Frame) -> bool {
+    frame.tag() == b'D' && frame.body().first() == Some(&b'S')
+}
+
+/// Numbers the statement's `$n` parameters 1, 2, ... in order of first appearance; returns
+/// the old number of each new one.
+fn renumber_params(statement: &mut sqlparser::ast::Statement) -> Vec<usize> {
+    use sqlparser::ast::{Expr, Value, visit_expressions_mut};
+    let mut used: Vec<usize> = Vec::new();
+    let _ = visit_expressions_mut(statement, |expr| {
+        if let Expr::Value(v) = expr
+            && let Value::Placeholder(p) = &mut v.value
+            && let Some(old) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok())
+        {
+            let new = match used.iter().position(|&u| u == old) {
+                Some(i) => i + 1,
+                None => {
+                    used.push(old);
+                    used.len()
+                }
+            };
+            *p = format!("${new}");
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    used
+}
+
+/// A message of a split statement for one shard: a Query or Parse gets `sql` (a Parse only
+/// the types of the parameters `used` keeps), a Bind only the `used` parameters' values (and
+/// formats), in their new order; others as they are.
+fn with_params(frame: &Frame, sql: &str, used: &[usize]) -> Option<Frame> {
+    match frame.tag() {
+        b'Q' => with_sql(frame, sql),
+        b'P' => {
+            let (name, _) = messages::parse_parse(frame.body())?;
+            let types = messages::parse_param_types(frame.body())?;
+            let kept: Vec<u32> = if types.is_empty() {
+                Vec::new()
+            } else {
+                used.iter().map(|&n| types.get(n - 1).copied().unwrap_or(0)).collect()
+            };
+            Some(Frame::new(b'P', &messages::parse_body(name, sql, &kept)))
+        }
+        b'B' => {
+            let (portal, statement) = messages::parse_bind_names(frame.body())?;
+            let bind = messages::parse_bind(frame.body())?;
+            let per_param = bind.param_formats.len() > 1;
+            let formats = if per_param {
+                used.iter().map(|&n| bind.param_formats.get(n - 1).copied()).collect::<Option<Vec<_>>>()?
+            } else {
+                bind.param_formats.clone()
+            };
+            let values = used.iter().map(|&n| bind.values.get(n - 1).copied()).collect::<Option<Vec<_>>>()?;
+            let split = messages::BindView { param_formats: formats, values, result_formats: bind.result_formats };
+            Some(Frame::new(b'B', &split.encode(portal, statement)))
+        }
+        _ => Some(frame.clone()),
+    }
 }
 
 /// One extended-protocol statement, unnamed, executed once, ending with Sync: what can be
@@ -129,11 +197,21 @@ impl RoutingState {
         } else {
             None
         };
-        Ok(Scatter { frames, aggregates: facts.aggregates.clone(), order, per_shard: Vec::new() })
+        Ok(Scatter {
+            frames,
+            aggregates: facts.aggregates.clone(),
+            order,
+            per_shard: Vec::new(),
+            row_order: Vec::new(),
+            described: None,
+        })
     }
 
     /// A multi-row INSERT whose rows belong to different shards becomes one INSERT per shard
-    /// with that shard's rows, run together and answered as one (`INSERT 0 <sum>`).
+    /// with that shard's rows, run together and answered as one (`INSERT 0 <sum>`, RETURNING
+    /// rows in the order of the original rows). Sent with parameters (one unnamed statement,
+    /// as SQLAlchemy's insertmanyvalues does), each shard's INSERT gets its rows' parameters,
+    /// renumbered.
     pub(super) fn split_insert(
         &self,
         request: &Request,
@@ -145,13 +223,31 @@ impl RoutingState {
                 "the INSERT's rows belong to different shards, and {because}: send one INSERT per shard"
             )))
         };
-        let Request::Query(_) = request else {
-            return refuse("splitting it is built for simple queries only (its values are literals)");
+        let frames: &[Frame] = match request {
+            Request::Query(frame) => std::slice::from_ref(frame),
+            Request::Batch(frames) if one_unnamed_statement(frames) => frames,
+            _ => return refuse("splitting it takes a simple query or one unnamed prepared statement"),
+        };
+        // a Describe of the statement is answered with the parameters the client declared:
+        // each shard's part has fewer
+        let described = match frames.iter().find(|f| f.tag() == b'P') {
+            Some(parse) if frames.iter().any(describes_statement) => {
+                let types = messages::parse_param_types(parse.body()).unwrap_or_default();
+                let values = frames.iter().find(|f| f.tag() == b'B').and_then(|b| messages::parse_bind(b.body()));
+                if types.contains(&0) || values.is_none_or(|v| v.values.len() != types.len()) {
+                    return refuse("a Describe of it needs every parameter's type declared in its Parse");
+                }
+                Some(types)
+            }
+            _ => None,
         };
         if self.held.is_some() {
             return refuse("a transaction runs on one shard");
         }
-        let [(sql, _, _)] = statements else { return refuse("it must be sent alone") };
+        let Some((sql, _, _)) = statements.first().filter(|(first, ..)| statements.iter().all(|(s, ..)| s == first))
+        else {
+            return refuse("it must be sent alone");
+        };
         let text = std::str::from_utf8(sql).map_err(|_| Error::Invalid("the statement is not valid UTF-8".into()))?;
         let parsed = sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, text)
             .map_err(|e| Error::Invalid(e.to_string()))?;
@@ -175,10 +271,21 @@ impl RoutingState {
             if let Some(source) = part.source.as_mut() {
                 *source.body = sqlparser::ast::SetExpr::Values(kept);
             }
-            let sql = format!("{}\0", sqlparser::ast::Statement::Insert(part));
-            per_shard.push((shard, vec![Frame::new(b'Q', sql.as_bytes())]));
+            let mut statement = sqlparser::ast::Statement::Insert(part);
+            let used = renumber_params(&mut statement);
+            let sql = statement.to_string();
+            let sent = frames.iter().map(|f| with_params(f, &sql, &used)).collect::<Option<Vec<_>>>();
+            let Some(sent) = sent else { return Err(Error::Protocol("malformed Parse or Bind message".into())) };
+            per_shard.push((shard, sent));
         }
-        Ok(Scatter { frames: Vec::new(), aggregates: Vec::new(), order: None, per_shard })
+        Ok(Scatter {
+            frames: Vec::new(),
+            aggregates: Vec::new(),
+            order: None,
+            per_shard,
+            row_order: rows.to_vec(),
+            described,
+        })
     }
 
     /// The shard a sharded database's request must run on, by its statements' shard keys

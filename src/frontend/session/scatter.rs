@@ -30,6 +30,10 @@ const FLUSH_AT: usize = 64 * 1024;
 /// What the shards have answered so far.
 #[derive(Default)]
 struct Combined {
+    /// The first shard asked: its ParseComplete and the like are the client's.
+    lead: Option<ShardId>,
+    /// The ParameterDescription to answer instead of the lead's (a split statement).
+    described: Option<Vec<u8>>,
     row_description: Option<Vec<u8>>,
     count: u64,
     tag: Option<String>,
@@ -43,7 +47,7 @@ impl<S: ClientIo> Session<S> {
     /// Runs `request` (a simple query, or one unnamed extended-protocol statement up to its
     /// Sync) on every shard's primary and answers the client.
     pub(super) async fn scatter(&mut self, scatter: Scatter) -> Result<(), Error> {
-        let Scatter { frames: request, aggregates, order, per_shard } = scatter;
+        let Scatter { frames: request, aggregates, order, per_shard, row_order, described } = scatter;
         // a RowDescription answering Describe Statement shows format 0 whatever the Bind asked
         let binary = request.iter().any(|f| f.tag() == b'B' && binary_results(f.body()));
         let pools = std::sync::Arc::clone(&self.params.pools);
@@ -73,17 +77,23 @@ impl<S: ClientIo> Session<S> {
             let conn = checkout.conn();
             conn.send(&bytes).await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e.to_string()))?;
         }
-        let mut combined = Combined::default();
+        let mut combined = Combined {
+            lead: checkouts.first().map(|(id, _)| *id),
+            described: described.map(|types| parameter_description(&types)),
+            ..Combined::default()
+        };
+        let mut returned: Vec<Vec<Vec<u8>>> = vec![Vec::new(); checkouts.len()];
         let mut out = BytesMut::new();
         if let Some(order) = &order {
             self.merge_ordered(&mut checkouts, order, binary, &mut combined, &mut out).await?;
         } else {
-            for (id, checkout) in &mut checkouts {
+            for (i, (id, checkout)) in checkouts.iter_mut().enumerate() {
                 let conn = checkout.conn();
                 loop {
                     let frame = conn.read_frame().await.map_err(|e| shard_lost(*id, conn.addr.to_string(), &e))?;
                     match combined.take(*id, &conn.addr.to_string(), &frame, &mut out) {
                         Step::Row if combined.error.is_some() => {}
+                        Step::Row if !row_order.is_empty() => returned[i].push(frame.body().to_vec()),
                         Step::Row if aggregates.is_empty() => out.extend_from_slice(frame.as_bytes()),
                         Step::Row => combined.rows.push(frame.body().to_vec()),
                         Step::Done => {
@@ -96,6 +106,12 @@ impl<S: ClientIo> Session<S> {
                         self.client.send(&out.split().freeze()).await?;
                     }
                 }
+            }
+        }
+        if combined.error.is_none() {
+            let shards: Vec<ShardId> = checkouts.iter().map(|(id, _)| *id).collect();
+            for row in in_row_order(&shards, returned, &row_order) {
+                out.extend_from_slice(&Frame::new(b'D', &row).into_bytes());
             }
         }
         for (_, checkout) in checkouts {
@@ -125,6 +141,26 @@ impl<S: ClientIo> Session<S> {
         self.client.send(&out.freeze()).await?;
         Ok(())
     }
+}
+
+/// The rows each of `shards` returned (a split INSERT's RETURNING), in the order of the
+/// original rows whose shards `row_order` lists; shard by shard if the counts do not match
+/// (ON CONFLICT DO NOTHING, say).
+fn in_row_order(shards: &[ShardId], returned: Vec<Vec<Vec<u8>>>, row_order: &[ShardId]) -> Vec<Vec<u8>> {
+    let matches =
+        shards.iter().zip(&returned).all(|(id, rows)| row_order.iter().filter(|s| *s == id).count() == rows.len());
+    if !matches {
+        return returned.into_iter().flatten().collect();
+    }
+    let mut streams: Vec<_> = returned.into_iter().map(Vec::into_iter).collect();
+    row_order.iter().filter_map(|id| shards.iter().position(|s| s == id).and_then(|i| streams[i].next())).collect()
+}
+
+/// A ParameterDescription body for these types.
+fn parameter_description(types: &[u32]) -> Vec<u8> {
+    let mut body = i16::try_from(types.len()).unwrap_or(i16::MAX).to_be_bytes().to_vec();
+    types.iter().for_each(|oid| body.extend_from_slice(&oid.to_be_bytes()));
+    body
 }
 
 /// What one shard message means for the combined answer.
@@ -169,8 +205,13 @@ impl Combined {
                 self.error.get_or_insert(named);
             }
             b'N' => out.extend_from_slice(frame.as_bytes()),
+            b't' if Some(id) == self.lead && self.error.is_none() && self.described.is_some() => {
+                out.extend_from_slice(&Frame::new(b't', self.described.as_deref().unwrap_or_default()).into_bytes());
+            }
             // ParseComplete, BindComplete, ParameterDescription, NoData: once
-            b'1' | b'2' | b't' | b'n' if id.0 == 0 && self.error.is_none() => out.extend_from_slice(frame.as_bytes()),
+            b'1' | b'2' | b't' | b'n' if Some(id) == self.lead && self.error.is_none() => {
+                out.extend_from_slice(frame.as_bytes())
+            }
             b'Z' => return Step::Done,
             _ => {} // ParameterStatus and the like: the session's own state is not changed here
         }
