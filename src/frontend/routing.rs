@@ -86,6 +86,15 @@ pub struct WriteMark {
 struct Prepared {
     sql: Bytes,
     class: Arc<Classification>,
+    /// Parameter types the Parse declared (a binary key is read by them).
+    types: Arc<[u32]>,
+}
+
+impl Prepared {
+    fn new(sql: &[u8], class: Arc<Classification>, parse: &Frame) -> Self {
+        let types = messages::parse_param_types(parse.body()).unwrap_or_default();
+        Self { sql: Bytes::copy_from_slice(sql), class, types: types.into() }
+    }
 }
 
 /// DDL alone in its text: in a transaction it may run on every shard (see `guard_shard`).
@@ -242,8 +251,9 @@ impl RoutingState {
                                 ));
                             }
                             let class = router.classify(sql, &mut self.scratch);
-                            let sql = Bytes::copy_from_slice(sql);
-                            self.remember(name, Prepared { sql: sql.clone(), class: Arc::clone(&class) });
+                            let prepared = Prepared::new(sql, Arc::clone(&class), frame);
+                            let sql = prepared.sql.clone();
+                            self.remember(name, prepared);
                             out.push((sql, class, None));
                         }
                         b'B' => {
@@ -299,7 +309,7 @@ impl RoutingState {
             let name = crate::protocol::framing::get_cstr(&mut rest)?;
             let (_, sql) = messages::parse_parse(frame.body())?;
             let class = router.classify(sql, &mut self.scratch);
-            self.remember(name, Prepared { sql: Bytes::copy_from_slice(sql), class });
+            self.remember(name, Prepared::new(sql, class, frame));
             statements.define(name, rest, registry);
             out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
         }
@@ -328,7 +338,7 @@ impl RoutingState {
             b'P' => {
                 let (name, sql) = messages::parse_parse(frame.body())?;
                 let class = router.classify(sql, &mut self.scratch);
-                self.remember(name, Prepared { sql: Bytes::copy_from_slice(sql), class: Arc::clone(&class) });
+                self.remember(name, Prepared::new(sql, Arc::clone(&class), frame));
                 (class, sql)
             }
             b'B' => {

@@ -13,7 +13,8 @@ use crate::sharding::{Key, Placement};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawValue<'a> {
     Text(Cow<'a, str>),
-    Binary(&'a [u8]),
+    /// The bytes and the type OID the Parse declared (0: none).
+    Binary(&'a [u8], u32),
     Null,
 }
 
@@ -25,11 +26,13 @@ pub struct Values<'a> {
     pub params: Option<BindParams<'a>>,
 }
 
-/// A Bind message's parameter values and format codes.
+/// A Bind message's parameter values and format codes, with the parameter types its
+/// statement's Parse declared.
 #[derive(Debug, Clone, Default)]
 pub struct BindParams<'a> {
     pub formats: Vec<i16>,
     pub values: Vec<Option<&'a [u8]>>,
+    pub types: Vec<u32>,
 }
 
 impl<'a> BindParams<'a> {
@@ -37,7 +40,7 @@ impl<'a> BindParams<'a> {
     #[must_use]
     pub fn parse(body: &'a [u8]) -> Option<Self> {
         let bind = crate::protocol::messages::parse_bind(body)?;
-        Some(Self { formats: bind.param_formats, values: bind.values })
+        Some(Self { formats: bind.param_formats, values: bind.values, types: Vec::new() })
     }
 
     fn binary(&self, index: usize) -> bool {
@@ -63,7 +66,9 @@ impl Values<'_> {
                 let index = n.checked_sub(1)?;
                 match params.values.get(index)? {
                     None => Some(RawValue::Null),
-                    Some(bytes) if params.binary(index) => Some(RawValue::Binary(bytes)),
+                    Some(bytes) if params.binary(index) => {
+                        Some(RawValue::Binary(bytes, params.types.get(index).copied().unwrap_or(0)))
+                    }
                     Some(bytes) => Some(RawValue::Text(String::from_utf8_lossy(bytes))),
                 }
             }
@@ -353,7 +358,7 @@ fn same_shard(table: &Table, placement: &Placement, keys: &[&ValueRef], values: 
                 return Err(format!("the shard key {} of {} cannot be NULL", table.column, table.name));
             }
             Some(RawValue::Text(t)) => placement.key_from_text(&t),
-            Some(RawValue::Binary(b)) => placement.key_from_binary(b),
+            Some(RawValue::Binary(b, declared)) => placement.key_from_binary(b, declared),
         }
         .map_err(|e| format!("{}.{}: {e}", table.name, table.column))?;
         let shard = placement.shard(&key).map_err(|e| format!("{}: {e}", table.name))?;

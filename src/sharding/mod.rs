@@ -96,15 +96,43 @@ impl Placement {
     }
 
     /// A Bind parameter in binary format.
-    pub fn key_from_binary(&self, raw: &[u8]) -> Result<Key, String> {
-        let wrong = || format!("a binary {} parameter cannot be {} bytes long", type_name(self.key_type), raw.len());
-        match self.key_type {
-            KeyType::Bigint => Ok(Key::Int(i64::from_be_bytes(raw.try_into().map_err(|_| wrong())?))),
-            KeyType::Integer => Ok(Key::Int(i64::from(i32::from_be_bytes(raw.try_into().map_err(|_| wrong())?)))),
-            KeyType::Uuid => Ok(Key::Uuid(raw.try_into().map_err(|_| wrong())?)),
-            KeyType::Text => {
+    ///
+    /// `declared` is the parameter's type OID from its Parse; 0 (none) means the server gives
+    /// it the key column's type. A smaller integer type is widened as PostgreSQL casts it
+    /// (psycopg sends a small Python int as int2); other declared types are refused rather
+    /// than guessed at.
+    pub fn key_from_binary(&self, raw: &[u8], declared: u32) -> Result<Key, String> {
+        const INT8: u32 = 20;
+        const INT2: u32 = 21;
+        const INT4: u32 = 23;
+        const TEXT: u32 = 25;
+        const VARCHAR: u32 = 1043;
+        const UUID: u32 = 2950;
+        let name = type_name(self.key_type);
+        let wrong = || format!("a binary {name} parameter cannot be {} bytes long", raw.len());
+        match (self.key_type, declared) {
+            (KeyType::Bigint | KeyType::Integer, 0 | INT2 | INT4 | INT8) => {
+                let width = match (declared, self.key_type) {
+                    (INT2, _) => 2,
+                    (INT4, _) | (0, KeyType::Integer) => 4,
+                    _ => 8,
+                };
+                let value = match (width, raw.len()) {
+                    (2, 2) => i64::from(i16::from_be_bytes([raw[0], raw[1]])),
+                    (4, 4) => i64::from(i32::from_be_bytes(raw.try_into().map_err(|_| wrong())?)),
+                    (8, 8) => i64::from_be_bytes(raw.try_into().map_err(|_| wrong())?),
+                    _ => return Err(wrong()),
+                };
+                if self.key_type == KeyType::Integer && i32::try_from(value).is_err() {
+                    return Err(format!("{value} is out of range for an integer shard key"));
+                }
+                Ok(Key::Int(value))
+            }
+            (KeyType::Uuid, 0 | UUID) => Ok(Key::Uuid(raw.try_into().map_err(|_| wrong())?)),
+            (KeyType::Text, 0 | TEXT | VARCHAR) => {
                 Ok(Key::Text(String::from_utf8(raw.to_vec()).map_err(|_| "a text key is not valid UTF-8".to_owned())?))
             }
+            (_, other) => Err(format!("a binary parameter of type OID {other} is not read as a {name} shard key")),
         }
     }
 
@@ -231,8 +259,15 @@ mod tests {
         assert_eq!(want.to_string(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
         let p = Placement::new(&table(KeyType::Integer, Scheme::Hash), 2).unwrap();
         assert!(p.key_from_text("2147483648").is_err());
-        assert_eq!(p.key_from_binary(&7i32.to_be_bytes()).unwrap(), Key::Int(7));
-        assert!(p.key_from_binary(&7i64.to_be_bytes()).is_err());
+        assert_eq!(p.key_from_binary(&7i32.to_be_bytes(), 0).unwrap(), Key::Int(7));
+        assert!(p.key_from_binary(&7i64.to_be_bytes(), 0).is_err());
+        assert_eq!(p.key_from_binary(&(-7i16).to_be_bytes(), 21).unwrap(), Key::Int(-7), "int2 widened");
+        assert!(p.key_from_binary(&(1i64 << 40).to_be_bytes(), 20).is_err(), "beyond integer");
+        assert!(p.key_from_binary(&7f64.to_be_bytes(), 701).is_err(), "float8 is not guessed at");
+        let p = Placement::new(&table(KeyType::Bigint, Scheme::Hash), 2).unwrap();
+        assert_eq!(p.key_from_binary(&7i16.to_be_bytes(), 21).unwrap(), Key::Int(7));
+        assert_eq!(p.key_from_binary(&7i32.to_be_bytes(), 23).unwrap(), Key::Int(7));
+        assert!(p.key_from_binary(&7i32.to_be_bytes(), 0).is_err(), "undeclared: the column's width");
     }
 
     #[test]

@@ -288,6 +288,14 @@ impl RoutingState {
         })
     }
 
+    /// A Bind's parameters, with the types its statement's Parse declared.
+    fn bind_params<'f>(&self, bind: &'f Frame) -> Option<BindParams<'f>> {
+        let mut params = BindParams::parse(bind.body())?;
+        let (_, name) = messages::parse_bind_names(bind.body())?;
+        params.types = self.prepared.get(name).map(|p| p.types.to_vec()).unwrap_or_default();
+        Some(params)
+    }
+
     /// The shard a sharded database's request must run on, by its statements' shard keys
     /// (None: no key decides it; hints and the home shard do).
     pub(super) fn keyed_shard(&mut self, policy: &Policy, statements: &[Statement]) -> Result<Shards, Error> {
@@ -304,7 +312,7 @@ impl RoutingState {
                 continue;
             }
             self.scratch.of(sql);
-            let params = bind.as_ref().and_then(|b| BindParams::parse(b.body()));
+            let params = bind.as_ref().and_then(|b| self.bind_params(b));
             routes.push(policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params }));
         }
         policy.shards.request_shards(&routes, policy.home()).map_err(Error::NotSupported)
@@ -343,7 +351,7 @@ impl RoutingState {
                 let (_, name) = messages::parse_bind_names(frame.body())?;
                 let known = self.prepared.get(name)?;
                 self.scratch.of(&known.sql);
-                (&known.sql[..], BindParams::parse(frame.body()))
+                (&known.sql[..], self.bind_params(frame))
             }
             _ => return None,
         };

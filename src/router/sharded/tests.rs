@@ -81,13 +81,13 @@ fn keys_pick_the_shard() {
 fn parameters_in_text_and_binary_format() {
     let sql = "SELECT * FROM orders WHERE customer_id = $1";
     let text = 42i64.to_string();
-    let p = BindParams { formats: vec![], values: vec![Some(text.as_bytes())] };
+    let p = BindParams { formats: vec![], values: vec![Some(text.as_bytes())], types: vec![] };
     assert_eq!(
         route_with(sql, Some(p)),
         ShardRoute::One { shard: ShardId(shard_of(42)), table: "orders".into(), key: "42".into() }
     );
     let bin = 42i64.to_be_bytes();
-    let p = BindParams { formats: vec![1], values: vec![Some(&bin)] };
+    let p = BindParams { formats: vec![1], values: vec![Some(&bin)], types: vec![] };
     assert!(matches!(route_with(sql, Some(p)), ShardRoute::One { shard, .. } if shard.0 == shard_of(42)));
     // a Bind message body: portal "", statement "s", one binary format, one param, no result formats
     let mut body = b"\0s\0".to_vec();
