@@ -12,5 +12,6 @@ mod pooling;
 mod psql;
 mod routing;
 mod sharding;
+mod sharding_copy;
 mod topology;
 mod transparency;

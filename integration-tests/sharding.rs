@@ -119,7 +119,7 @@ fn hash_placement_matches_postgresql_partitioning() {
     });
 }
 
-const SHOP: &str = r#"
+pub const SHOP: &str = r#"
 [[databases]]
 name = "shop"
 server_database = "app"
@@ -147,7 +147,7 @@ ranges = [{ shard = 0, to = 20240101 }, { shard = 1, from = 20240101 }]
 "#;
 
 /// Where pgrouter places a customer of `orders` on two shards.
-fn orders_shard(customer: i64) -> usize {
+pub fn orders_shard(customer: i64) -> usize {
     pgrouter::sharding::hash::remainder(pgrouter::sharding::hash::int8(customer), 2)
 }
 

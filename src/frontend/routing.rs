@@ -24,7 +24,7 @@ mod shards;
 
 use crate::router::sharded::Shards;
 use crate::router::{Decision, Policy, Router, Target};
-pub use shards::Scatter;
+pub use shards::{CopySplit, Scatter};
 
 /// Prepared statements remembered per session for routing their Binds; beyond this the
 /// oldest knowledge is simply forgotten (a Bind of a forgotten statement goes to the primary).
@@ -111,6 +111,8 @@ pub enum Plan {
     Server(Routed),
     /// Run a statement on every shard and answer with the combined result.
     Scatter(Scatter),
+    /// Split a COPY FROM STDIN's rows between the shards.
+    CopyIn(CopySplit),
 }
 
 /// A statement of a request: its text, classification, and the Bind that executes it.
@@ -178,7 +180,12 @@ impl RoutingState {
             Shards::Every(_) if self.held.is_some() && statements.iter().all(|(_, c, _)| schema_only(c)) => {
                 Some(policy.home())
             }
-            Shards::Every(why) => return Ok(Plan::Scatter(self.scatter(policy, request, &statements, &why)?)),
+            Shards::Every(why) => {
+                return Ok(match self.copy_split(policy, request, &statements)? {
+                    Some(copy) => Plan::CopyIn(copy),
+                    None => Plan::Scatter(self.scatter(policy, request, &statements, &why)?),
+                });
+            }
             Shards::Split(rows) => return Ok(Plan::Scatter(self.split_insert(request, &statements, &rows)?)),
         };
         let mut hinted = Vec::with_capacity(statements.len());

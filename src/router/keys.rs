@@ -101,12 +101,17 @@ pub fn table_use(statements: &[Statement], sql: &str, literals: &[(usize, usize)
             }
             std::ops::ControlFlow::<()>::Continue(())
         });
-        // DROP's names are not visited as relations
-        if let Statement::Drop { names, .. } = stmt {
-            for name in names.iter().map(normalise) {
-                if !out.tables.contains(&name) {
-                    out.tables.push(name);
-                }
+        // DROP's names and COPY's table are not visited as relations
+        let unvisited = match stmt {
+            Statement::Drop { names, .. } => names.as_slice(),
+            Statement::Copy { source: sqlparser::ast::CopySource::Table { table_name, .. }, .. } => {
+                std::slice::from_ref(table_name)
+            }
+            _ => &[],
+        };
+        for name in unvisited.iter().map(normalise) {
+            if !out.tables.contains(&name) {
+                out.tables.push(name);
             }
         }
         out.ddl |= is_ddl(stmt);
@@ -341,6 +346,10 @@ fn combinable_aggregates(stmt: &Statement) -> Option<Vec<Aggregate>> {
 /// Why rows from every shard, concatenated, would not be this statement's result. ORDER BY
 /// and LIMIT/OFFSET are left to [`ordered_merge`], which needs the text's own values.
 fn unmergeable(stmt: &Statement) -> Option<&'static str> {
+    if let Statement::Copy { to, .. } = stmt {
+        // COPY FROM STDIN is split by row before this matters (`routing::copy_split`)
+        return Some(if *to { "COPY ... TO" } else { "COPY from a file or program" });
+    }
     let Statement::Query(q) = stmt else {
         // writes report counts, which add up; DDL is the same statement everywhere
         return None;

@@ -7,6 +7,7 @@
 //! session's.
 
 pub mod classify;
+pub mod copy;
 pub mod explain;
 pub mod hint;
 pub mod keys;

@@ -234,6 +234,13 @@ impl ShardMap {
         Ok(Shards::One(chosen))
     }
 
+    /// The key column and placement of sharded table `name` (as a statement names it), if it
+    /// is one.
+    pub fn table(&self, name: &str) -> Option<(&str, Result<&Placement, &String>)> {
+        let table = self.tables.iter().find(|t| t.is(name))?;
+        Some((table.column.as_str(), table.placement.as_ref()))
+    }
+
     /// The placement of the first sharded table the facts name (or the first configured),
     /// for a `shard_key` hint.
     pub fn hinted_key_shard(&self, facts: &TableUse, key: &str) -> Result<ShardId, String> {

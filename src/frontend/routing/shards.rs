@@ -9,6 +9,7 @@ use crate::protocol::framing::Frame;
 use crate::protocol::messages;
 use crate::router::classify::Access;
 use crate::router::classify::{Classification, TxControl};
+use crate::router::copy::{CopyIn, copy_from_stdin};
 use crate::router::hint;
 use crate::router::keys::{Aggregate, OrderedMerge, ordered_merge};
 use crate::router::sharded::{BindParams, ShardRoute, Shards, Values, needs_every_shard};
@@ -31,6 +32,16 @@ pub struct Scatter {
     pub row_order: Vec<ShardId>,
     /// For a split INSERT, the parameter types a Describe of the statement answers.
     pub described: Option<Vec<u32>>,
+}
+
+/// A COPY FROM STDIN into a sharded table, whose rows the session splits between the shards
+/// (`session/copy.rs`).
+#[derive(Debug)]
+pub struct CopySplit {
+    pub frame: Frame,
+    pub copy: CopyIn,
+    /// The table's shard key column.
+    pub column: String,
 }
 
 /// A Query or Parse message with its SQL text replaced (a Parse keeps its name and parameter
@@ -205,6 +216,38 @@ impl RoutingState {
             row_order: Vec::new(),
             described: None,
         })
+    }
+
+    /// A COPY FROM STDIN (simple query) into a sharded table, to be split row by row; None
+    /// for any other statement.
+    pub(super) fn copy_split(
+        &self,
+        policy: &Policy,
+        request: &Request,
+        statements: &[Statement],
+    ) -> Result<Option<CopySplit>, Error> {
+        let (Request::Query(frame), [(sql, class, _)]) = (request, statements) else { return Ok(None) };
+        if class.tables.several || !matches!(class.access, Access::Write(_)) {
+            return Ok(None);
+        }
+        let Some(copy) = std::str::from_utf8(sql).ok().and_then(copy_from_stdin) else { return Ok(None) };
+        let copy = copy.map_err(Error::NotSupported)?;
+        let Some((column, placement)) = policy.shards.table(&copy.table) else { return Ok(None) };
+        placement.map_err(|e| Error::NotSupported(e.clone()))?;
+        if self.held.is_some() {
+            return Err(Error::NotSupported(format!(
+                "COPY into sharded table {} splits its rows between the shards, and a transaction runs on one shard: \
+                 run it outside a transaction",
+                copy.table
+            )));
+        }
+        if !copy.columns.is_empty() && !copy.columns.iter().any(|c| c == column) {
+            return Err(Error::NotSupported(format!(
+                "COPY into sharded table {} must include its shard key column {column}",
+                copy.table
+            )));
+        }
+        Ok(Some(CopySplit { frame: frame.clone(), copy, column: column.to_owned() }))
     }
 
     /// A multi-row INSERT whose rows belong to different shards becomes one INSERT per shard

@@ -10,6 +10,7 @@
 //! `attach` (a submodule) holds how a routed request gets its server connection.
 
 mod attach;
+mod copy;
 mod scatter;
 mod schema;
 
@@ -389,6 +390,12 @@ impl<S: ClientIo> Session<S> {
                 Ok(Plan::Server(routed)) => return Ok(Some(routed)),
                 Ok(Plan::Scatter(query)) => {
                     self.scatter(query).await?;
+                    return Ok(None);
+                }
+                Ok(Plan::CopyIn(split)) => {
+                    if !self.copy_in(split).await? {
+                        return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
                     return Ok(None);
                 }
                 Err(PlanError::Error(e)) => return Err(e),

@@ -397,7 +397,7 @@ fn column_names(body: &[u8]) -> Option<Vec<String>> {
     Some(names)
 }
 
-fn shard_lost(shard: ShardId, server: String, reason: &str) -> Error {
+pub(super) fn shard_lost(shard: ShardId, server: String, reason: &str) -> Error {
     Error::ServerLost { server, reason: format!("shard {shard}: {reason}") }
 }
 
@@ -474,7 +474,7 @@ fn column_types(body: &[u8]) -> Option<Vec<(u32, i16)>> {
 }
 
 /// A shard's ErrorResponse body with the shard named at the front of its message.
-fn name_shard(body: &[u8], shard: ShardId, server: &str) -> Vec<u8> {
+pub(super) fn name_shard(body: &[u8], shard: ShardId, server: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 32);
     let mut rest = body;
     while let Some((&code, tail)) = rest.split_first() {
@@ -494,7 +494,7 @@ fn name_shard(body: &[u8], shard: ShardId, server: &str) -> Vec<u8> {
 }
 
 /// "INSERT 0 5" -> ("INSERT 0", Some(5)); "CREATE TABLE" -> ("CREATE TABLE", None).
-fn split_tag(tag: &str) -> (String, Option<u64>) {
+pub(super) fn split_tag(tag: &str) -> (String, Option<u64>) {
     match tag.rsplit_once(' ') {
         Some((word, n)) if n.bytes().all(|b| b.is_ascii_digit()) && !n.is_empty() => (word.to_owned(), n.parse().ok()),
         _ => (tag.to_owned(), None),
