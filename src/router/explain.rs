@@ -59,15 +59,30 @@ pub fn explain(db: &DatabaseConfig, sql: &str) -> String {
         Ok(Shards::Split(rows)) => {
             let mut shards: Vec<String> = rows.iter().map(ToString::to_string).collect();
             shards.dedup();
-            line(
-                &mut out,
-                "route:",
-                "one INSERT per shard with that shard's rows (as a simple query outside a transaction)",
-            );
+            line(&mut out, "route:", "one INSERT per shard with that shard's rows (outside a transaction)");
             line(&mut out, "reason:", &format!("the rows' keys are on shards {}", shards.join(", ")));
             return out;
         }
         Ok(Shards::Every(why)) => {
+            let copy = super::copy::copy_from_stdin(sql);
+            let route = match copy {
+                Some(Ok(copy)) => Some(format!(
+                    "every shard's primary, each row to its key's shard ({} format, outside a transaction)",
+                    if copy.format.csv { "CSV" } else { "text" }
+                )),
+                Some(Err(e)) => Some(format!("none: {e}")),
+                None if class.tables.ddl => Some(
+                    "every shard's primary (inside a transaction: on the transaction's shard, then on the others at \
+                     COMMIT)"
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            if let Some(route) = route {
+                line(&mut out, "route:", &route);
+                line(&mut out, "reason:", &format!("needs every shard: {why}"));
+                return out;
+            }
             let how = match (class.tables.aggregates.is_empty(), class.tables.ordered) {
                 (false, _) => Ok("aggregates combined"),
                 (true, true) => {
