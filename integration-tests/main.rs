@@ -8,6 +8,7 @@ mod cli;
 mod differential;
 mod driver_matrix;
 mod lifecycle;
+mod operations;
 mod pooling;
 mod psql;
 mod routing;

@@ -19,9 +19,13 @@ use crate::backend::health::{CheckSettings, run_checks};
 use crate::config::Config;
 use crate::frontend::auth::Verifiers;
 use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::clients::ClientRegistry;
 use crate::frontend::listener::accept_loop;
 use crate::frontend::prepared::Registry;
 use crate::router::{Policy, Router};
+use crate::telemetry::{DatabaseMetrics, Telemetry};
+
+mod gauges;
 
 /// How often idle server connections are checked for expiry and min_pool_size is topped up.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -48,6 +52,11 @@ pub struct App {
     pub statements: Registry,
     /// Transaction-pooled clients pinned to a server connection (LISTEN, temp tables, ...).
     pub pinned_clients: AtomicUsize,
+    /// Logged-in clients and what each is doing.
+    pub sessions: Arc<ClientRegistry>,
+    /// The metrics recorder, and each database's request metrics.
+    pub telemetry: Telemetry,
+    pub database_metrics: HashMap<String, Arc<DatabaseMetrics>>,
 }
 
 /// A started proxy.
@@ -70,8 +79,21 @@ impl App {
     pub async fn start(config: Config) -> std::io::Result<Running> {
         let listener = TcpListener::bind(config.proxy.listen).await?;
         let local_addr = listener.local_addr()?;
+        let metrics_listener = match config.proxy.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let telemetry = Telemetry::new();
+        let database_metrics = config
+            .databases
+            .iter()
+            .map(|db| (db.name.clone(), Arc::new(DatabaseMetrics::new(&telemetry, &db.name))))
+            .collect();
         let app = Arc::new(Self {
-            pools: Pools::build(&config),
+            pools: Pools::build(&config, &telemetry),
+            telemetry,
+            database_metrics,
+            sessions: Arc::new(ClientRegistry::default()),
             router: Router::new(SHAPE_CACHE_CAPACITY),
             policies: config.databases.iter().map(|db| (db.name.clone(), Policy::new(db))).collect(),
             verifiers: Verifiers::build(&config),
@@ -84,6 +106,10 @@ impl App {
             statements: Registry::default(),
         });
         tokio::spawn(accept_loop(Arc::clone(&app), listener));
+        if let Some(metrics_listener) = metrics_listener {
+            tracing::info!(listen = %metrics_listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+            tokio::spawn(crate::telemetry::http::serve(Arc::clone(&app), metrics_listener));
+        }
         tokio::spawn(upkeep(Arc::clone(&app)));
         start_health_checks(&app);
         tracing::info!(listen = %local_addr, "pgrouter is accepting clients");

@@ -22,6 +22,7 @@ pub mod app;
 pub mod backend;
 pub mod cli;
 pub mod cluster;
+pub mod telemetry;
 
 pub mod config;
 pub mod demo;

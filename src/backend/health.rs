@@ -26,6 +26,33 @@ pub fn parse_lsn(text: &str) -> Option<Lsn> {
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
+/// Why a server was taken out of rotation (the `reason` label of `pgrouter_bans_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BanReason {
+    /// A health check failed (connect, login or query).
+    HealthCheck,
+    /// A configured replica is not in recovery.
+    NotInRecovery,
+    /// Replication lag beyond max_replica_lag (or unknown).
+    Lag,
+    /// A client's connection to it failed or was lost.
+    ServerLost,
+}
+
+impl BanReason {
+    pub const ALL: [Self; 4] = [Self::HealthCheck, Self::NotInRecovery, Self::Lag, Self::ServerLost];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HealthCheck => "health_check",
+            Self::NotInRecovery => "not_in_recovery",
+            Self::Lag => "lag",
+            Self::ServerLost => "server_lost",
+        }
+    }
+}
+
 /// What pgrouter knows about one server of one database.
 #[derive(Debug)]
 pub struct ServerHealth {
@@ -47,6 +74,8 @@ pub struct ServerHealth {
     /// Whether routing could use it at the last check (for "back in rotation" log lines).
     usable: AtomicBool,
     last_error: Mutex<String>,
+    /// Bans so far, by [`BanReason`].
+    bans: [AtomicU64; 4],
 }
 
 impl ServerHealth {
@@ -66,6 +95,7 @@ impl ServerHealth {
             banned_until_ms: AtomicU64::new(0),
             usable: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
+            bans: Default::default(),
         })
     }
 
@@ -104,7 +134,7 @@ impl ServerHealth {
     }
 
     /// Bans the server for `ban_time` unless it is banned already; logs the reason once.
-    pub fn ban(&self, ban_time: Duration, reason: &str) {
+    pub fn ban(&self, ban_time: Duration, kind: BanReason, reason: &str) {
         let until = self.now_ms().saturating_add(u64::try_from(ban_time.as_millis()).unwrap_or(u64::MAX));
         let previous = self.banned_until_ms.load(Ordering::Acquire);
         if self.now_ms() < previous {
@@ -112,9 +142,22 @@ impl ServerHealth {
         }
         if self.banned_until_ms.compare_exchange(previous, until, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.usable.store(false, Ordering::Release);
+            self.bans[kind as usize].fetch_add(1, Ordering::Relaxed);
             tracing::warn!(database = %self.database, shard = %self.shard, role = self.role.as_str(), server = %self.addr,
                 reason, ban_time = ?ban_time, "server banned");
         }
+    }
+
+    /// Bans so far for `kind`.
+    #[must_use]
+    pub fn bans(&self, kind: BanReason) -> u64 {
+        self.bans[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// The last health check succeeded and the server is not banned.
+    #[must_use]
+    pub fn up(&self) -> bool {
+        self.checked.load(Ordering::Acquire) && self.ok.load(Ordering::Acquire) && !self.is_banned()
     }
 
     fn record_failure(&self, error: String) {
@@ -234,7 +277,7 @@ fn judge(server: &ServerHealth, result: Result<Observation, String>, primary_lsn
     let obs = match result {
         Ok(obs) => obs,
         Err(error) => {
-            server.ban(settings.ban_time, &format!("health check failed: {error}"));
+            server.ban(settings.ban_time, BanReason::HealthCheck, &format!("health check failed: {error}"));
             server.record_failure(error);
             return;
         }
@@ -257,7 +300,7 @@ fn judge(server: &ServerHealth, result: Result<Observation, String>, primary_lsn
         }
         Role::Replica => {
             if !obs.in_recovery {
-                server.ban(settings.ban_time, "configured as a replica but not in recovery");
+                server.ban(settings.ban_time, BanReason::NotInRecovery, "configured as a replica but not in recovery");
             } else if lag > settings.max_lag {
                 let reason = if lag == Duration::MAX {
                     "behind the primary, replication lag unknown".to_owned()
@@ -265,7 +308,7 @@ fn judge(server: &ServerHealth, result: Result<Observation, String>, primary_lsn
                     format!("replication lag {lag:.1?} exceeds max_replica_lag {:?}", settings.max_lag)
                 };
                 (*server.last_error.lock().expect("health lock")).clone_from(&reason);
-                server.ban(settings.ban_time, &reason);
+                server.ban(settings.ban_time, BanReason::Lag, &reason);
             }
             let usable = server.usable_replica(settings.max_lag);
             if usable && !server.usable.swap(true, Ordering::AcqRel) {
@@ -340,7 +383,7 @@ mod tests {
     fn bans_expire() {
         let r = replica();
         judge(&r, Ok(Observation { in_recovery: true, lsn: 1, replay_age: Some(Duration::ZERO) }), 0, SETTINGS);
-        r.ban(Duration::from_millis(30), "test");
+        r.ban(Duration::from_millis(30), BanReason::Lag, "test");
         assert!(!r.usable_replica(SETTINGS.max_lag));
         std::thread::sleep(Duration::from_millis(40));
         assert!(r.usable_replica(SETTINGS.max_lag));

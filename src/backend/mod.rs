@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use conn::{ConnectSpec, ServerConn};
-pub use pool::{Checkout, Pool, PoolKey, PoolSettings};
+pub use pool::{Checkout, Pool, PoolKey, PoolMetrics, PoolSettings};
 
 use crate::config::{Config, DatabaseConfig, LoadBalance, ServerAddr, UserConfig};
 use crate::router::{Role, Route, ShardId, Target};
+use crate::telemetry::Telemetry;
 use health::{Lsn, ServerHealth, ShardHealth};
 
 /// The pools of one shard.
@@ -112,7 +113,11 @@ pub struct Pools {
 
 impl Pools {
     #[must_use]
-    pub fn build(config: &Config) -> Self {
+    pub fn build(config: &Config, telemetry: &Telemetry) -> Self {
+        let metrics = PoolMetrics {
+            wait: telemetry.histogram("pgrouter_pool_wait_seconds", &[]),
+            wait_timeouts: telemetry.counter("pgrouter_pool_wait_timeouts_total", &[]),
+        };
         let mut by_login = HashMap::new();
         let mut all_health = Vec::new();
         for db in &config.databases {
@@ -130,7 +135,13 @@ impl Pools {
                     .enumerate()
                     .map(|(i, (shard, h))| {
                         let pool = |role, addr: &ServerAddr, health: &Arc<ServerHealth>| {
-                            new_pool(config, db, user, Route { shard: ShardId(i), role }, addr, Arc::clone(health))
+                            Pool::new(
+                                pool_key(db, user, Route { shard: ShardId(i), role }, addr),
+                                connect_spec(config, db, user, addr),
+                                pool_settings(config, db),
+                                Arc::clone(health),
+                                metrics.clone(),
+                            )
                         };
                         ShardPools {
                             primary: pool(Role::Primary, &shard.primary, &h.primary),
@@ -191,30 +202,25 @@ fn connect_spec(config: &Config, db: &DatabaseConfig, user: &UserConfig, addr: &
     }
 }
 
-fn new_pool(
-    config: &Config,
-    db: &DatabaseConfig,
-    user: &UserConfig,
-    route: Route,
-    addr: &ServerAddr,
-    health: Arc<ServerHealth>,
-) -> Arc<Pool> {
-    let proxy = &config.proxy;
-    let key = PoolKey {
+fn pool_key(db: &DatabaseConfig, user: &UserConfig, route: Route, addr: &ServerAddr) -> PoolKey {
+    PoolKey {
         database: db.name.clone(),
         user: user.name.clone(),
         shard: route.shard,
         role: route.role,
         server: addr.clone(),
-    };
-    let settings = PoolSettings {
+    }
+}
+
+fn pool_settings(config: &Config, db: &DatabaseConfig) -> PoolSettings {
+    let proxy = &config.proxy;
+    PoolSettings {
         size: db.pool_size,
         min_size: db.min_pool_size,
         wait_timeout: proxy.query_wait_timeout,
         idle_timeout: proxy.server_idle_timeout,
         lifetime: proxy.server_lifetime,
-    };
-    Pool::new(key, connect_spec(config, db, user, addr), settings, health)
+    }
 }
 
 #[cfg(test)]
@@ -239,7 +245,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             lifetime: Duration::from_secs(1),
         };
-        Pool::new(key, spec, settings, ServerHealth::new("d", ShardId(0), role, addr))
+        Pool::new(key, spec, settings, ServerHealth::new("d", ShardId(0), role, addr), PoolMetrics::default())
     }
 
     fn shard() -> ShardPools {

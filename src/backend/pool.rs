@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metrics::{Counter, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::conn::{ConnectSpec, ServerConn};
@@ -62,6 +63,22 @@ pub struct PoolStats {
     pub connect_failures: AtomicU64,
 }
 
+/// The metric handles a pool records into.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    /// `pgrouter_pool_wait_seconds`
+    pub wait: Histogram,
+    /// `pgrouter_pool_wait_timeouts_total`
+    pub wait_timeouts: Counter,
+}
+
+impl Default for PoolMetrics {
+    /// Handles that record nothing (unit tests).
+    fn default() -> Self {
+        Self { wait: Histogram::noop(), wait_timeouts: Counter::noop() }
+    }
+}
+
 pub struct Pool {
     pub key: PoolKey,
     /// The server's health, shared by every user's pool for this (database, server).
@@ -73,14 +90,22 @@ pub struct Pool {
     /// ParameterStatus values reported by the newest connection, shown to logging-in clients.
     params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
+    metrics: PoolMetrics,
     /// Set while an upkeep round runs, so rounds never overlap.
     maintaining: AtomicBool,
 }
 
 impl Pool {
     #[must_use]
-    pub fn new(key: PoolKey, spec: ConnectSpec, settings: PoolSettings, health: Arc<ServerHealth>) -> Arc<Self> {
+    pub fn new(
+        key: PoolKey,
+        spec: ConnectSpec,
+        settings: PoolSettings,
+        health: Arc<ServerHealth>,
+        metrics: PoolMetrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            metrics,
             health,
             permits: Arc::new(Semaphore::new(settings.size)),
             key,
@@ -100,9 +125,14 @@ impl Pool {
         let permit = {
             let _waiting = Gauge::enter(&self.stats.waiting);
             match tokio::time::timeout(self.settings.wait_timeout, self.permits.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
+                Ok(Ok(permit)) => {
+                    self.metrics.wait.record(started.elapsed().as_secs_f64());
+                    permit
+                }
                 Ok(Err(_)) => return Err(Error::Internal("pool semaphore closed".into())),
                 Err(_) => {
+                    self.metrics.wait.record(started.elapsed().as_secs_f64());
+                    self.metrics.wait_timeouts.increment(1);
                     self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
                     return Err(Error::PoolTimeout { pool: self.key.to_string(), waited: started.elapsed() });

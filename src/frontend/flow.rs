@@ -9,6 +9,9 @@
 //! - Parse/Bind/Describe/Execute/Close/Flush are answered only after a later Sync, so until
 //!   then the server connection belongs to this client (never release on Flush).
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
 use crate::protocol::messages::TxStatus;
 
 #[derive(Debug, Clone)]
@@ -31,6 +34,10 @@ pub struct Flow {
     /// connection is closed rather than pooled.
     tainted: bool,
     status: TxStatus,
+    /// When each pending request was sent, oldest first (for latency metrics).
+    sent: VecDeque<Instant>,
+    /// How long the request the last ReadyForQuery answered took.
+    answered: Option<Duration>,
 }
 
 impl Default for Flow {
@@ -44,6 +51,8 @@ impl Default for Flow {
             server_copy: false,
             tainted: false,
             status: TxStatus::Idle,
+            sent: VecDeque::new(),
+            answered: None,
         }
     }
 }
@@ -54,6 +63,7 @@ impl Flow {
         match tag {
             // A Query after successful extended messages closes their implicit batch too.
             b'Q' | b'F' => {
+                self.sent.push_back(Instant::now());
                 self.pending += 1;
                 self.unsynced = false;
                 self.syncs_since_exec = 0;
@@ -65,6 +75,7 @@ impl Flow {
                 self.exec_extended = true;
             }
             b'S' => {
+                self.sent.push_back(Instant::now());
                 self.pending += 1;
                 self.unsynced = false;
                 self.syncs_since_exec += 1;
@@ -74,6 +85,8 @@ impl Flow {
                 // The Syncs sent while the server was copying in were swallowed; the COPY
                 // started by an Execute is then answered only after the client's next Sync.
                 self.pending = self.pending.saturating_sub(self.syncs_since_exec);
+                let answered = self.sent.len().saturating_sub(self.syncs_since_exec as usize);
+                self.sent.truncate(answered);
                 self.unsynced |= self.exec_extended;
                 self.syncs_since_exec = 0;
                 self.client_copy = false;
@@ -108,6 +121,7 @@ impl Flow {
                 self.server_copy = false;
             }
             (b'Z', Some(status)) => {
+                self.answered = self.sent.pop_front().map(|sent| sent.elapsed());
                 self.pending = self.pending.saturating_sub(1);
                 self.status = status;
                 self.client_copy = false;
@@ -115,6 +129,11 @@ impl Flow {
             }
             _ => {}
         }
+    }
+
+    /// How long the request the last ReadyForQuery answered took, once.
+    pub fn take_answered(&mut self) -> Option<Duration> {
+        self.answered.take()
     }
 
     /// Every request answered, nothing half-sent.

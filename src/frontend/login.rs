@@ -57,7 +57,8 @@ pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
     client.max_message = app.config.proxy.max_message_size;
     let (user, database) = (params.user.clone(), params.database.clone());
     tracing::info!(client = %peer, %user, %database, "client connected");
-    Session::new(app, client, params).run().await;
+    let me = app.sessions.register(&database, &user, peer);
+    Session::new(app, client, params, me).run().await;
     tracing::info!(client = %peer, %user, %database, "client disconnected");
 }
 

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod client;
+pub mod clients;
 pub mod flow;
 pub mod listener;
 pub mod login;

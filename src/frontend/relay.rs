@@ -28,6 +28,7 @@ use crate::protocol::framing::{self, Frame};
 use crate::protocol::messages::{self, TxStatus, parse_parameter_status};
 use crate::protocol::scan::{Piece, Scanner};
 use crate::router::hint;
+use crate::telemetry::{DatabaseMetrics, RouteLabel};
 
 /// Stop reading a side once this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 << 10;
@@ -73,6 +74,8 @@ pub struct RelayOptions<'a> {
     /// Sees every client message before it goes on (transaction pooling notes what each
     /// statement does to the session), and may replace it (a statement for another shard).
     pub observe: Option<&'a mut Observer<'a>>,
+    /// Where each answered request is counted, with its latency.
+    pub metrics: Option<(&'a DatabaseMetrics, RouteLabel)>,
 }
 
 /// Sees a client message before it is relayed; returns a replacement, if any.
@@ -161,7 +164,7 @@ impl Pump {
                 return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
             }
             self.take_client_frames(client, server, flow, opts)?;
-            self.take_server_messages(server, flow, &mut opts.renaming)?;
+            self.take_server_messages(server, flow, &mut opts.renaming, opts.metrics)?;
             if self.client_eof || (self.terminated && self.to_server.is_empty()) {
                 let server_dirty = !self.to_server.is_empty();
                 return Poll::Ready(Ok(RelayEnd::ClientGone { terminated: self.terminated, server_dirty }));
@@ -290,6 +293,7 @@ impl Pump {
         server: &mut ServerConn,
         flow: &mut Flow,
         renaming: &mut Option<Renaming<'_>>,
+        metrics: Option<(&DatabaseMetrics, RouteLabel)>,
     ) -> Result<(), Error> {
         while self.to_client.len() < HIGH_WATER {
             let piece = self
@@ -317,6 +321,14 @@ impl Pump {
                         disposition = self.exchange.server_message(tag, body, &mut ctx);
                     }
                     on_server_message(server, flow, tag, body)?;
+                    if let Some((metrics, route)) = metrics
+                        && let Some(took) = flow.take_answered()
+                    {
+                        metrics.query(route, took);
+                        if flow.status() == TxStatus::Idle {
+                            metrics.transactions.increment(1);
+                        }
+                    }
                     if disposition == Disposition::Forward {
                         self.to_client.extend_from_slice(&msg);
                     }

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Attached, Effects, LOOKUP_TIMEOUT, RESET_TIMEOUT, Session};
-use crate::backend::health::parse_lsn;
+use crate::backend::health::{BanReason, parse_lsn};
 use crate::backend::{Checkout, Pool, ReadNeeds, ShardPools};
 use crate::config::{ReadYourWrites, ReplicaFallback};
 use crate::error::Error;
 use crate::frontend::cancel::CancelTarget;
 use crate::frontend::client::ClientIo;
+use crate::frontend::clients::ClientState;
 use crate::frontend::flow::Flow;
 use crate::frontend::routing::{Routed, WriteMark};
 use crate::frontend::settings;
@@ -75,7 +76,7 @@ impl<S: ClientIo> Session<S> {
                 Ok(None) => return Ok(false),
                 // nothing was sent yet: ban the replica and route again
                 Err(e @ Error::Connect { .. }) if pool.key.role == Role::Replica && attempts > 0 => {
-                    pool.health.ban(ban_time, &e.to_string());
+                    pool.health.ban(ban_time, BanReason::ServerLost, &e.to_string());
                 }
                 Err(e) => return Err(e),
             }
@@ -172,6 +173,7 @@ impl<S: ClientIo> Session<S> {
         }
         if let Some(why) = attached.effects.pins {
             self.pinned = Some(why);
+            self.me.entry.set_pinned();
             let pinned = self.app.pinned_clients.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             tracing::info!(user = %self.params.user, database = %self.params.database, reason = why, pinned_clients = pinned,
                 "client pinned to its server connection until it disconnects");
@@ -229,13 +231,17 @@ impl<S: ClientIo> Session<S> {
     /// free connection is taken at once; a client that said goodbye with Terminate still has
     /// what it sent before run, as PostgreSQL would.
     pub(super) async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Option<Checkout>, Error> {
-        tokio::select! {
+        self.me.entry.set_state(ClientState::Waiting);
+        let checkout = tokio::select! {
             biased;
             checkout = pool.checkout() => checkout.map(Some),
             said_goodbye = self.client.closed() => {
                 if said_goodbye { pool.checkout().await.map(Some) } else { Ok(None) }
             }
-        }
+        };
+        let now = if matches!(checkout, Ok(Some(_))) { ClientState::Active } else { ClientState::Idle };
+        self.me.entry.set_state(now);
+        checkout
     }
 
     /// After an idle point on the primary following a write: remember it for read-your-writes.

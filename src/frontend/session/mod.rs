@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
+use super::clients::{ClientState, Registered};
 use super::flow::Flow;
 use super::prepared::{self, ClientStatements, Deallocate};
 use super::relay::Renaming;
@@ -30,6 +31,7 @@ use super::settings;
 use crate::app::App;
 use crate::backend::conn::Settings;
 use crate::backend::conn::send_cancel;
+use crate::backend::health::BanReason;
 use crate::backend::{Checkout, ClusterPools};
 use crate::config::PoolMode;
 use crate::error::{Error, SqlState};
@@ -39,6 +41,7 @@ use crate::router::classify::Classification;
 use crate::router::hint;
 use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Role, Target, Why};
+use crate::telemetry::{DatabaseMetrics, RouteLabel};
 use bytes::BytesMut;
 
 /// How long the proxy waits for a server to roll back or reset before closing it instead.
@@ -144,14 +147,25 @@ pub struct Session<S> {
     /// Custom settings (`myapp.x`) the client's statements mention: pg_settings does not
     /// show them, so they are read back by name.
     custom_settings: BTreeSet<String>,
+    /// The client's entry in the app's client list (state for SHOW CLIENTS and metrics).
+    me: Registered,
+    /// The database's request metrics.
+    metrics: Arc<DatabaseMetrics>,
 }
 
 impl<S: ClientIo> Session<S> {
-    pub fn new(app: Arc<App>, client: ClientStream<S>, params: SessionParams) -> Self {
+    pub fn new(app: Arc<App>, client: ClientStream<S>, params: SessionParams, me: Registered) -> Self {
         let settings = params.settings.clone();
         let mut statements = ClientStatements::default();
         statements.set_search_path(settings.get("search_path").map(String::as_str));
+        let metrics = app
+            .database_metrics
+            .get(&params.database)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(DatabaseMetrics::new(&app.telemetry, &params.database)));
         Self {
+            me,
+            metrics,
             app,
             client,
             params,
@@ -190,6 +204,7 @@ impl<S: ClientIo> Session<S> {
             Err(e @ Error::ClientIo(_)) => tracing::debug!(error = %e, "client connection failed"),
             Err(e) => {
                 tracing::warn!(user = %self.params.user, database = %self.params.database, error = %e, kind = e.kind(), "session ended by error");
+                self.app.telemetry.counter("pgrouter_errors_total", &[("kind", e.kind())]).increment(1);
                 self.client.send_error(Severity::Fatal, e).await;
             }
         }
@@ -223,6 +238,7 @@ impl<S: ClientIo> Session<S> {
                     }
                 }
             };
+            let route = self.route_label();
             let renaming = (self.params.mode == PoolMode::Transaction)
                 .then(|| Renaming { registry: &self.app.statements, client: &mut self.statements });
             let movable = self.params.mode == PoolMode::Transaction && self.pinned.is_none();
@@ -248,6 +264,7 @@ impl<S: ClientIo> Session<S> {
                         || statements.is_some_and(|s| local_deallocate(sql, s).is_some())
                 },
                 intercept_commit: Some(&commit_elsewhere),
+                metrics: Some((&self.metrics, route)),
                 renaming,
                 observe: movable.then_some(&mut observe as &mut relay::Observer<'_>),
             };
@@ -258,7 +275,10 @@ impl<S: ClientIo> Session<S> {
                     return Ok(Exit::ClientGone);
                 }
                 Ok(RelayEnd::Intercepted(frame)) if schema::commits_elsewhere(&frame, self.server.as_ref()) => {
-                    if !self.commit_everywhere(frame).await? {
+                    let started = std::time::Instant::now();
+                    let committed = self.commit_everywhere(frame).await?;
+                    self.count_all_shards(started);
+                    if !committed {
                         self.left = Some(Departure { terminated: false, server_dirty: false });
                         return Ok(Exit::ClientGone);
                     }
@@ -307,6 +327,7 @@ impl<S: ClientIo> Session<S> {
 
     /// Waits, without a server connection, for the next request that needs one.
     async fn await_request(&mut self) -> Result<Waited, Error> {
+        self.me.entry.set_state(ClientState::Idle);
         let idle_timeout = self.app.config.proxy.client_idle_timeout;
         loop {
             let read = tokio::select! {
@@ -389,13 +410,17 @@ impl<S: ClientIo> Session<S> {
                 }
                 Ok(Plan::Server(routed)) => return Ok(Some(routed)),
                 Ok(Plan::Scatter(query)) => {
+                    let started = std::time::Instant::now();
                     self.scatter(query).await?;
+                    self.count_all_shards(started);
                     return Ok(None);
                 }
                 Ok(Plan::CopyIn(split)) => {
+                    let started = std::time::Instant::now();
                     if !self.copy_in(split).await? {
                         return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
                     }
+                    self.count_all_shards(started);
                     return Ok(None);
                 }
                 Err(PlanError::Error(e)) => return Err(e),
@@ -413,6 +438,21 @@ impl<S: ClientIo> Session<S> {
             }
         }
         Err(Error::Internal("function volatility still unknown after looking it up".into()))
+    }
+
+    /// Counts a request the proxy ran on every shard, and the transaction it was.
+    fn count_all_shards(&self, started: std::time::Instant) {
+        self.metrics.query(RouteLabel::AllShards, started.elapsed());
+        self.metrics.transactions.increment(1);
+    }
+
+    /// The `route` label for requests relayed on the attached connection.
+    fn route_label(&self) -> RouteLabel {
+        match self.server.as_ref().map(Attached::role) {
+            _ if self.params.pools.shards.len() > 1 => RouteLabel::Shard,
+            Some(Role::Replica) => RouteLabel::Replica,
+            _ => RouteLabel::Primary,
+        }
     }
 
     fn detach(&mut self) {
@@ -434,7 +474,11 @@ impl<S: ClientIo> Session<S> {
             return Ok(false);
         };
         if attached.role() == Role::Replica {
-            attached.checkout.pool().health.ban(self.app.config.proxy.ban_time, &error.to_string());
+            attached.checkout.pool().health.ban(
+                self.app.config.proxy.ban_time,
+                BanReason::ServerLost,
+                &error.to_string(),
+            );
         }
         if !attached.started_idle || self.flow.status() != TxStatus::Idle || self.params.mode == PoolMode::Session {
             return Ok(false);
@@ -466,6 +510,7 @@ impl<S: ClientIo> Session<S> {
     /// Answers a request that could not be served, keeping the session usable.
     async fn reject(&mut self, expects_ready: bool, err: &Error) -> Result<(), Error> {
         tracing::debug!(error = %err, kind = err.kind(), "request refused");
+        self.app.telemetry.counter("pgrouter_errors_total", &[("kind", err.kind())]).increment(1);
         self.client.send_error(Severity::Error, err).await;
         // an error inside a transaction aborts it, as on PostgreSQL
         if let Some(held) = &mut self.routing.held {

@@ -1,0 +1,150 @@
+//! Prometheus metrics (DESIGN §8) and the HTTP endpoint that serves them (`http`).
+//!
+//! The recorder belongs to the app, not to the process: parts of the proxy get metric
+//! handles from [`Telemetry`] when they are built (a pool its wait histogram, a session its
+//! database's query counters), so the per-query path only bumps atomics. Gauges that
+//! describe state (clients, pools, server health) are set from that state at each scrape
+//! (`App::refresh_gauges`), so they cannot drift from it. Label values come from the config
+//! and from fixed sets of words, never from SQL or client input, so series stay bounded.
+
+pub mod http;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Latency buckets (seconds): from 50 µs (a cached statement on loopback) to 30 s.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
+];
+
+const METADATA: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// What each series means, for the exposition's HELP lines.
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("pgrouter_clients", "Client connections by state (active: has a server connection; waiting: for one; idle)"),
+    ("pgrouter_pool_servers", "Server connections by state (active: lent to a client; idle; connecting)"),
+    ("pgrouter_pool_size", "Configured pool_size of each pool"),
+    ("pgrouter_pool_wait_seconds", "Time clients waited for a server connection"),
+    ("pgrouter_pool_wait_timeouts_total", "Clients that gave up waiting for a server connection (query_wait_timeout)"),
+    ("pgrouter_queries_total", "Requests (a simple query, or an extended-protocol batch up to Sync) by route"),
+    ("pgrouter_query_duration_seconds", "Request latency through the proxy, until the server's ReadyForQuery"),
+    ("pgrouter_transactions_total", "Transactions ended (explicit ones and single statements outside a block)"),
+    ("pgrouter_server_up", "1 if the server is usable, 0 if banned, down or not checked yet"),
+    ("pgrouter_replica_lag_seconds", "Replication lag of a replica, from the health checker"),
+    ("pgrouter_bans_total", "Servers taken out of rotation, by reason"),
+    ("pgrouter_pinned_clients", "Transaction-pooled clients pinned to one server connection"),
+    ("pgrouter_errors_total", "Errors pgrouter answered to clients, by kind"),
+    ("pgrouter_parse_cache_hits_total", "Statements whose classification came from the shape cache"),
+    ("pgrouter_parse_cache_misses_total", "Statements parsed because their shape was not cached"),
+    ("pgrouter_config_reloads_total", "Config reloads by result (ok, error)"),
+];
+
+/// The app's metrics recorder.
+pub struct Telemetry {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    #[must_use]
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .expect("the buckets are not empty")
+            .build_recorder();
+        for (name, help) in DESCRIPTIONS {
+            let (key, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
+            if name.ends_with("_total") {
+                recorder.describe_counter(key, None, help);
+            } else if name.ends_with("_seconds") && !name.contains("lag") {
+                recorder.describe_histogram(key, unit, help);
+            } else {
+                recorder.describe_gauge(key, unit, help);
+            }
+        }
+        let handle = recorder.handle();
+        Self { recorder, handle }
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &METADATA)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.recorder.register_histogram(&key(name, labels), &METADATA)
+    }
+
+    /// The Prometheus text exposition of every series.
+    #[must_use]
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, (*v).to_owned())).collect();
+    Key::from_parts(name, labels)
+}
+
+/// The `route` label of `pgrouter_queries_total` and `pgrouter_query_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    Primary,
+    Replica,
+    /// One shard of a sharded database.
+    Shard,
+    AllShards,
+}
+
+impl RouteLabel {
+    const ALL: [Self; 4] = [Self::Primary, Self::Replica, Self::Shard, Self::AllShards];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Replica => "replica",
+            Self::Shard => "shard",
+            Self::AllShards => "all_shards",
+        }
+    }
+}
+
+/// One database's request metrics, registered once.
+pub struct DatabaseMetrics {
+    routes: [(Counter, Histogram); 4],
+    pub transactions: Counter,
+}
+
+impl DatabaseMetrics {
+    #[must_use]
+    pub fn new(telemetry: &Telemetry, database: &str) -> Self {
+        let routes = RouteLabel::ALL.map(|route| {
+            let labels = [("database", database), ("route", route.as_str())];
+            (
+                telemetry.counter("pgrouter_queries_total", &labels),
+                telemetry.histogram("pgrouter_query_duration_seconds", &labels),
+            )
+        });
+        Self { routes, transactions: telemetry.counter("pgrouter_transactions_total", &[("database", database)]) }
+    }
+
+    /// Counts one request on `route` that took `took`.
+    pub fn query(&self, route: RouteLabel, took: std::time::Duration) {
+        let (count, duration) = &self.routes[route as usize];
+        count.increment(1);
+        duration.record(took.as_secs_f64());
+    }
+}
