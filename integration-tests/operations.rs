@@ -144,3 +144,149 @@ fn metrics_show_pool_saturation_under_load() {
     let said = format!("{}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
     assert!(checked.status.success() && said.trim().is_empty(), "promtool check metrics: {said}");
 }
+
+/// A psql command's CSV output on the admin console: the header, then the rows.
+fn admin_csv(env: &Env, command: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let out = env.proxy.psql("pgrouter", &["--csv", "-c", command]);
+    assert!(out.status.success(), "{command}: {}", crate::harness::stderr(&out));
+    let text = crate::harness::stdout(&out);
+    let mut lines = text.lines().map(|l| l.split(',').map(str::to_owned).collect::<Vec<_>>());
+    let header = lines.next().unwrap_or_default();
+    (header, lines.collect())
+}
+
+fn column<'a>(header: &[String], row: &'a [String], name: &str) -> &'a str {
+    let i = header.iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name} in {header:?}"));
+    &row[i]
+}
+
+/// psql on the admin console: SHOW POOLS and SHOW STATS with PgBouncer's columns, SHOW
+/// CLIENTS and SHOW SERVERS listing the live connections, a non-admin refused; PAUSE waits
+/// for the open transaction and holds new requests until RESUME; SHUTDOWN drains and exits.
+#[test]
+fn admin_console_shows_pools_stats_clients_and_servers() {
+    let mut env =
+        Env::start(EnvOptions { proxy: format!("admin_users = [\"{APP_USER}\"]\n"), ..EnvOptions::default() });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    let rt = runtime();
+    let (busy, idle1, idle2) = rt.block_on(async {
+        let busy = connect(&url).await.unwrap();
+        busy.simple_query("begin; select 1").await.unwrap();
+        let idle1 = connect(&url).await.unwrap();
+        idle1.simple_query("select 1").await.unwrap();
+        (busy, idle1, connect(&url).await.unwrap())
+    });
+    let (header, rows) = admin_csv(&env, "SHOW POOLS;");
+    assert_eq!(
+        header,
+        [
+            "database",
+            "user",
+            "cl_active",
+            "cl_waiting",
+            "cl_active_cancel_req",
+            "cl_waiting_cancel_req",
+            "sv_active",
+            "sv_active_cancel",
+            "sv_being_canceled",
+            "sv_idle",
+            "sv_used",
+            "sv_tested",
+            "sv_login",
+            "maxwait",
+            "maxwait_us",
+            "pool_mode"
+        ]
+    );
+    let app = rows.iter().find(|r| r[0] == "app" && r[1] == APP_USER).expect("a pool row for app/app");
+    assert_eq!(
+        (column(&header, app, "cl_active"), column(&header, app, "sv_active"), column(&header, app, "pool_mode")),
+        ("1", "1", "transaction")
+    );
+    let (header, rows) = admin_csv(&env, "show stats");
+    assert_eq!(
+        header,
+        [
+            "database",
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_xact_time",
+            "total_query_time",
+            "total_wait_time",
+            "avg_xact_count",
+            "avg_query_count",
+            "avg_recv",
+            "avg_sent",
+            "avg_xact_time",
+            "avg_query_time",
+            "avg_wait_time"
+        ]
+    );
+    let app = rows.iter().find(|r| r[0] == "app").expect("a stats row for app");
+    for counted in ["total_xact_count", "total_query_count", "total_received", "total_sent", "total_query_time"] {
+        assert!(column(&header, app, counted).parse::<u64>().unwrap() > 0, "{counted} counts: {app:?}");
+    }
+    let (header, rows) = admin_csv(&env, "show clients");
+    let clients: Vec<_> = rows.iter().filter(|r| column(&header, r, "database") == "app").collect();
+    assert_eq!(clients.len(), 3, "the three live clients: {rows:?}");
+    assert_eq!(clients.iter().filter(|r| column(&header, r, "state") == "active").count(), 1);
+    let (header, rows) = admin_csv(&env, "show servers");
+    let servers: Vec<_> = rows.iter().filter(|r| column(&header, r, "database") == "app").collect();
+    assert!(servers.iter().any(|r| column(&header, r, "state") == "active"), "the busy client's server: {rows:?}");
+    assert!(servers.iter().all(|r| column(&header, r, "remote_pid").parse::<i32>().unwrap() > 0));
+    for command in ["show databases", "show config", "show version", "show help"] {
+        assert!(!admin_csv(&env, command).1.is_empty(), "{command}");
+    }
+    let config = admin_csv(&env, "show config").1;
+    assert!(config.iter().any(|r| r[0] == "proxy.admin_users" && r[1] == APP_USER));
+    // a user not in admin_users is refused, after a correct password
+    let out =
+        env.proxy.psql_as(crate::harness::MD5_USER, crate::harness::MD5_PASSWORD, "pgrouter", &["-c", "show pools"]);
+    assert!(crate::harness::stderr(&out).contains("not in proxy.admin_users"), "{}", crate::harness::stderr(&out));
+    // PAUSE waits for the open transaction; new requests wait until RESUME
+    let pause = {
+        let port = env.proxy.port;
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let out = crate::harness::pg_tool("psql")
+                .args([
+                    "-X",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    APP_USER,
+                    "-d",
+                    "pgrouter",
+                    "-c",
+                    "pause app",
+                ])
+                .env("PGPASSWORD", APP_PASSWORD)
+                .output()
+                .unwrap();
+            (out.status.success(), started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(!pause.is_finished(), "PAUSE waits while a transaction holds a server connection");
+    rt.block_on(busy.simple_query("commit")).unwrap();
+    let (paused, took) = pause.join().unwrap();
+    assert!(paused && took >= Duration::from_millis(700), "PAUSE answered once the transaction ended ({took:?})");
+    let held = rt.spawn(async move { idle1.simple_query("select 2").await.map(|_| ()).map_err(|e| describe(&e)) });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!held.is_finished(), "a request waits while the database is paused");
+    let (header, rows) = admin_csv(&env, "show pools");
+    let app = rows.iter().find(|r| r[0] == "app" && r[1] == APP_USER).unwrap();
+    assert_eq!(column(&header, app, "cl_waiting"), "1", "the held client shows as waiting");
+    assert_eq!(admin_csv(&env, "resume").0, ["RESUME"], "psql prints the command tag");
+    rt.block_on(held).unwrap().expect("the held request runs after RESUME");
+    drop(idle2);
+    // SHUTDOWN drains and exits
+    let out = env.proxy.psql("pgrouter", &["-c", "shutdown"]);
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
+    let status = env.proxy.wait_exit(Duration::from_secs(20)).expect("pgrouter exits after SHUTDOWN");
+    assert!(status.success(), "{status}");
+}

@@ -2,13 +2,16 @@
 //! shutdown token and task tracker), starts the listener and the pool upkeep, and turns
 //! signals into a drain (SIGTERM) or a fast exit (SIGINT).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -57,6 +60,13 @@ pub struct App {
     /// The metrics recorder, and each database's request metrics.
     pub telemetry: Telemetry,
     pub database_metrics: HashMap<String, Arc<DatabaseMetrics>>,
+    /// When the proxy started (SHOW STATS' averages).
+    pub started: Instant,
+    /// Fired by the admin console's SHUTDOWN: drain as on SIGTERM.
+    pub stop_requested: CancellationToken,
+    /// Databases paused by the admin console's PAUSE, and the wake-up for RESUME.
+    paused: Mutex<HashSet<String>>,
+    resumed: Notify,
 }
 
 /// A started proxy.
@@ -94,6 +104,10 @@ impl App {
             telemetry,
             database_metrics,
             sessions: Arc::new(ClientRegistry::default()),
+            started: Instant::now(),
+            stop_requested: CancellationToken::new(),
+            paused: Mutex::new(HashSet::new()),
+            resumed: Notify::new(),
             router: Router::new(SHAPE_CACHE_CAPACITY),
             policies: config.databases.iter().map(|db| (db.name.clone(), Policy::new(db))).collect(),
             verifiers: Verifiers::build(&config),
@@ -117,6 +131,46 @@ impl App {
     }
 }
 
+impl App {
+    /// PAUSE (`on`) or RESUME the databases: while paused, a client that needs a server
+    /// connection waits.
+    pub fn pause(&self, databases: &[String], on: bool) {
+        let mut paused = self.paused.lock().expect("pause lock");
+        for db in databases {
+            if on {
+                paused.insert(db.clone());
+            } else {
+                paused.remove(db);
+            }
+        }
+        drop(paused);
+        if !on {
+            self.resumed.notify_waiters();
+        }
+    }
+
+    #[must_use]
+    pub fn is_paused(&self, database: &str) -> bool {
+        self.paused.lock().expect("pause lock").contains(database)
+    }
+
+    /// Returns once `database` is not paused (or the proxy is shutting down).
+    pub async fn wait_unpaused(&self, database: &str) {
+        loop {
+            let resumed = self.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.is_paused(database) {
+                return;
+            }
+            tokio::select! {
+                () = resumed => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
 impl Running {
     /// Drains: stops accepting, lets every session reach a safe point, and waits up to
     /// `shutdown_timeout`. Returns whether every session ended in time.
@@ -134,15 +188,17 @@ impl Running {
     }
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP is logged: config reload is not implemented yet, and
-/// the default action (terminate) would be a nasty surprise.
-pub async fn wait_for_stop() -> std::io::Result<Stop> {
+/// Waits for SIGTERM (or the admin console's SHUTDOWN) or SIGINT. SIGHUP is logged: config
+/// reload is not implemented yet, and the default action (terminate) would be a nasty
+/// surprise.
+pub async fn wait_for_stop(app: &App) -> std::io::Result<Stop> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(Stop::Drain),
+            () = app.stop_requested.cancelled() => return Ok(Stop::Drain),
             _ = int.recv() => return Ok(Stop::Fast),
             _ = hup.recv() => tracing::warn!("SIGHUP received, but config reload is not implemented yet; the running config is unchanged"),
         }

@@ -163,9 +163,9 @@ pub fn serve(config: Config, ready: impl FnOnce()) -> ExitCode {
             }
         };
         ready();
-        match wait_for_stop().await {
+        match wait_for_stop(&running.app).await {
             Ok(Stop::Drain) => {
-                tracing::info!("SIGTERM: draining");
+                tracing::info!("SIGTERM or SHUTDOWN: draining");
                 running.drain().await;
                 ExitCode::SUCCESS
             }

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use metrics::{Counter, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -60,6 +60,8 @@ pub struct PoolStats {
     pub connecting: AtomicUsize,
     pub waiting: AtomicUsize,
     pub wait_timeouts: AtomicU64,
+    /// Microseconds clients spent waiting for a connection, in all.
+    pub wait_us: AtomicU64,
     pub connect_failures: AtomicU64,
 }
 
@@ -91,6 +93,8 @@ pub struct Pool {
     params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
     metrics: PoolMetrics,
+    /// Open connections by server process id, with when each was opened (SHOW SERVERS).
+    open_since: Mutex<std::collections::BTreeMap<i32, SystemTime>>,
     /// Set while an upkeep round runs, so rounds never overlap.
     maintaining: AtomicBool,
 }
@@ -106,6 +110,7 @@ impl Pool {
     ) -> Arc<Self> {
         Arc::new(Self {
             metrics,
+            open_since: Mutex::new(std::collections::BTreeMap::new()),
             health,
             permits: Arc::new(Semaphore::new(settings.size)),
             key,
@@ -127,6 +132,7 @@ impl Pool {
             match tokio::time::timeout(self.settings.wait_timeout, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => {
                     self.metrics.wait.record(started.elapsed().as_secs_f64());
+                    self.stats.wait_us.fetch_add(crate::telemetry::micros(started.elapsed()), Ordering::Relaxed);
                     permit
                 }
                 Ok(Err(_)) => return Err(Error::Internal("pool semaphore closed".into())),
@@ -173,6 +179,7 @@ impl Pool {
         match result {
             Ok(conn) => {
                 reserved.keep();
+                self.open_since.lock().expect("pool lock").insert(conn.backend_key.pid, SystemTime::now());
                 tracing::debug!(pool = %self.key, server_pid = conn.backend_key.pid, "server connection opened");
                 *self.params.lock().expect("pool lock") = Some(Arc::new(conn.params.clone()));
                 Ok(conn)
@@ -198,6 +205,7 @@ impl Pool {
 
     fn close(&self, conn: ServerConn, why: &str) {
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.open_since.lock().expect("pool lock").remove(&conn.backend_key.pid);
         tracing::debug!(pool = %self.key, server_pid = conn.backend_key.pid, why, "server connection closed");
         tokio::spawn(conn.terminate());
     }
@@ -252,6 +260,15 @@ impl Pool {
     #[must_use]
     pub fn busy(&self) -> usize {
         self.stats.in_use.load(Ordering::Relaxed) + self.stats.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The open connections: server process id, when it was opened, and whether it is idle
+    /// in the pool (otherwise a client holds it).
+    #[must_use]
+    pub fn servers(&self) -> Vec<(i32, SystemTime, bool)> {
+        let idle: Vec<i32> = self.idle.lock().expect("pool lock").iter().map(|c| c.backend_key.pid).collect();
+        let open = self.open_since.lock().expect("pool lock");
+        open.iter().map(|(pid, since)| (*pid, *since, idle.contains(pid))).collect()
     }
 
     #[must_use]

@@ -14,9 +14,9 @@ pub(crate) mod reader;
 mod users;
 
 pub use databases::{
-    CrossShard, DatabaseConfig, KeyType, KeyValue, ListMapping, LoadBalance, PoolMode, RangeMapping, ReadYourWrites,
-    ReadsTo, ReplicaFallback, RoutingConfig, RoutingRule, RuleRoute, Scheme, ServerTls, ShardConfig, ShardedTable,
-    ShardingConfig,
+    ADMIN_DATABASE, CrossShard, DatabaseConfig, KeyType, KeyValue, ListMapping, LoadBalance, PoolMode, RangeMapping,
+    ReadYourWrites, ReadsTo, ReplicaFallback, RoutingConfig, RoutingRule, RuleRoute, Scheme, ServerTls, ShardConfig,
+    ShardedTable, ShardingConfig,
 };
 pub use proxy::{LogFormat, ProxyConfig, TlsConfig, TlsMode};
 pub use users::{AuthMethod, Password, UserConfig};

@@ -17,6 +17,7 @@ use crate::app::App;
 use crate::backend::Pool;
 use crate::backend::conn::Settings;
 use crate::backend::pool::ServerParams;
+use crate::config::ADMIN_DATABASE;
 use crate::error::Error;
 use crate::protocol::messages::{self, Severity, TxStatus};
 use crate::protocol::startup::{StartupMessage, StartupPacket};
@@ -37,7 +38,12 @@ pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
     let mut client = ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.config.proxy.max_message_size));
     let login_timeout = app.config.proxy.client_login_timeout;
     let params = match tokio::time::timeout(login_timeout, login(&app, &mut client)).await {
-        Ok(Ok(Some(params))) => params,
+        Ok(Ok(Some(LoggedIn::Session(params)))) => params,
+        Ok(Ok(Some(LoggedIn::Admin(user)))) => {
+            client.max_message = app.config.proxy.max_message_size;
+            super::admin::serve(app, client, user).await;
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::info!(client = %peer, error = %e, kind = e.kind(), "login refused");
@@ -62,8 +68,15 @@ pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
     tracing::info!(client = %peer, %user, %database, "client disconnected");
 }
 
+/// Who logged in.
+enum LoggedIn {
+    Session(SessionParams),
+    /// An admin user, to database `pgrouter`: the admin console.
+    Admin(String),
+}
+
 /// Runs the startup phase; `None` when the connection carried a CancelRequest or closed.
-async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Result<Option<SessionParams>, Error> {
+async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Result<Option<LoggedIn>, Error> {
     let Some(startup) = read_startup(app, client).await? else {
         return Ok(None);
     };
@@ -85,6 +98,16 @@ async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Res
         .user(user_name)
         .ok_or_else(|| Error::Unauthorized(format!("user \"{user_name}\" is not configured in pgrouter")))?;
     authenticate(client, user, &app.verifiers).await?;
+    if database == ADMIN_DATABASE {
+        if !config.proxy.admin_users.iter().any(|a| a == &user.name) {
+            return Err(Error::Unauthorized(format!(
+                "user \"{}\" may not use the admin console (it is not in proxy.admin_users)",
+                user.name
+            )));
+        }
+        greet_admin(client, &app.cancels.register().key()).await?;
+        return Ok(Some(LoggedIn::Admin(user.name.clone())));
+    }
     let db = config.database(database).ok_or_else(|| Error::UnknownDatabase(database.to_owned()))?;
     let pools = app
         .pools
@@ -111,7 +134,7 @@ async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Res
     greeting.extend_from_slice(&messages::backend_key_data(&cancel.key()));
     greeting.extend_from_slice(&messages::ready_for_query(TxStatus::Idle));
     client.send(&greeting).await?;
-    Ok(Some(SessionParams {
+    Ok(Some(LoggedIn::Session(SessionParams {
         user: user.name.clone(),
         database: db.name.clone(),
         mode: db.pool_mode,
@@ -119,7 +142,32 @@ async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Res
         pools,
         policy,
         cancel,
-    }))
+    })))
+}
+
+/// The admin console's greeting: what psql needs to start.
+async fn greet_admin<S: ClientIo>(
+    client: &mut ClientStream<S>,
+    key: &crate::protocol::startup::CancelKey,
+) -> Result<(), Error> {
+    let mut greeting = BytesMut::new();
+    greeting.extend_from_slice(&messages::auth::ok());
+    let version = format!("15.0 (pgrouter {})", env!("CARGO_PKG_VERSION"));
+    let params = [
+        ("server_version", version.as_str()),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("is_superuser", "off"),
+    ];
+    for (name, value) in params {
+        greeting.extend_from_slice(&messages::parameter_status(name, value));
+    }
+    greeting.extend_from_slice(&messages::backend_key_data(key));
+    greeting.extend_from_slice(&messages::ready_for_query(TxStatus::Idle));
+    client.send(&greeting).await
 }
 
 /// The ParameterStatus values a new client sees, and its startup settings reduced to those

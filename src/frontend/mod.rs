@@ -4,6 +4,7 @@
 //! This layer decides *when* a client needs a server and *when* it can give it back; it does
 //! not know how servers are connected (backend) or how bytes are framed (protocol).
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod client;

@@ -96,7 +96,11 @@ pub async fn run<S: ClientIo>(
     }
     let shutdown = opts.shutdown.cancelled();
     tokio::pin!(shutdown);
-    poll_fn(|cx| pump.poll(cx, client, server, flow, &mut opts, shutdown.as_mut())).await
+    let end = poll_fn(|cx| pump.poll(cx, client, server, flow, &mut opts, shutdown.as_mut())).await;
+    if let Some((metrics, _)) = opts.metrics {
+        metrics.relayed(pump.received, pump.sent);
+    }
+    end
 }
 
 /// Named prepared statements under transaction pooling (see `prepared`): the registry and
@@ -147,6 +151,9 @@ struct Pump {
     /// A write went out and its flush has not completed yet (matters for TLS streams).
     client_flush: bool,
     server_flush: bool,
+    /// Bytes relayed from the client, and to it.
+    received: u64,
+    sent: u64,
 }
 
 impl Pump {
@@ -245,6 +252,7 @@ impl Pump {
     /// Sends one client message on, noting it in the flow and renaming statements if asked.
     fn forward(&mut self, frame: Frame, flow: &mut Flow, server: &mut ServerConn, opts: &mut RelayOptions<'_>) {
         flow.on_client(frame.tag());
+        self.received += frame.as_bytes().len() as u64;
         let frame = match opts.observe.as_mut().and_then(|observe| observe(&frame)) {
             Some(replacement) => replacement,
             None => frame,
@@ -303,6 +311,7 @@ impl Pump {
             match piece {
                 Piece::NeedMore => break,
                 Piece::Pass(n) => {
+                    self.sent += n as u64;
                     self.to_client.extend_from_slice(&server.rbuf[..n]);
                     server.rbuf.advance(n);
                 }
@@ -326,10 +335,11 @@ impl Pump {
                     {
                         metrics.query(route, took);
                         if flow.status() == TxStatus::Idle {
-                            metrics.transactions.increment(1);
+                            metrics.transaction();
                         }
                     }
                     if disposition == Disposition::Forward {
+                        self.sent += msg.len() as u64;
                         self.to_client.extend_from_slice(&msg);
                     }
                     self.exchange.emit_due(&mut self.to_client);

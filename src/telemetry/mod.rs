@@ -9,6 +9,9 @@
 
 pub mod http;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
@@ -125,7 +128,23 @@ impl RouteLabel {
 /// One database's request metrics, registered once.
 pub struct DatabaseMetrics {
     routes: [(Counter, Histogram); 4],
-    pub transactions: Counter,
+    transactions: Counter,
+    /// Totals since start, for the admin console's SHOW STATS.
+    pub totals: Totals,
+}
+
+/// Running totals of one database (PgBouncer's SHOW STATS counters).
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub transactions: AtomicU64,
+    pub queries: AtomicU64,
+    /// Microseconds requests took until their ReadyForQuery.
+    pub query_us: AtomicU64,
+    /// Microseconds clients held a server connection (in a transaction, or a request).
+    pub xact_us: AtomicU64,
+    /// Bytes from clients relayed to servers, and from servers to clients.
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
 }
 
 impl DatabaseMetrics {
@@ -138,13 +157,41 @@ impl DatabaseMetrics {
                 telemetry.histogram("pgrouter_query_duration_seconds", &labels),
             )
         });
-        Self { routes, transactions: telemetry.counter("pgrouter_transactions_total", &[("database", database)]) }
+        Self {
+            routes,
+            transactions: telemetry.counter("pgrouter_transactions_total", &[("database", database)]),
+            totals: Totals::default(),
+        }
     }
 
     /// Counts one request on `route` that took `took`.
-    pub fn query(&self, route: RouteLabel, took: std::time::Duration) {
+    pub fn query(&self, route: RouteLabel, took: Duration) {
         let (count, duration) = &self.routes[route as usize];
         count.increment(1);
         duration.record(took.as_secs_f64());
+        self.totals.queries.fetch_add(1, Ordering::Relaxed);
+        self.totals.query_us.fetch_add(micros(took), Ordering::Relaxed);
     }
+
+    /// Counts one transaction ended.
+    pub fn transaction(&self) {
+        self.transactions.increment(1);
+        self.totals.transactions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds the time a server connection was held.
+    pub fn held(&self, took: Duration) {
+        self.totals.xact_us.fetch_add(micros(took), Ordering::Relaxed);
+    }
+
+    /// Adds bytes relayed from clients (received) and to them (sent).
+    pub fn relayed(&self, received: u64, sent: u64) {
+        self.totals.received.fetch_add(received, Ordering::Relaxed);
+        self.totals.sent.fetch_add(sent, Ordering::Relaxed);
+    }
+}
+
+#[must_use]
+pub fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

@@ -91,6 +91,7 @@ impl<S: ClientIo> Session<S> {
             decision,
             started_idle: prelude.is_none(),
             effects: Effects::default(),
+            since: std::time::Instant::now(),
             elsewhere: Vec::new(),
         };
         if let Some(prelude) = prelude {
@@ -232,6 +233,16 @@ impl<S: ClientIo> Session<S> {
     /// what it sent before run, as PostgreSQL would.
     pub(super) async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Option<Checkout>, Error> {
         self.me.entry.set_state(ClientState::Waiting);
+        if self.server.is_none() && self.app.is_paused(&self.params.database) {
+            tokio::select! {
+                biased;
+                () = self.app.wait_unpaused(&self.params.database) => {}
+                said_goodbye = self.client.closed() => if !said_goodbye {
+                    self.me.entry.set_state(ClientState::Idle);
+                    return Ok(None);
+                },
+            }
+        }
         let checkout = tokio::select! {
             biased;
             checkout = pool.checkout() => checkout.map(Some),

@@ -96,6 +96,8 @@ struct Attached {
     started_idle: bool,
     /// What the statements relayed on it do to the session.
     effects: Effects,
+    /// When it was lent (for SHOW STATS' transaction time).
+    since: std::time::Instant,
     /// DDL on sharded tables run in this transaction, to be run on the other shards when it
     /// commits (`schema.rs`).
     elsewhere: Vec<bytes::Bytes>,
@@ -443,7 +445,7 @@ impl<S: ClientIo> Session<S> {
     /// Counts a request the proxy ran on every shard, and the transaction it was.
     fn count_all_shards(&self, started: std::time::Instant) {
         self.metrics.query(RouteLabel::AllShards, started.elapsed());
-        self.metrics.transactions.increment(1);
+        self.metrics.transaction();
     }
 
     /// The `route` label for requests relayed on the attached connection.
@@ -458,6 +460,7 @@ impl<S: ClientIo> Session<S> {
     fn detach(&mut self) {
         self.params.cancel.set_target(None);
         if let Some(attached) = self.server.take() {
+            self.metrics.held(attached.since.elapsed());
             if self.flow.tainted() {
                 tracing::debug!(server = %attached.checkout.conn_ref().addr, "closing a connection whose answers could not be counted exactly");
             } else {
