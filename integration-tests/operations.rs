@@ -290,3 +290,100 @@ fn admin_console_shows_pools_stats_clients_and_servers() {
     let status = env.proxy.wait_exit(Duration::from_secs(20)).expect("pgrouter exits after SHUTDOWN");
     assert!(status.success(), "{status}");
 }
+
+/// Seconds of pgbench load around the reload (PGROUTER_RELOAD_SECONDS to change it).
+fn reload_load_seconds() -> u64 {
+    std::env::var("PGROUTER_RELOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20)
+}
+
+/// Under pgbench load (16 clients, transaction pooling), SIGHUP with a bigger pool_size and a
+/// new routing rule: no transaction fails, the new rule applies to new statements, also on a
+/// connection opened before the reload; a broken config is refused (logged with its key
+/// path) and the proxy runs on; RELOAD on the admin console does the same as SIGHUP.
+#[test]
+fn reload_under_load_drops_nobody() {
+    let env = Env::start(EnvOptions {
+        replica: true,
+        proxy: format!("admin_users = [\"{APP_USER}\"]\n"),
+        ..EnvOptions::default()
+    });
+    assert!(env.proxy.pgbench("app", &["-i", "-s", "1", "-q"]).status.success(), "pgbench -i");
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    let rt = runtime();
+    let early = rt.block_on(connect(&url)).unwrap();
+    // a read goes to the replica until a rule says otherwise
+    let probe = "select pg_is_in_recovery()::text, 'rule_probe'";
+    let on_replica = |c: &tokio_postgres::Client| -> bool {
+        let rows = rt.block_on(c.simple_query(probe)).map_err(|e| describe(&e)).unwrap();
+        rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("true")))
+    };
+    let ready = Instant::now();
+    while !on_replica(&early) {
+        assert!(ready.elapsed() < Duration::from_secs(20), "the replica never came into rotation");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seconds = reload_load_seconds();
+    let load = {
+        let port = env.proxy.port;
+        std::thread::spawn(move || {
+            crate::harness::pg_tool("pgbench")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER, "-c", "16", "-j", "2"])
+                .args(["-T", &seconds.to_string(), "-n", "app"])
+                .env("PGPASSWORD", APP_PASSWORD)
+                .output()
+                .expect("run pgbench")
+        })
+    };
+    std::thread::sleep(Duration::from_secs(seconds / 3));
+    let path = env.proxy.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let app_db = "name = \"app\"\nserver_database = \"app\"\npool_mode = \"transaction\"\npool_size = 4\n";
+    assert!(original.contains(app_db), "the test knows the harness's config");
+    let changed = original.replace(
+        app_db,
+        &format!(
+            "{}[[databases.routing.rules]]\npattern = \"rule_probe\"\nroute = \"primary\"\n",
+            app_db.replace("pool_size = 4", "pool_size = 8")
+        ),
+    );
+    std::fs::write(&path, &changed).unwrap();
+    env.proxy.signal("HUP");
+    let reloaded = Instant::now();
+    while !env.proxy.log().contains("config reloaded") {
+        assert!(reloaded.elapsed() < Duration::from_secs(10), "no reload in the log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!on_replica(&early), "the new rule sends the probe to the primary, on a connection opened before");
+    assert!(!on_replica(&rt.block_on(connect(&url)).unwrap()), "and on a new connection");
+    // a broken config is refused, logged with its key path, and changes nothing
+    std::thread::sleep(Duration::from_secs(seconds / 3));
+    std::fs::write(&path, changed.replace("pool_size = 8", "pool_size = \"many\"")).unwrap();
+    env.proxy.signal("HUP");
+    let refused = Instant::now();
+    while !env.proxy.log().contains("config reload refused") {
+        assert!(refused.elapsed() < Duration::from_secs(10), "the broken config was not reported");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = env.proxy.log();
+    let line = log.lines().find(|l| l.contains("config reload refused")).unwrap();
+    assert!(line.contains("databases[0].pool_size"), "the error names the key: {line}");
+    assert!(!on_replica(&early), "the running config (with the rule) stays");
+    let out = load.join().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "pgbench: {report}{}", String::from_utf8_lossy(&out.stderr));
+    let failed = report.lines().find(|l| l.starts_with("number of failed transactions")).unwrap_or_default();
+    let done = report.lines().find(|l| l.starts_with("number of transactions actually processed")).unwrap_or_default();
+    println!("reload: {seconds} s of pgbench, 16 clients, 2 reloads: {done}; {failed}");
+    assert!(failed.starts_with("number of failed transactions: 0 "), "{failed}");
+    // the pool grew: up to 8 server connections for app on the primary
+    let (header, rows) = admin_csv(&env, "show databases");
+    let app = rows.iter().find(|r| r[0] == "app").unwrap();
+    assert_eq!(column(&header, app, "pool_size"), "8");
+    // RELOAD on the admin console: refused while the file is broken, then accepted
+    let out = env.proxy.psql("pgrouter", &["-c", "reload"]);
+    assert!(crate::harness::stderr(&out).contains("databases[0].pool_size"), "{}", crate::harness::stderr(&out));
+    std::fs::write(&path, &original).unwrap();
+    let out = env.proxy.psql("pgrouter", &["-c", "reload"]);
+    assert!(out.status.success(), "{}", crate::harness::stderr(&out));
+    assert!(on_replica(&early), "the rule is gone again");
+}

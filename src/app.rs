@@ -1,6 +1,8 @@
-//! Builds the shared handles once (config snapshot, pools, cancel keys, credentials, the
-//! shutdown token and task tracker), starts the listener and the pool upkeep, and turns
-//! signals into a drain (SIGTERM) or a fast exit (SIGINT).
+//! Builds the shared handles (the config snapshot with its pools, policies and credentials;
+//! cancel keys, the shutdown token and task tracker), starts the listener and the pool
+//! upkeep, and turns signals into a reload (SIGHUP), a drain (SIGTERM) or a fast exit
+//! (SIGINT). A reload (`reload.rs`) swaps in a new snapshot; sessions move to it between
+//! transactions.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -17,6 +19,9 @@ use tokio_util::task::TaskTracker;
 
 use std::collections::HashMap;
 
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+
 use crate::backend::Pools;
 use crate::backend::health::{CheckSettings, run_checks};
 use crate::config::Config;
@@ -29,22 +34,61 @@ use crate::router::{Policy, Router};
 use crate::telemetry::{DatabaseMetrics, Telemetry};
 
 mod gauges;
+mod reload;
 
 /// How often idle server connections are checked for expiry and min_pool_size is topped up.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Distinct statement shapes whose classification is kept.
 const SHAPE_CACHE_CAPACITY: usize = 10_000;
 
-/// The state every task shares. Built once; nothing in it is process-global.
-pub struct App {
+/// What one version of the config makes: the config itself, its pools and health records,
+/// routing policies, client credentials and per-database metrics.
+pub struct Snapshot {
+    /// Counts reloads; sessions compare it to notice a new snapshot.
+    pub generation: u64,
     pub config: Arc<Config>,
     pub pools: Pools,
-    /// Statement classification, cached by shape, shared by every session.
-    pub router: Router,
     /// Each database's routing policy.
     pub policies: HashMap<String, Arc<Policy>>,
-    pub cancels: Arc<CancelRegistry>,
     pub verifiers: Verifiers,
+    pub database_metrics: HashMap<String, Arc<DatabaseMetrics>>,
+    /// Stops this snapshot's health checkers when a reload replaces it.
+    checkers: CancellationToken,
+}
+
+impl Snapshot {
+    fn build(config: Config, telemetry: &Telemetry, previous: Option<&Snapshot>, shutdown: &CancellationToken) -> Self {
+        let database_metrics = config
+            .databases
+            .iter()
+            .map(|db| {
+                let kept = previous.and_then(|p| p.database_metrics.get(&db.name)).cloned();
+                (db.name.clone(), kept.unwrap_or_else(|| Arc::new(DatabaseMetrics::new(telemetry, &db.name))))
+            })
+            .collect();
+        Self {
+            generation: previous.map_or(0, |p| p.generation + 1),
+            pools: Pools::build(&config, telemetry, previous.map(|p| &p.pools)),
+            policies: config.databases.iter().map(|db| (db.name.clone(), Policy::new(db))).collect(),
+            verifiers: Verifiers::build(&config),
+            database_metrics,
+            config: Arc::new(config),
+            checkers: shutdown.child_token(),
+        }
+    }
+}
+
+/// The state every task shares. Nothing in it is process-global.
+pub struct App {
+    /// The config in effect and what it makes; replaced whole by a reload.
+    current: ArcSwap<Snapshot>,
+    /// Where the config was read from, to read it again on reload.
+    config_path: Option<PathBuf>,
+    /// Held while a reload builds its snapshot, so two reloads cannot interleave.
+    reloading: Mutex<()>,
+    /// Statement classification, cached by shape, shared by every session.
+    pub router: Router,
+    pub cancels: Arc<CancelRegistry>,
     /// Fired when the proxy stops accepting; sessions close at their next safe point.
     pub shutdown: CancellationToken,
     /// Every client session, so a drain can wait for them.
@@ -57,9 +101,8 @@ pub struct App {
     pub pinned_clients: AtomicUsize,
     /// Logged-in clients and what each is doing.
     pub sessions: Arc<ClientRegistry>,
-    /// The metrics recorder, and each database's request metrics.
+    /// The metrics recorder.
     pub telemetry: Telemetry,
-    pub database_metrics: HashMap<String, Arc<DatabaseMetrics>>,
     /// When the proxy started (SHOW STATS' averages).
     pub started: Instant,
     /// Fired by the admin console's SHUTDOWN: drain as on SIGTERM.
@@ -85,8 +128,9 @@ pub enum Stop {
 }
 
 impl App {
-    /// Binds the listener and starts serving.
-    pub async fn start(config: Config) -> std::io::Result<Running> {
+    /// Binds the listener and starts serving. `config_path` is where a reload reads the
+    /// config again.
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> std::io::Result<Running> {
         let listener = TcpListener::bind(config.proxy.listen).await?;
         let local_addr = listener.local_addr()?;
         let metrics_listener = match config.proxy.metrics_listen {
@@ -94,26 +138,21 @@ impl App {
             None => None,
         };
         let telemetry = Telemetry::new();
-        let database_metrics = config
-            .databases
-            .iter()
-            .map(|db| (db.name.clone(), Arc::new(DatabaseMetrics::new(&telemetry, &db.name))))
-            .collect();
+        let shutdown = CancellationToken::new();
+        let snapshot = Snapshot::build(config, &telemetry, None, &shutdown);
         let app = Arc::new(Self {
-            pools: Pools::build(&config, &telemetry),
+            current: ArcSwap::from_pointee(snapshot),
+            config_path,
+            reloading: Mutex::new(()),
             telemetry,
-            database_metrics,
             sessions: Arc::new(ClientRegistry::default()),
             started: Instant::now(),
             stop_requested: CancellationToken::new(),
             paused: Mutex::new(HashSet::new()),
             resumed: Notify::new(),
             router: Router::new(SHAPE_CACHE_CAPACITY),
-            policies: config.databases.iter().map(|db| (db.name.clone(), Policy::new(db))).collect(),
-            verifiers: Verifiers::build(&config),
-            config: Arc::new(config),
             cancels: Arc::new(CancelRegistry::default()),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tracker: TaskTracker::new(),
             clients: AtomicUsize::new(0),
             pinned_clients: AtomicUsize::new(0),
@@ -125,13 +164,25 @@ impl App {
             tokio::spawn(crate::telemetry::http::serve(Arc::clone(&app), metrics_listener));
         }
         tokio::spawn(upkeep(Arc::clone(&app)));
-        start_health_checks(&app);
+        start_health_checks(&app.now());
         tracing::info!(listen = %local_addr, "pgrouter is accepting clients");
         Ok(Running { app, local_addr })
     }
 }
 
 impl App {
+    /// The config snapshot in effect.
+    #[must_use]
+    pub fn now(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The current snapshot's generation (cheaper than [`App::now`]).
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.current.load().generation
+    }
+
     /// PAUSE (`on`) or RESUME the databases: while paused, a client that needs a server
     /// connection waits.
     pub fn pause(&self, databases: &[String], on: bool) {
@@ -178,7 +229,7 @@ impl Running {
         let app = &self.app;
         app.shutdown.cancel();
         app.tracker.close();
-        let limit = app.config.proxy.shutdown_timeout;
+        let limit = app.now().config.proxy.shutdown_timeout;
         tracing::info!(clients = app.tracker.len(), timeout = ?limit, "draining");
         let done = tokio::time::timeout(limit, app.tracker.wait()).await.is_ok();
         if !done {
@@ -188,9 +239,8 @@ impl Running {
     }
 }
 
-/// Waits for SIGTERM (or the admin console's SHUTDOWN) or SIGINT. SIGHUP is logged: config
-/// reload is not implemented yet, and the default action (terminate) would be a nasty
-/// surprise.
+/// Waits for SIGTERM (or the admin console's SHUTDOWN) or SIGINT; reloads the config on
+/// each SIGHUP meanwhile.
 pub async fn wait_for_stop(app: &App) -> std::io::Result<Stop> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -200,21 +250,25 @@ pub async fn wait_for_stop(app: &App) -> std::io::Result<Stop> {
             _ = term.recv() => return Ok(Stop::Drain),
             () = app.stop_requested.cancelled() => return Ok(Stop::Drain),
             _ = int.recv() => return Ok(Stop::Fast),
-            _ = hup.recv() => tracing::warn!("SIGHUP received, but config reload is not implemented yet; the running config is unchanged"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                // a refused config was logged key by key and counted
+                let _ = app.reload();
+            }
         }
     }
 }
 
 /// One checker task per shard of every database.
-fn start_health_checks(app: &Arc<App>) {
-    for shard in &app.pools.health {
-        let policy = &app.policies[&shard.primary.database];
+fn start_health_checks(snapshot: &Snapshot) {
+    for shard in &snapshot.pools.health {
+        let policy = &snapshot.policies[&shard.primary.database];
         let settings = CheckSettings {
-            interval: app.config.proxy.health_check_interval,
-            ban_time: app.config.proxy.ban_time,
+            interval: snapshot.config.proxy.health_check_interval,
+            ban_time: snapshot.config.proxy.ban_time,
             max_lag: policy.max_replica_lag,
         };
-        tokio::spawn(run_checks(Arc::clone(shard), settings, app.shutdown.clone()));
+        tokio::spawn(run_checks(Arc::clone(shard), settings, snapshot.checkers.clone()));
     }
 }
 
@@ -229,7 +283,7 @@ async fn upkeep(app: Arc<App>) {
         }
         // Each pool on its own task, so one unreachable server (waiting out its connect
         // timeout) does not hold up the others.
-        for pool in app.pools.all() {
+        for pool in app.now().pools.all() {
             let pool = Arc::clone(pool);
             tokio::spawn(async move { pool.maintain().await });
         }

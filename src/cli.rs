@@ -141,11 +141,11 @@ fn run_proxy(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.proxy.log_format);
-    serve(config, || {})
+    serve(config, Some(path.to_path_buf()), || {})
 }
 
 /// Runs the proxy until SIGTERM (drain) or SIGINT (fast). `ready` runs once it listens.
-pub fn serve(config: Config, ready: impl FnOnce()) -> ExitCode {
+pub fn serve(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce()) -> ExitCode {
     let runtime = match runtime(config.proxy.workers) {
         Ok(rt) => rt,
         Err(e) => {
@@ -155,7 +155,7 @@ pub fn serve(config: Config, ready: impl FnOnce()) -> ExitCode {
     };
     runtime.block_on(async {
         let listen = config.proxy.listen;
-        let running = match App::start(config).await {
+        let running = match App::start(config, config_path).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(%listen, error = %e, "cannot listen");

@@ -36,7 +36,7 @@ pub fn run(listen: SocketAddr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = serve(config, || print_banner(&topology, listen, &path));
+    let code = serve(config, Some(path.clone()), || print_banner(&topology, listen, &path));
     drop(topology);
     println!("pgrouter demo: stopped pgrouter and PostgreSQL");
     code

@@ -24,7 +24,7 @@ impl App {
         if self.shutdown.is_cancelled() {
             return Err("shutting down".into());
         }
-        if self.pools.health.iter().any(|shard| shard.primary.up()) {
+        if self.now().pools.health.iter().any(|shard| shard.primary.up()) {
             Ok(())
         } else {
             Err("no primary has passed a health check".into())
@@ -33,13 +33,14 @@ impl App {
 
     fn refresh_gauges(&self) {
         let t = &self.telemetry;
+        let now = self.now();
         // clients: every configured (database, user) appears, idle or not
         const STATES: [ClientState; 3] = [ClientState::Active, ClientState::Idle, ClientState::Waiting];
         let mut clients: BTreeMap<(&str, &str), [u64; 3]> = BTreeMap::new();
         let mut pinned: BTreeMap<&str, u64> = BTreeMap::new();
-        for db in &self.config.databases {
+        for db in &now.config.databases {
             pinned.insert(&db.name, 0);
-            for user in &self.config.users {
+            for user in &now.config.users {
                 clients.insert((&db.name, &user.name), [0; 3]);
             }
         }
@@ -64,7 +65,7 @@ impl App {
         for (database, n) in pinned {
             t.gauge("pgrouter_pinned_clients", &[("database", database)]).set(n as f64);
         }
-        for pool in self.pools.all() {
+        for pool in now.pools.all() {
             let key = &pool.key;
             let (shard, server) = (key.shard.to_string(), key.server.to_string());
             let labels = [
@@ -74,7 +75,7 @@ impl App {
                 ("role", key.role.as_str()),
                 ("server", server.as_str()),
             ];
-            t.gauge("pgrouter_pool_size", &labels).set(pool.settings.size as f64);
+            t.gauge("pgrouter_pool_size", &labels).set(pool.settings().size as f64);
             let states = [
                 ("active", pool.stats.in_use.load(Ordering::Relaxed)),
                 ("idle", pool.idle_count()),
@@ -86,7 +87,7 @@ impl App {
                 t.gauge("pgrouter_pool_servers", &with_state).set(n as f64);
             }
         }
-        for shard in &self.pools.health {
+        for shard in &now.pools.health {
             for server in std::iter::once(&shard.primary).chain(&shard.replicas) {
                 self.server_gauges(server);
             }

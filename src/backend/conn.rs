@@ -29,7 +29,7 @@ pub type Settings = std::collections::BTreeMap<String, String>;
 const CONTROL_MESSAGE_MAX: usize = 1 << 20;
 
 /// Everything needed to open a server connection.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectSpec {
     pub addr: ServerAddr,
     pub user: String,

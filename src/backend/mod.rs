@@ -113,7 +113,10 @@ pub struct Pools {
 
 impl Pools {
     #[must_use]
-    pub fn build(config: &Config, telemetry: &Telemetry) -> Self {
+    /// Builds the pools of `config`. After a reload, `previous` are the pools in use: a pool
+    /// whose key and connection settings did not change is kept (resized to the new
+    /// settings), with its connections, and so is each server's health record.
+    pub fn build(config: &Config, telemetry: &Telemetry, previous: Option<&Pools>) -> Self {
         let metrics = PoolMetrics {
             wait: telemetry.histogram("pgrouter_pool_wait_seconds", &[]),
             wait_timeouts: telemetry.counter("pgrouter_pool_wait_timeouts_total", &[]),
@@ -125,7 +128,7 @@ impl Pools {
                 .shards
                 .iter()
                 .enumerate()
-                .map(|(i, s)| shard_health(config, db, ShardId(i), &s.primary, &s.replicas))
+                .map(|(i, s)| shard_health(config, db, ShardId(i), &s.primary, &s.replicas, previous))
                 .collect();
             for user in &config.users {
                 let shards = db
@@ -135,13 +138,16 @@ impl Pools {
                     .enumerate()
                     .map(|(i, (shard, h))| {
                         let pool = |role, addr: &ServerAddr, health: &Arc<ServerHealth>| {
-                            Pool::new(
-                                pool_key(db, user, Route { shard: ShardId(i), role }, addr),
-                                connect_spec(config, db, user, addr),
-                                pool_settings(config, db),
-                                Arc::clone(health),
-                                metrics.clone(),
-                            )
+                            let key = pool_key(db, user, Route { shard: ShardId(i), role }, addr);
+                            let spec = connect_spec(config, db, user, addr);
+                            let settings = pool_settings(config, db);
+                            match previous.and_then(|p| p.all().find(|old| old.key == key && old.spec == spec)) {
+                                Some(kept) => {
+                                    kept.resize(settings);
+                                    Arc::clone(kept)
+                                }
+                                None => Pool::new(key, spec, settings, Arc::clone(health), metrics.clone()),
+                            }
                         };
                         ShardPools {
                             primary: pool(Role::Primary, &shard.primary, &h.primary),
@@ -170,6 +176,14 @@ impl Pools {
     pub fn all(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.by_login.values().flat_map(|c| c.all())
     }
+
+    /// Retires the pools `next` (the pools after a reload) no longer has.
+    pub fn retire_unused(&self, next: &Pools) {
+        for pool in self.all().filter(|old| !next.all().any(|new| Arc::ptr_eq(old, new))) {
+            tracing::info!(pool = %pool.key, "pool removed by reload; its connections close as they come back");
+            pool.retire();
+        }
+    }
 }
 
 /// The health records of one shard, checked with the first configured user's credentials.
@@ -179,11 +193,22 @@ fn shard_health(
     shard: ShardId,
     primary: &ServerAddr,
     replicas: &[ServerAddr],
+    previous: Option<&Pools>,
 ) -> Arc<ShardHealth> {
     let checker = config.users.first().expect("validated: at least one user");
+    // a server kept by a reload keeps what its checks found (bans, lag)
+    let server = |role: Role, addr: &ServerAddr| {
+        previous
+            .into_iter()
+            .flat_map(|p| &p.health)
+            .flat_map(|s| std::iter::once(&s.primary).chain(&s.replicas))
+            .find(|h| h.database == db.name && h.shard == shard && h.role == role && h.addr == *addr)
+            .cloned()
+            .unwrap_or_else(|| ServerHealth::new(&db.name, shard, role, addr.clone()))
+    };
     Arc::new(ShardHealth {
-        primary: ServerHealth::new(&db.name, shard, Role::Primary, primary.clone()),
-        replicas: replicas.iter().map(|r| ServerHealth::new(&db.name, shard, Role::Replica, r.clone())).collect(),
+        primary: server(Role::Primary, primary),
+        replicas: replicas.iter().map(|r| server(Role::Replica, r)).collect(),
         spec: ConnectSpec {
             application_name: Some("pgrouter health check"),
             ..connect_spec(config, db, checker, primary)

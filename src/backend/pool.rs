@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -42,7 +43,7 @@ impl fmt::Display for PoolKey {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolSettings {
     pub size: usize,
     pub min_size: usize,
@@ -85,9 +86,15 @@ pub struct Pool {
     pub key: PoolKey,
     /// The server's health, shared by every user's pool for this (database, server).
     pub health: Arc<ServerHealth>,
-    spec: ConnectSpec,
-    pub settings: PoolSettings,
+    pub(super) spec: ConnectSpec,
+    /// Changed by a config reload (`resize`).
+    settings: ArcSwap<PoolSettings>,
     permits: Arc<Semaphore>,
+    /// Permits to take out of circulation as they come back (a reload shrank the pool
+    /// while they were lent).
+    owed: AtomicUsize,
+    /// A reload removed the pool: connections coming back are closed.
+    retired: AtomicBool,
     idle: Mutex<VecDeque<ServerConn>>,
     /// ParameterStatus values reported by the newest connection, shown to logging-in clients.
     params: Mutex<Option<ServerParams>>,
@@ -113,9 +120,11 @@ impl Pool {
             open_since: Mutex::new(std::collections::BTreeMap::new()),
             health,
             permits: Arc::new(Semaphore::new(settings.size)),
+            owed: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
             key,
             spec,
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(VecDeque::new()),
             params: Mutex::new(None),
             stats: PoolStats::default(),
@@ -129,7 +138,7 @@ impl Pool {
         let started = Instant::now();
         let permit = {
             let _waiting = Gauge::enter(&self.stats.waiting);
-            match tokio::time::timeout(self.settings.wait_timeout, self.permits.clone().acquire_owned()).await {
+            match tokio::time::timeout(self.settings().wait_timeout, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => {
                     self.metrics.wait.record(started.elapsed().as_secs_f64());
                     self.stats.wait_us.fetch_add(crate::telemetry::micros(started.elapsed()), Ordering::Relaxed);
@@ -150,7 +159,7 @@ impl Pool {
             None => self.open().await?,
         };
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        Ok(Checkout { conn: Some(conn), pool: Arc::clone(self), _permit: permit })
+        Ok(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: Some(permit) })
     }
 
     /// Pops idle connections until one is fit to use; the unfit are closed.
@@ -165,7 +174,7 @@ impl Pool {
     }
 
     fn fit(&self, conn: &ServerConn, now: Instant) -> bool {
-        conn.is_clean() && now.duration_since(conn.created) < self.settings.lifetime
+        conn.is_clean() && now.duration_since(conn.created) < self.settings().lifetime
     }
 
     async fn open(&self) -> Result<ServerConn, Error> {
@@ -194,6 +203,10 @@ impl Pool {
 
     /// Puts a connection back if it is idle and clean; otherwise closes it.
     fn give_back(&self, mut conn: ServerConn) {
+        if self.retired.load(Ordering::Acquire) {
+            self.close(conn, "pool removed by a config reload");
+            return;
+        }
         let now = Instant::now();
         if !self.fit(&conn, now) {
             self.close(conn, "not clean or past server_lifetime");
@@ -228,7 +241,9 @@ impl Pool {
             return; // the previous round is still opening connections
         }
         self.expire_idle();
-        while self.stats.open.load(Ordering::Relaxed) < self.settings.min_size {
+        while !self.retired.load(Ordering::Relaxed)
+            && self.stats.open.load(Ordering::Relaxed) < self.settings().min_size
+        {
             match self.open().await {
                 Ok(conn) => self.give_back(conn),
                 Err(_) => break,
@@ -243,7 +258,7 @@ impl Pool {
             let mut idle = self.idle.lock().expect("pool lock");
             let mut expired = Vec::new();
             for conn in std::mem::take(&mut *idle) {
-                if self.fit(&conn, now) && now.duration_since(conn.last_used) < self.settings.idle_timeout {
+                if self.fit(&conn, now) && now.duration_since(conn.last_used) < self.settings().idle_timeout {
                     idle.push_back(conn);
                 } else {
                     expired.push(conn);
@@ -253,6 +268,48 @@ impl Pool {
         };
         for conn in expired {
             self.close(conn, "idle timeout, lifetime or broken");
+        }
+    }
+
+    /// The settings in effect.
+    #[must_use]
+    pub fn settings(&self) -> PoolSettings {
+        **self.settings.load()
+    }
+
+    /// Applies new settings (a config reload). A larger pool_size takes effect at once; a
+    /// smaller one as lent connections come back.
+    pub fn resize(&self, settings: PoolSettings) {
+        let old = self.settings.swap(Arc::new(settings));
+        if settings.size > old.size {
+            let mut grow = settings.size - old.size;
+            // permits still owed from an earlier shrink are cancelled first
+            while grow > 0 && self.take_owed() {
+                grow -= 1;
+            }
+            self.permits.add_permits(grow);
+        } else if settings.size < old.size {
+            let shrink = old.size - settings.size;
+            let forgotten = self.permits.forget_permits(shrink);
+            self.owed.fetch_add(shrink - forgotten, Ordering::AcqRel);
+        }
+        if settings != *old {
+            tracing::info!(pool = %self.key, pool_size = settings.size, "pool settings changed by reload");
+        }
+    }
+
+    /// Takes one owed permit, if any is owed.
+    fn take_owed(&self) -> bool {
+        self.owed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
+    }
+
+    /// A reload removed the pool: its idle connections close now, lent ones when they
+    /// come back.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        let idle: Vec<ServerConn> = self.idle.lock().expect("pool lock").drain(..).collect();
+        for conn in idle {
+            self.close(conn, "pool removed by a config reload");
         }
     }
 
@@ -282,7 +339,7 @@ impl Pool {
 pub struct Checkout {
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Checkout {
@@ -315,6 +372,11 @@ impl Checkout {
 
 impl Drop for Checkout {
     fn drop(&mut self) {
+        if let Some(permit) = self.permit.take()
+            && self.pool.take_owed()
+        {
+            permit.forget();
+        }
         if let Some(conn) = self.conn.take() {
             self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
             self.pool.close(conn, "discarded by its session");

@@ -30,11 +30,12 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let max = app.config.proxy.max_client_connections;
+        let config = Arc::clone(&app.now().config);
+        let max = config.proxy.max_client_connections;
         if app.clients.fetch_add(1, Ordering::AcqRel) >= max {
             app.clients.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(client = %peer, max, "max_client_connections reached, client refused");
-            tokio::spawn(refuse(stream, app.config.proxy.max_message_size));
+            tokio::spawn(refuse(stream, config.proxy.max_message_size));
             continue;
         }
         let app2 = Arc::clone(&app);

@@ -35,12 +35,12 @@ const LOGIN_MESSAGE_MAX: usize = 65_535;
 
 /// Serves one client connection from its first byte to its last.
 pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
-    let mut client = ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.config.proxy.max_message_size));
-    let login_timeout = app.config.proxy.client_login_timeout;
+    let mut client = ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.now().config.proxy.max_message_size));
+    let login_timeout = app.now().config.proxy.client_login_timeout;
     let params = match tokio::time::timeout(login_timeout, login(&app, &mut client)).await {
         Ok(Ok(Some(LoggedIn::Session(params)))) => params,
         Ok(Ok(Some(LoggedIn::Admin(user)))) => {
-            client.max_message = app.config.proxy.max_message_size;
+            client.max_message = app.now().config.proxy.max_message_size;
             super::admin::serve(app, client, user).await;
             return;
         }
@@ -60,7 +60,7 @@ pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
             return;
         }
     };
-    client.max_message = app.config.proxy.max_message_size;
+    client.max_message = app.now().config.proxy.max_message_size;
     let (user, database) = (params.user.clone(), params.database.clone());
     tracing::info!(client = %peer, %user, %database, "client connected");
     let me = app.sessions.register(&database, &user, peer);
@@ -93,11 +93,12 @@ async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Res
         ));
     }
     let database = startup.param("database").filter(|d| !d.is_empty()).unwrap_or(user_name);
-    let config = Arc::clone(&app.config);
+    let snapshot = app.now();
+    let config = Arc::clone(&snapshot.config);
     let user = config
         .user(user_name)
         .ok_or_else(|| Error::Unauthorized(format!("user \"{user_name}\" is not configured in pgrouter")))?;
-    authenticate(client, user, &app.verifiers).await?;
+    authenticate(client, user, &snapshot.verifiers).await?;
     if database == ADMIN_DATABASE {
         if !config.proxy.admin_users.iter().any(|a| a == &user.name) {
             return Err(Error::Unauthorized(format!(
@@ -109,12 +110,12 @@ async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Res
         return Ok(Some(LoggedIn::Admin(user.name.clone())));
     }
     let db = config.database(database).ok_or_else(|| Error::UnknownDatabase(database.to_owned()))?;
-    let pools = app
+    let pools = snapshot
         .pools
         .get(&db.name, &user.name)
         .cloned()
         .ok_or_else(|| Error::Internal(format!("no pools for {}/{}", db.name, user.name)))?;
-    let policy = app
+    let policy = snapshot
         .policies
         .get(&db.name)
         .cloned()
@@ -142,6 +143,7 @@ async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Res
         pools,
         policy,
         cancel,
+        generation: snapshot.generation,
     })))
 }
 

@@ -3,7 +3,7 @@
 //! set (`show.rs`), so psql and PgBouncer's exporters can read it.
 //!
 //! Commands: SHOW POOLS | STATS | CLIENTS | SERVERS | DATABASES | CONFIG | VERSION | HELP,
-//! PAUSE [db], RESUME [db], SHUTDOWN. RELOAD answers that config reload is not built yet.
+//! RELOAD, PAUSE [db], RESUME [db], SHUTDOWN.
 
 mod show;
 
@@ -82,7 +82,7 @@ async fn run(app: &Arc<App>, user: &str, sql: &str) -> Result<Bytes, Error> {
             tracing::info!(%user, databases = ?databases, "PAUSE");
             app.pause(&databases, true);
             // answered once every server connection of those databases is back in its pool
-            while app.pools.all().any(|p| {
+            while app.now().pools.all().any(|p| {
                 databases.contains(&p.key.database) && p.stats.in_use.load(std::sync::atomic::Ordering::Relaxed) > 0
             }) {
                 tokio::time::sleep(PAUSE_POLL).await;
@@ -100,7 +100,11 @@ async fn run(app: &Arc<App>, user: &str, sql: &str) -> Result<Bytes, Error> {
             app.stop_requested.cancel();
             Ok(messages::command_complete("SHUTDOWN"))
         }
-        ["reload"] => Err(Error::NotSupported("RELOAD is not built yet: restart pgrouter to change its config".into())),
+        ["reload"] => {
+            tracing::info!(%user, "RELOAD from the admin console");
+            app.reload().map_err(|e| Error::Invalid(format!("the config was not reloaded:\n{e}")))?;
+            Ok(messages::command_complete("RELOAD"))
+        }
         _ => Err(Error::Invalid(format!("unknown admin command \"{}\" (try SHOW HELP)", sql.trim()))),
     }
 }
@@ -108,10 +112,11 @@ async fn run(app: &Arc<App>, user: &str, sql: &str) -> Result<Bytes, Error> {
 /// The databases a PAUSE or RESUME names: one, or all when none is named.
 fn chosen(app: &App, rest: &[&str]) -> Result<Vec<String>, Error> {
     match rest {
-        [] => Ok(app.config.databases.iter().map(|d| d.name.clone()).collect()),
+        [] => Ok(app.now().config.databases.iter().map(|d| d.name.clone()).collect()),
         [name] => {
             let name = name.trim_matches('"');
-            app.config
+            app.now()
+                .config
                 .databases
                 .iter()
                 .find(|d| d.name.eq_ignore_ascii_case(name))

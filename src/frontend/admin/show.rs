@@ -49,6 +49,7 @@ fn split_addr(addr: &str) -> (String, String) {
 /// One row per (database, user): clients by state, server connections by state, the
 /// longest current wait.
 pub fn pools(app: &App) -> Bytes {
+    let now = app.now();
     const COLUMNS: &[&str] = &[
         "database",
         "user",
@@ -81,9 +82,9 @@ pub fn pools(app: &App) -> Bytes {
         }
     }
     let mut rows = Vec::new();
-    for db in &app.config.databases {
-        for user in &app.config.users {
-            let Some(cluster) = app.pools.get(&db.name, &user.name) else { continue };
+    for db in &now.config.databases {
+        for user in &now.config.users {
+            let Some(cluster) = now.pools.get(&db.name, &user.name) else { continue };
             let (mut active, mut idle, mut login) = (0, 0, 0);
             for pool in cluster.all() {
                 active += pool.stats.in_use.load(Ordering::Relaxed);
@@ -118,6 +119,7 @@ pub fn pools(app: &App) -> Bytes {
 /// One row per database: totals since start, and averages (counts and bytes per second
 /// since start; times per transaction or query, in microseconds).
 pub fn stats(app: &App) -> Bytes {
+    let now = app.now();
     const COLUMNS: &[&str] = &[
         "database",
         "total_xact_count",
@@ -137,12 +139,12 @@ pub fn stats(app: &App) -> Bytes {
     ];
     let seconds = app.started.elapsed().as_secs().max(1);
     let mut rows = Vec::new();
-    for db in &app.config.databases {
-        let Some(m) = app.database_metrics.get(&db.name) else { continue };
+    for db in &now.config.databases {
+        let Some(m) = now.database_metrics.get(&db.name) else { continue };
         let t = &m.totals;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let (xacts, queries) = (load(&t.transactions), load(&t.queries));
-        let wait: u64 = app
+        let wait: u64 = now
             .pools
             .all()
             .filter(|p| p.key.database == db.name)
@@ -200,10 +202,11 @@ pub fn clients(app: &App) -> Bytes {
 
 /// Every open server connection.
 pub fn servers(app: &App) -> Bytes {
+    let now = app.now();
     const COLUMNS: &[&str] =
         &["type", "user", "database", "state", "addr", "port", "shard", "role", "connect_time", "remote_pid"];
     let mut rows = Vec::new();
-    for pool in app.pools.all() {
+    for pool in now.pools.all() {
         let key = &pool.key;
         let (host, port) = split_addr(&key.server.to_string());
         for (pid, since, idle) in pool.servers() {
@@ -226,6 +229,7 @@ pub fn servers(app: &App) -> Bytes {
 
 /// Every configured database.
 pub fn databases(app: &App) -> Bytes {
+    let now = app.now();
     const COLUMNS: &[&str] = &[
         "name",
         "host",
@@ -239,13 +243,13 @@ pub fn databases(app: &App) -> Bytes {
         "current_connections",
         "paused",
     ];
-    let rows: Vec<Row> = app
+    let rows: Vec<Row> = now
         .config
         .databases
         .iter()
         .map(|db| {
             let (host, port) = db.shards.first().map(|s| split_addr(&s.primary.to_string())).unwrap_or_default();
-            let open: usize = app
+            let open: usize = now
                 .pools
                 .all()
                 .filter(|p| p.key.database == db.name)
@@ -269,9 +273,11 @@ pub fn databases(app: &App) -> Bytes {
     result(COLUMNS, &rows)
 }
 
-/// The `[proxy]` settings in effect (no secrets live there; user passwords are never shown).
+/// The `[proxy]` settings in effect (no secrets live there; user passwords are never shown),
+/// and whether a reload can change each.
 pub fn config(app: &App) -> Bytes {
-    let p = &app.config.proxy;
+    let now = app.now();
+    let p = &now.config.proxy;
     let d = |d: Duration| humantime::format_duration(d).to_string();
     let settings: Vec<(&str, String)> = vec![
         ("listen", p.listen.to_string()),
@@ -292,8 +298,15 @@ pub fn config(app: &App) -> Bytes {
         ("log_format", p.log_format.as_str().to_owned()),
         ("tls.mode", p.tls.mode.as_str().to_owned()),
     ];
-    let rows: Vec<Row> =
-        settings.into_iter().map(|(k, v)| vec![cell(format!("proxy.{k}")), Some(v), cell("no")]).collect();
+    // what a reload cannot change (see app/reload.rs)
+    const RESTART_ONLY: &[&str] = &["listen", "metrics_listen", "workers", "log_format"];
+    let rows: Vec<Row> = settings
+        .into_iter()
+        .map(|(k, v)| {
+            let changeable = if RESTART_ONLY.contains(&k) { "no" } else { "yes" };
+            vec![cell(format!("proxy.{k}")), Some(v), cell(changeable)]
+        })
+        .collect();
     result(&["key", "value", "changeable"], &rows)
 }
 
@@ -310,6 +323,7 @@ pub fn help() -> Bytes {
         ("SHOW DATABASES", "the configured databases"),
         ("SHOW CONFIG", "the [proxy] settings in effect"),
         ("SHOW VERSION", "pgrouter's version"),
+        ("RELOAD", "read the config file again (as SIGHUP does)"),
         ("PAUSE [db]", "new requests wait; answered once every server connection is back"),
         ("RESUME [db]", "ends a PAUSE"),
         ("SHUTDOWN", "drain and exit, as on SIGTERM"),

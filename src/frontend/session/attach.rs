@@ -58,7 +58,7 @@ impl<S: ClientIo> Session<S> {
         let shard =
             pools.shard(decision.shard).ok_or_else(|| Error::Internal(format!("no shard {}", decision.shard)))?;
         let needs = self.read_needs(&mut decision, shard);
-        let ban_time = self.app.config.proxy.ban_time;
+        let ban_time = self.app.now().config.proxy.ban_time;
         // each failed replica is banned, so this ends; the bound guards against a ban that
         // does not hold (a replica refusing only this user, say)
         let mut attempts = shard.replicas.len() + 1;

@@ -85,6 +85,8 @@ pub struct SessionParams {
     pub pools: Arc<ClusterPools>,
     pub policy: Arc<Policy>,
     pub cancel: Registration,
+    /// The config snapshot `pools` and `policy` come from.
+    pub generation: u64,
 }
 
 /// A server connection lent to the session, with the decision that chose it.
@@ -161,6 +163,7 @@ impl<S: ClientIo> Session<S> {
         let mut statements = ClientStatements::default();
         statements.set_search_path(settings.get("search_path").map(String::as_str));
         let metrics = app
+            .now()
             .database_metrics
             .get(&params.database)
             .cloned()
@@ -226,6 +229,7 @@ impl<S: ClientIo> Session<S> {
                     Waited::Request(request) => request,
                     Waited::Exit(exit) => return Ok(exit),
                 };
+                self.follow_reload()?;
                 let attached = match self.route(&request).await {
                     Ok(Some(routed)) => self.attach(routed).await,
                     Ok(None) => continue,
@@ -330,7 +334,7 @@ impl<S: ClientIo> Session<S> {
     /// Waits, without a server connection, for the next request that needs one.
     async fn await_request(&mut self) -> Result<Waited, Error> {
         self.me.entry.set_state(ClientState::Idle);
-        let idle_timeout = self.app.config.proxy.client_idle_timeout;
+        let idle_timeout = self.app.now().config.proxy.client_idle_timeout;
         loop {
             let read = tokio::select! {
                 biased;
@@ -442,6 +446,32 @@ impl<S: ClientIo> Session<S> {
         Err(Error::Internal("function volatility still unknown after looking it up".into()))
     }
 
+    /// Moves to the config snapshot a reload made, between transactions (never inside one):
+    /// the new pools, routing policy and metrics serve the next request. A database or user
+    /// the reload removed ends the session.
+    fn follow_reload(&mut self) -> Result<(), Error> {
+        if self.params.generation == self.app.generation() || self.routing.held.is_some() || self.server.is_some() {
+            return Ok(());
+        }
+        let snapshot = self.app.now();
+        let (database, user) = (&self.params.database, &self.params.user);
+        if snapshot.config.user(user).is_none() {
+            return Err(Error::Unauthorized(format!("user \"{user}\" was removed from pgrouter's config")));
+        }
+        let pools = snapshot.pools.get(database, user).cloned();
+        let policy = snapshot.policies.get(database).cloned();
+        let (Some(pools), Some(policy)) = (pools, policy) else {
+            return Err(Error::UnknownDatabase(database.clone()));
+        };
+        self.params.pools = pools;
+        self.params.policy = policy;
+        if let Some(metrics) = snapshot.database_metrics.get(database) {
+            self.metrics = Arc::clone(metrics);
+        }
+        self.params.generation = snapshot.generation;
+        Ok(())
+    }
+
     /// Counts a request the proxy ran on every shard, and the transaction it was.
     fn count_all_shards(&self, started: std::time::Instant) {
         self.metrics.query(RouteLabel::AllShards, started.elapsed());
@@ -478,7 +508,7 @@ impl<S: ClientIo> Session<S> {
         };
         if attached.role() == Role::Replica {
             attached.checkout.pool().health.ban(
-                self.app.config.proxy.ban_time,
+                self.app.now().config.proxy.ban_time,
                 BanReason::ServerLost,
                 &error.to_string(),
             );
