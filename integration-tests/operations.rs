@@ -387,3 +387,55 @@ fn reload_under_load_drops_nobody() {
     assert!(out.status.success(), "{}", crate::harness::stderr(&out));
     assert!(on_replica(&early), "the rule is gone again");
 }
+
+/// SIGTERM under pgbench load: transactions in flight complete (every transaction pgbench
+/// saw committed is there, and no other; TPC-B's balances agree), clients are turned away
+/// only between transactions, new connections are refused, and the process exits 0 within
+/// shutdown_timeout (10 s here).
+#[test]
+fn sigterm_under_load_lets_transactions_finish() {
+    let mut env = Env::start(EnvOptions::default());
+    assert!(env.proxy.pgbench("app", &["-i", "-s", "1", "-q"]).status.success(), "pgbench -i");
+    let port = env.proxy.port;
+    let load = std::thread::spawn(move || {
+        crate::harness::pg_tool("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER, "-c", "8", "-j", "2", "-T", "30"])
+            .args(["-n", "app"])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .output()
+            .expect("run pgbench")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    env.proxy.signal("TERM");
+    let signalled = Instant::now();
+    assert!(crate::harness::wait_until(Duration::from_secs(5), || env.proxy.log().contains("draining")));
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "new connections are refused while draining");
+    let status = env.proxy.wait_exit(Duration::from_secs(15)).expect("pgrouter exits");
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert!(took < Duration::from_secs(10), "exited within shutdown_timeout: {took:?}");
+    let out = load.join().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let processed: u64 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count in pgbench's report:\n{report}"));
+    // pgbench's TPC-B script: \set x4, BEGIN (command 4), ..., END; a client turned away
+    // between transactions fails at its next BEGIN
+    let aborts: Vec<&str> = report.lines().filter(|l| l.contains(" aborted in command ")).collect();
+    assert!(!aborts.is_empty(), "clients were turned away:\n{report}");
+    assert!(
+        aborts.iter().all(|l| l.contains("aborted in command 4 ")),
+        "only between transactions, at the next BEGIN:\n{}",
+        aborts.join("\n")
+    );
+    let history: u64 = env.primary_sql("select count(*) from pgbench_history").parse().unwrap();
+    assert_eq!(history, processed, "every transaction pgbench saw committed is there, and no other");
+    let balances = env.primary_sql(
+        "select (select sum(abalance) from pgbench_accounts) = (select coalesce(sum(delta), 0) from pgbench_history) \
+         and (select sum(bbalance) from pgbench_branches) = (select coalesce(sum(delta), 0) from pgbench_history)",
+    );
+    assert_eq!(balances, "t", "TPC-B balances agree");
+    println!("drain: {processed} transactions committed, {} clients turned away, exit 0 after {took:?}", aborts.len());
+}
