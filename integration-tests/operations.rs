@@ -439,3 +439,124 @@ fn sigterm_under_load_lets_transactions_finish() {
     assert_eq!(balances, "t", "TPC-B balances agree");
     println!("drain: {processed} transactions committed, {} clients turned away, exit 0 after {took:?}", aborts.len());
 }
+
+/// Reads one backend message: (type, body).
+fn read_message(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).expect("a message header");
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).expect("a message body");
+    (head[0], body)
+}
+
+/// A user pgrouter trusts (no password over the raw socket), logged in to the server as app.
+fn trusted_user() -> String {
+    format!(
+        "[[users]]\nname = \"raw\"\nauth = \"trust\"\nserver_user = \"{APP_USER}\"\nserver_password = \"{APP_PASSWORD}\"\n"
+    )
+}
+
+/// Logs in as the trusted user over a raw socket; returns the stream and the cancel key
+/// pgrouter gave (pid, secret).
+fn raw_login(port: u16) -> (TcpStream, i32, Vec<u8>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", "raw"), ("database", "app")] {
+        body.extend_from_slice(format!("{k}\0{v}\0").as_bytes());
+    }
+    body.push(0);
+    let mut packet = u32::try_from(body.len() + 4).unwrap().to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    stream.write_all(&packet).unwrap();
+    let mut key = None;
+    loop {
+        match read_message(&mut stream) {
+            (b'K', body) => key = Some((i32::from_be_bytes(body[..4].try_into().unwrap()), body[4..].to_vec())),
+            (b'Z', _) => break,
+            (b'E', body) => panic!("login failed: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+    let (pid, secret) = key.expect("BackendKeyData");
+    (stream, pid, secret)
+}
+
+/// Two instances (instance_id 1 and 2) of pgrouter in front of one server: a CancelRequest
+/// for instance 1's client sent to instance 2 is forwarded to its peer and cancels the query.
+#[test]
+fn a_cancel_sent_to_the_wrong_instance_still_cancels() {
+    let env =
+        Env::start(EnvOptions { proxy: "instance_id = 1\n".into(), users: trusted_user(), ..EnvOptions::default() });
+    let second_opts = EnvOptions {
+        proxy: format!("instance_id = 2\npeers = [\"127.0.0.1:{}\"]\n", env.proxy.port),
+        users: trusted_user(),
+        ..EnvOptions::default()
+    };
+    let second = crate::harness::Proxy::start(|port| crate::harness::config_text(&env.topo, &second_opts, port));
+    let (mut stream, pid, secret) = raw_login(env.proxy.port);
+    assert_eq!(pgrouter::frontend::cancel::instance_of(pid), 1, "the key carries its instance");
+    let query = b"select pg_sleep(30)\0";
+    let mut msg = vec![b'Q'];
+    msg.extend_from_slice(&u32::try_from(query.len() + 4).unwrap().to_be_bytes());
+    msg.extend_from_slice(query);
+    stream.write_all(&msg).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let mut cancel = TcpStream::connect(("127.0.0.1", second.port)).unwrap();
+    let mut packet = 16u32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(&secret);
+    cancel.write_all(&packet).unwrap();
+    let mut code = String::new();
+    loop {
+        match read_message(&mut stream) {
+            (b'E', body) => {
+                code = body
+                    .split(|&b| b == 0)
+                    .find_map(|f| f.strip_prefix(b"C"))
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .unwrap_or_default();
+            }
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    println!("peers: a cancel sent to instance 2 cancelled instance 1's query after {:?}", started.elapsed());
+    assert_eq!(code, "57014", "the query was cancelled");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        crate::harness::wait_until(Duration::from_secs(5), || second.log().contains("forwarded to peers")),
+        "instance 2 logs the forward"
+    );
+}
+
+/// With reuse_port, two instances share one port and both take clients.
+#[test]
+fn instances_share_a_port_with_reuse_port() {
+    let env = Env::start(EnvOptions { proxy: "reuse_port = true\ninstance_id = 1\n".into(), ..EnvOptions::default() });
+    let shared = env.proxy.port;
+    let opts = EnvOptions { proxy: "reuse_port = true\ninstance_id = 2\n".into(), ..EnvOptions::default() };
+    // the second instance listens on the shared port; its own port serves /metrics, which
+    // is what tells the harness it is up
+    let second = crate::harness::Proxy::start(|port| {
+        crate::harness::config_text(&env.topo, &opts, port).replacen(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!("listen = \"127.0.0.1:{shared}\"\nmetrics_listen = \"127.0.0.1:{port}\""),
+            1,
+        )
+    });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    runtime().block_on(async {
+        for _ in 0..24 {
+            let c = connect(&url).await.unwrap();
+            c.simple_query("select 1").await.unwrap();
+        }
+    });
+    let count = |log: String| log.matches("client connected").count();
+    let (first, other) = (count(env.proxy.log()), count(second.log()));
+    println!("reuse_port: 24 connections to one port: {first} to instance 1, {other} to instance 2");
+    assert!(first > 0 && other > 0 && first + other == 24, "both instances took clients: {first} + {other}");
+}

@@ -131,7 +131,7 @@ impl App {
     /// Binds the listener and starts serving. `config_path` is where a reload reads the
     /// config again.
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> std::io::Result<Running> {
-        let listener = TcpListener::bind(config.proxy.listen).await?;
+        let listener = bind_clients(config.proxy.listen, config.proxy.reuse_port)?;
         let local_addr = listener.local_addr()?;
         let metrics_listener = match config.proxy.metrics_listen {
             Some(addr) => Some(TcpListener::bind(addr).await?),
@@ -139,6 +139,7 @@ impl App {
         };
         let telemetry = Telemetry::new();
         let shutdown = CancellationToken::new();
+        let instance_id = config.proxy.instance_id;
         let snapshot = Snapshot::build(config, &telemetry, None, &shutdown);
         let app = Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
@@ -151,7 +152,7 @@ impl App {
             paused: Mutex::new(HashSet::new()),
             resumed: Notify::new(),
             router: Router::new(SHAPE_CACHE_CAPACITY),
-            cancels: Arc::new(CancelRegistry::default()),
+            cancels: Arc::new(CancelRegistry::new(instance_id)),
             shutdown,
             tracker: TaskTracker::new(),
             clients: AtomicUsize::new(0),
@@ -257,6 +258,16 @@ pub async fn wait_for_stop(app: &App) -> std::io::Result<Stop> {
             }
         }
     }
+}
+
+/// The client listener; with `reuse_port`, bound with SO_REUSEPORT so that several pgrouter
+/// processes can share the port (the kernel spreads new connections between them).
+fn bind_clients(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(reuse_port)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// One checker task per shard of every database.

@@ -63,6 +63,14 @@ fn keep_restart_only_settings(running: &Config, new: &mut Config) {
         p.workers = old.workers;
         kept.push("proxy.workers");
     }
+    if p.instance_id != old.instance_id {
+        p.instance_id = old.instance_id;
+        kept.push("proxy.instance_id");
+    }
+    if p.reuse_port != old.reuse_port {
+        p.reuse_port = old.reuse_port;
+        kept.push("proxy.reuse_port");
+    }
     if p.log_format != old.log_format {
         p.log_format = old.log_format;
         kept.push("proxy.log_format");

@@ -19,7 +19,7 @@ use crate::config::ServerAddr;
 use crate::error::Error;
 use crate::protocol::framing::{self, Frame};
 use crate::protocol::messages::{self, TxStatus, parse_error_fields};
-use crate::protocol::startup::CancelKey;
+use crate::protocol::startup::{CANCEL_REQUEST, CancelKey};
 
 /// Session settings (GUCs) by lower-cased name: what a client asked for, or what is in effect
 /// on a server connection beyond its defaults.
@@ -307,11 +307,16 @@ impl ServerConn {
 /// Asks `addr` to cancel whatever the backend with `key` is running (a new connection carrying
 /// a CancelRequest; the server answers nothing and closes).
 pub async fn send_cancel(addr: &ServerAddr, key: &CancelKey, limit: Duration) -> std::io::Result<()> {
+    send_cancel_packet(addr, CANCEL_REQUEST, key, limit).await
+}
+
+/// Sends a cancel packet with `code` (CancelRequest, or pgrouter's forwarded one) to `addr`.
+pub async fn send_cancel_packet(addr: &ServerAddr, code: u32, key: &CancelKey, limit: Duration) -> std::io::Result<()> {
     let work = async {
         let mut stream = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
         let mut buf = BytesMut::with_capacity(16 + key.secret.len());
         buf.extend_from_slice(&u32::try_from(12 + key.secret.len()).unwrap_or(16).to_be_bytes());
-        buf.extend_from_slice(&80_877_102u32.to_be_bytes());
+        buf.extend_from_slice(&code.to_be_bytes());
         buf.extend_from_slice(&key.pid.to_be_bytes());
         buf.extend_from_slice(&key.secret);
         stream.write_all(&buf).await?;

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::ConfigError;
 use super::reader::{ByteSize, Errors, Section, toml_enum};
+use super::{ConfigError, ServerAddr};
 
 toml_enum!(
     /// Log line format.
@@ -45,7 +45,18 @@ pub struct ProxyConfig {
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
     pub tls: TlsConfig,
+    /// This instance's number among several behind one address (0-127); its clients' cancel
+    /// keys carry it.
+    pub instance_id: u32,
+    /// The other instances' client addresses: a CancelRequest for another instance's client
+    /// is forwarded to them.
+    pub peers: Vec<ServerAddr>,
+    /// Bind the client listener with SO_REUSEPORT, so several processes share one port.
+    pub reuse_port: bool,
 }
+
+/// Cancel keys keep the instance in the top byte of a positive process id.
+pub const MAX_INSTANCE_ID: u32 = 127;
 
 /// The smallest frame limit that still lets every ordinary client message through.
 const MIN_MESSAGE_SIZE: usize = 8 << 10;
@@ -70,6 +81,9 @@ pub(super) fn read(mut s: Section<'_>, errs: &mut Errors) -> ProxyConfig {
         shutdown_timeout: s.or("shutdown_timeout", secs(30), errs),
         log_format: s.or("log_format", LogFormat::Text, errs),
         tls: read_tls(s.table("tls", errs), errs),
+        instance_id: s.or("instance_id", 0, errs),
+        peers: s.or("peers", Vec::new(), errs),
+        reuse_port: s.or("reuse_port", false, errs),
     };
     let path = s.path().to_owned();
     s.finish(errs);
@@ -113,6 +127,9 @@ fn check(c: &ProxyConfig, path: &str, errs: &mut Errors) {
         if value.is_zero() {
             errs.push(ConfigError::new(at(key), "must be greater than zero"));
         }
+    }
+    if c.instance_id > MAX_INSTANCE_ID {
+        errs.push(ConfigError::new(at("instance_id"), format!("must be between 0 and {MAX_INSTANCE_ID}")));
     }
     if c.metrics_listen.is_some_and(|m| m == c.listen) {
         errs.push(ConfigError::new(at("metrics_listen"), "must differ from proxy.listen"));

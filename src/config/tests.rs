@@ -135,3 +135,14 @@ fn server_addresses() {
     assert!("db1:0".parse::<ServerAddr>().is_err());
     assert!(":5432".parse::<ServerAddr>().is_err());
 }
+
+#[test]
+fn instances_and_peers() {
+    let text = format!("{MINIMAL}\n[proxy]\ninstance_id = 128\npeers = [\"127.0.0.1\"]\n");
+    let errs = errors(&text);
+    assert!(errs.iter().any(|e| e.starts_with("proxy.instance_id:")), "{errs:#?}");
+    assert!(errs.iter().any(|e| e.starts_with("proxy.peers:")), "{errs:#?}");
+    let text = format!("{MINIMAL}\n[proxy]\ninstance_id = 7\npeers = [\"10.0.0.2:6432\"]\nreuse_port = true\n");
+    let proxy = Config::from_toml(&text).expect("valid").proxy;
+    assert_eq!((proxy.instance_id, proxy.peers[0].to_string(), proxy.reuse_port), (7, "10.0.0.2:6432".into(), true));
+}

@@ -5,16 +5,21 @@
 //! matches (compared in constant time) and the client has a query on a server, the request
 //! is forwarded to that server with the server's own key; otherwise nothing is cancelled and
 //! nothing is said, as PostgreSQL does.
+//!
+//! Several instances behind one address (a load balancer, SO_REUSEPORT): each key's process
+//! id carries its instance in its top byte, so an instance that receives a CancelRequest for
+//! another instance's client forwards it to its peers (`proxy.peers`) with pgrouter's own
+//! request code, which a peer serves for its own clients only.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::backend::conn::send_cancel;
+use crate::backend::conn::{send_cancel, send_cancel_packet};
 use crate::config::ServerAddr;
 use crate::protocol::ct_eq;
-use crate::protocol::startup::CancelKey;
+use crate::protocol::startup::{CancelKey, PEER_CANCEL_REQUEST};
 
 /// Where a client's current query runs.
 #[derive(Debug, Clone)]
@@ -32,18 +37,59 @@ struct Slot {
 pub struct CancelRegistry {
     slots: Mutex<HashMap<i32, Arc<Slot>>>,
     next_pid: AtomicI32,
+    /// This instance's number (`proxy.instance_id`), the top byte of every pid it gives.
+    instance: i32,
+}
+
+/// The instance a cancel key's process id was given by.
+#[must_use]
+pub fn instance_of(pid: i32) -> i32 {
+    pid >> 24
 }
 
 impl CancelRegistry {
+    #[must_use]
+    pub fn new(instance_id: u32) -> Self {
+        Self { instance: i32::try_from(instance_id).unwrap_or(0) & 0x7f, ..Self::default() }
+    }
+
+    /// Was this key given by this instance?
+    #[must_use]
+    pub fn is_local(&self, key: &CancelKey) -> bool {
+        instance_of(key.pid) == self.instance
+    }
+
+    /// Forwards a CancelRequest for another instance's client to every peer; a peer serves it
+    /// if the client is its own. Returns how many peers took it.
+    pub async fn forward_to_peers(&self, key: &CancelKey, peers: &[ServerAddr], limit: Duration) -> usize {
+        let sends = peers.iter().map(|peer| async move {
+            let sent = send_cancel_packet(peer, PEER_CANCEL_REQUEST, key, limit).await;
+            if let Err(e) = &sent {
+                tracing::warn!(peer = %peer, pid = key.pid, error = %e, "cannot forward cancel request to peer");
+            }
+            sent.is_ok()
+        });
+        let taken = futures_util::future::join_all(sends).await.into_iter().filter(|ok| *ok).count();
+        tracing::info!(
+            pid = key.pid,
+            instance = instance_of(key.pid),
+            peers = taken,
+            "cancel request for another instance forwarded to peers"
+        );
+        taken
+    }
+
     /// Gives a new client its key. The registration ends when the returned handle is dropped.
     pub fn register(self: &Arc<Self>) -> Registration {
         let secret: [u8; 4] = rand::random();
         let slot = Arc::new(Slot { secret, target: Mutex::new(None) });
         let mut slots = self.slots.lock().expect("cancel lock");
         let pid = loop {
-            // Positive pids only: some drivers print or compare them as PostgreSQL pids.
-            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed).wrapping_add(1) & 0x7fff_ffff;
-            if pid != 0 && !slots.contains_key(&pid) {
+            // Positive pids only (some drivers print or compare them as PostgreSQL pids), the
+            // instance in the top byte.
+            let pid =
+                (self.instance << 24) | (self.next_pid.fetch_add(1, Ordering::Relaxed).wrapping_add(1) & 0x00ff_ffff);
+            if pid & 0x00ff_ffff != 0 && !slots.contains_key(&pid) {
                 break pid;
             }
         };

@@ -223,7 +223,18 @@ async fn read_startup<S: ClientIo>(
             // TLS and GSS encryption are not offered: 'N' lets the client continue in plaintext.
             Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => client.send(b"N").await?,
             Some(StartupPacket::Cancel(key)) => {
-                app.cancels.cancel(&key, CANCEL_TIMEOUT).await;
+                if app.cancels.is_local(&key) {
+                    app.cancels.cancel(&key, CANCEL_TIMEOUT).await;
+                } else {
+                    let peers = app.now().config.proxy.peers.clone();
+                    app.cancels.forward_to_peers(&key, &peers, CANCEL_TIMEOUT).await;
+                }
+                return Ok(None);
+            }
+            Some(StartupPacket::PeerCancel(key)) => {
+                if app.cancels.is_local(&key) {
+                    app.cancels.cancel(&key, CANCEL_TIMEOUT).await;
+                }
                 return Ok(None);
             }
             Some(StartupPacket::Startup(m)) => return Ok(Some(m)),

@@ -13,7 +13,10 @@ use super::framing::get_cstr;
 pub const MAX_STARTUP_LEN: usize = 10_000;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
-const CANCEL_REQUEST: u32 = 80_877_102;
+pub const CANCEL_REQUEST: u32 = 80_877_102;
+/// pgrouter's own code for a CancelRequest one instance forwards to its peers: the peer
+/// handles it for its own clients only and never forwards it again.
+pub const PEER_CANCEL_REQUEST: u32 = 80_877_223;
 
 /// A cancel key: the process id and secret from BackendKeyData. Protocol 3.2 allows secrets of
 /// 4 to 256 bytes; 3.0 uses exactly 4.
@@ -35,6 +38,8 @@ pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
     Cancel(CancelKey),
+    /// A CancelRequest forwarded by another pgrouter instance.
+    PeerCancel(CancelKey),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +88,8 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<StartupPacket>, StartupError>
     let parsed = match code {
         SSL_REQUEST if body.is_empty() => StartupPacket::SslRequest,
         GSSENC_REQUEST if body.is_empty() => StartupPacket::GssEncRequest,
-        CANCEL_REQUEST => parse_cancel(body)?,
+        CANCEL_REQUEST => StartupPacket::Cancel(parse_cancel(body)?),
+        PEER_CANCEL_REQUEST => StartupPacket::PeerCancel(parse_cancel(body)?),
         SSL_REQUEST | GSSENC_REQUEST => return Err(StartupError::Malformed("trailing bytes")),
         code if code >> 16 == 3 => StartupPacket::Startup(parse_params(code as u16, body)?),
         code => return Err(StartupError::UnsupportedProtocol(code)),
@@ -91,12 +97,12 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<StartupPacket>, StartupError>
     Ok(Some(parsed))
 }
 
-fn parse_cancel(mut body: &[u8]) -> Result<StartupPacket, StartupError> {
+fn parse_cancel(mut body: &[u8]) -> Result<CancelKey, StartupError> {
     if !(8..=260).contains(&body.len()) {
         return Err(StartupError::Malformed("cancel request of the wrong size"));
     }
     let pid = body.get_i32();
-    Ok(StartupPacket::Cancel(CancelKey { pid, secret: body.to_vec() }))
+    Ok(CancelKey { pid, secret: body.to_vec() })
 }
 
 fn parse_params(minor_version: u16, mut body: &[u8]) -> Result<StartupMessage, StartupError> {
