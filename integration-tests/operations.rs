@@ -560,3 +560,64 @@ fn instances_share_a_port_with_reuse_port() {
     println!("reuse_port: 24 connections to one port: {first} to instance 1, {other} to instance 2");
     assert!(first > 0 && other > 0 && first + other == 24, "both instances took clients: {first} + {other}");
 }
+
+/// docker/: what can be checked without a Docker engine (see docker/check.sh).
+#[test]
+fn docker_files_check_out() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/check.sh");
+    let out =
+        Command::new("bash").arg(script).arg(env!("CARGO_BIN_EXE_pgrouter")).output().expect("run docker/check.sh");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "docker/check.sh failed:\n{said}");
+    println!("{}", said.trim());
+}
+
+/// log_format = "json": every line is a JSON object; connection open and close lines carry
+/// the client address, user and database; a pool timeout names the client; no password ever
+/// appears.
+#[test]
+fn json_logs_name_clients_and_never_passwords() {
+    let env = Env::start(EnvOptions {
+        pool_size: 1,
+        proxy: "log_format = \"json\"\nquery_wait_timeout = \"300ms\"\n".into(),
+        ..EnvOptions::default()
+    });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    runtime().block_on(async {
+        let holder = connect(&url).await.unwrap();
+        holder.simple_query("begin; select 1").await.unwrap();
+        let waiter = connect(&url).await.unwrap();
+        let err = waiter.simple_query("select 1").await.expect_err("the pool of 1 is held");
+        assert!(describe(&err).starts_with("53000"), "{}", describe(&err));
+        holder.simple_query("commit").await.unwrap();
+    });
+    let wrong = env.proxy.psql_as(APP_USER, "not-the-password", "app", &["-c", "select 1"]);
+    assert!(!wrong.status.success());
+    assert!(crate::harness::wait_until(Duration::from_secs(5), || env.proxy.log().contains("client disconnected")));
+    let log = env.proxy.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let with = |message: &str| -> Option<&serde_json::Value> {
+        lines.iter().find(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with(message)))
+    };
+    for message in ["client connected", "client disconnected"] {
+        let line = with(message).unwrap_or_else(|| panic!("no \"{message}\" line"));
+        for field in ["client", "user", "database"] {
+            assert!(line["fields"][field].is_string(), "{message} has {field}: {line}");
+        }
+    }
+    let timeout = lines
+        .iter()
+        .find(|l| {
+            l["level"] == "WARN" && l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("query_wait_timeout"))
+        })
+        .expect("a pool timeout warning");
+    assert!(timeout["fields"]["client"].is_string() && timeout["fields"]["pool"].is_string(), "{timeout}");
+    for secret in [APP_PASSWORD, "not-the-password", crate::harness::MD5_PASSWORD] {
+        assert!(!log.contains(secret), "a password in the log");
+    }
+    println!("logs: {} JSON lines, no password", lines.len());
+}

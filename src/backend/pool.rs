@@ -149,7 +149,8 @@ impl Pool {
                     self.metrics.wait.record(started.elapsed().as_secs_f64());
                     self.metrics.wait_timeouts.increment(1);
                     self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
+                    // the session logs it, with the client
+                    tracing::debug!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
                     return Err(Error::PoolTimeout { pool: self.key.to_string(), waited: started.elapsed() });
                 }
             }

@@ -35,13 +35,22 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file. `PGROUTER_INSTANCE_ID` in the environment, when
+    /// set, overrides `proxy.instance_id` (so identical pods of a StatefulSet can each take
+    /// their ordinal).
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))])
         })?;
         let mut config = Self::from_toml(&text)?;
         config.source = Some(path.to_owned());
+        if let Ok(value) = std::env::var("PGROUTER_INSTANCE_ID") {
+            config.proxy.instance_id =
+                value.trim().parse().ok().filter(|id| *id <= proxy::MAX_INSTANCE_ID).ok_or_else(|| {
+                    let message = format!("must be a number from 0 to {}, found {value:?}", proxy::MAX_INSTANCE_ID);
+                    ConfigErrors(vec![ConfigError::new("PGROUTER_INSTANCE_ID", message)])
+                })?;
+        }
         Ok(config)
     }
 

@@ -250,6 +250,10 @@ impl<S: ClientIo> Session<S> {
                 if said_goodbye { pool.checkout().await.map(Some) } else { Ok(None) }
             }
         };
+        if let Err(Error::PoolTimeout { pool, waited }) = &checkout {
+            tracing::warn!(client = %self.me.entry.addr, user = %self.params.user, database = %self.params.database,
+                %pool, ?waited, "query_wait_timeout: no server connection became free; the request fails");
+        }
         let now = if matches!(checkout, Ok(Some(_))) { ClientState::Active } else { ClientState::Idle };
         self.me.entry.set_state(now);
         checkout
