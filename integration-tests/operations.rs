@@ -236,6 +236,12 @@ fn admin_console_shows_pools_stats_clients_and_servers() {
     let servers: Vec<_> = rows.iter().filter(|r| column(&header, r, "database") == "app").collect();
     assert!(servers.iter().any(|r| column(&header, r, "state") == "active"), "the busy client's server: {rows:?}");
     assert!(servers.iter().all(|r| column(&header, r, "remote_pid").parse::<i32>().unwrap() > 0));
+    let (header, rows) = admin_csv(&env, "show routes");
+    assert_eq!(header, ["shape", "access", "route", "count"]);
+    let select = rows.iter().find(|r| r[0].to_lowercase().starts_with("select") && r.len() == 4);
+    let select = select.unwrap_or_else(|| panic!("the clients' select in SHOW ROUTES: {rows:?}"));
+    assert_eq!((select[1].as_str(), select[2].as_str()), ("read", "primary"), "{select:?}");
+    assert!(select[3].parse::<u64>().unwrap() >= 1);
     for command in ["show databases", "show config", "show version", "show help"] {
         assert!(!admin_csv(&env, command).1.is_empty(), "{command}");
     }

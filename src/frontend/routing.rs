@@ -24,6 +24,7 @@ mod shards;
 
 use crate::router::sharded::Shards;
 use crate::router::{Decision, Policy, Router, Target};
+use crate::telemetry::RouteLabel;
 pub use shards::{CopySplit, Scatter};
 
 /// Prepared statements remembered per session for routing their Binds; beyond this the
@@ -94,6 +95,14 @@ impl Prepared {
     fn new(sql: &[u8], class: Arc<Classification>, parse: &Frame) -> Self {
         let types = messages::parse_param_types(parse.body()).unwrap_or_default();
         Self { sql: Bytes::copy_from_slice(sql), class, types: types.into() }
+    }
+}
+
+/// Counts statements the proxy runs on every shard itself (they are not relayed, where the
+/// session's observer counts the others) for SHOW ROUTES.
+fn note_all_shards(statements: &[Statement]) {
+    for (_, class, _) in statements {
+        class.usage.note(RouteLabel::AllShards.code());
     }
 }
 
@@ -181,12 +190,18 @@ impl RoutingState {
                 Some(policy.home())
             }
             Shards::Every(why) => {
-                return Ok(match self.copy_split(policy, request, &statements)? {
+                let plan = match self.copy_split(policy, request, &statements)? {
                     Some(copy) => Plan::CopyIn(copy),
                     None => Plan::Scatter(self.scatter(policy, request, &statements, &why)?),
-                });
+                };
+                note_all_shards(&statements);
+                return Ok(plan);
             }
-            Shards::Split(rows) => return Ok(Plan::Scatter(self.split_insert(request, &statements, &rows)?)),
+            Shards::Split(rows) => {
+                let plan = Plan::Scatter(self.split_insert(request, &statements, &rows)?);
+                note_all_shards(&statements);
+                return Ok(plan);
+            }
         };
         let mut hinted = Vec::with_capacity(statements.len());
         for (sql, class, _) in statements {

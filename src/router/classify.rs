@@ -7,6 +7,7 @@
 //! volatility are applied by the router, so a cached result stays valid for any config.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use sqlparser::ast::{
     CopySource, DiscardObject, Expr, ObjectName, Query, Select, Set, Statement, TableFactor, TransactionAccessMode,
@@ -89,6 +90,52 @@ pub struct Classification {
     pub discards_all: bool,
     /// Tables named, WHERE equalities, INSERT rows: what sharding routes by.
     pub tables: super::keys::TableUse,
+    /// How often statements of this shape ran, and where the last went (SHOW ROUTES).
+    pub usage: Usage,
+}
+
+/// Counters kept with a cached classification: how many statements of its shape ran through
+/// the proxy and the route of the last one (a code the caller defines; 0 = none yet). Atomic,
+/// so noting a use takes no lock. They do not take part in comparisons.
+#[derive(Default)]
+pub struct Usage {
+    count: AtomicU64,
+    route: AtomicU8,
+}
+
+impl Usage {
+    pub fn note(&self, route: u8) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.route.store(route, Ordering::Relaxed);
+    }
+
+    /// (statements run, last route code)
+    #[must_use]
+    pub fn get(&self) -> (u64, u8) {
+        (self.count.load(Ordering::Relaxed), self.route.load(Ordering::Relaxed))
+    }
+}
+
+impl Clone for Usage {
+    fn clone(&self) -> Self {
+        let (count, route) = self.get();
+        Self { count: AtomicU64::new(count), route: AtomicU8::new(route) }
+    }
+}
+
+impl PartialEq for Usage {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Usage {}
+
+impl std::fmt::Debug for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (count, route) = self.get();
+        write!(f, "Usage {{ count: {count}, route: {route} }}")
+    }
 }
 
 impl Classification {
@@ -109,6 +156,7 @@ impl Classification {
             pins: None,
             discards_all: false,
             tables: super::keys::TableUse::default(),
+            usage: Usage::default(),
         }
     }
 }

@@ -56,6 +56,11 @@ impl Router {
         }
         class
     }
+
+    /// The cached shapes with their classifications (SHOW ROUTES).
+    pub fn shapes(&self) -> impl Iterator<Item = (Box<[u8]>, Arc<Classification>)> + '_ {
+        self.cache.iter()
+    }
 }
 
 use std::fmt;

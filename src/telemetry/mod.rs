@@ -115,7 +115,19 @@ pub enum RouteLabel {
 impl RouteLabel {
     const ALL: [Self; 4] = [Self::Primary, Self::Replica, Self::Shard, Self::AllShards];
 
-    fn as_str(self) -> &'static str {
+    /// A code for `router::classify::Usage` (0 means none).
+    #[must_use]
+    pub fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    #[must_use]
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code.checked_sub(1)?)).copied()
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Primary => "primary",
             Self::Replica => "replica",

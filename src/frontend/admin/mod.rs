@@ -2,7 +2,7 @@
 //! It speaks the simple query protocol; each command is answered with an ordinary result
 //! set (`show.rs`), so psql and PgBouncer's exporters can read it.
 //!
-//! Commands: SHOW POOLS | STATS | CLIENTS | SERVERS | DATABASES | CONFIG | VERSION | HELP,
+//! Commands: SHOW POOLS | STATS | CLIENTS | SERVERS | DATABASES | CONFIG | ROUTES | VERSION | HELP,
 //! RELOAD, PAUSE [db], RESUME [db], SHUTDOWN.
 
 mod show;
@@ -76,6 +76,7 @@ async fn run(app: &Arc<App>, user: &str, sql: &str) -> Result<Bytes, Error> {
         ["show", "databases"] => Ok(show::databases(app)),
         ["show", "config"] => Ok(show::config(app)),
         ["show", "version"] => Ok(show::version()),
+        ["show", "routes"] => Ok(show::routes(app)),
         ["show", "help"] | ["help"] => Ok(show::help()),
         ["pause", rest @ ..] => {
             let databases = chosen(app, rest)?;

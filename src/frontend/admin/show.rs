@@ -11,6 +11,7 @@ use bytes::Bytes;
 use crate::app::App;
 use crate::frontend::clients::ClientState;
 use crate::protocol::messages;
+use crate::telemetry::RouteLabel;
 
 type Row = Vec<Option<String>>;
 
@@ -310,6 +311,33 @@ pub fn config(app: &App) -> Bytes {
     result(&["key", "value", "changeable"], &rows)
 }
 
+/// The statement shapes that ran most (transaction pooling, where routing happens): the
+/// shape (literals replaced), read or write, the route the last one took, how many ran.
+pub fn routes(app: &App) -> Bytes {
+    const SHOWN: usize = 100;
+    const SHAPE_CHARS: usize = 200;
+    let mut shapes: Vec<(u64, u8, String, &'static str)> = app
+        .router
+        .shapes()
+        .filter_map(|(shape, class)| {
+            let (count, route) = class.usage.get();
+            let access = if matches!(class.access, crate::router::classify::Access::Read) { "read" } else { "write" };
+            let text: String = String::from_utf8_lossy(&shape).chars().take(SHAPE_CHARS).collect();
+            (count > 0).then_some((count, route, text, access))
+        })
+        .collect();
+    shapes.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
+    let rows: Vec<Row> = shapes
+        .into_iter()
+        .take(SHOWN)
+        .map(|(count, route, shape, access)| {
+            let route = RouteLabel::from_code(route).map_or("", RouteLabel::as_str);
+            vec![cell(shape), cell(access), cell(route), cell(count)]
+        })
+        .collect();
+    result(&["shape", "access", "route", "count"], &rows)
+}
+
 pub fn version() -> Bytes {
     result(&["version"], &[vec![cell(format!("pgrouter {}", env!("CARGO_PKG_VERSION")))]])
 }
@@ -322,6 +350,7 @@ pub fn help() -> Bytes {
         ("SHOW SERVERS", "every open server connection"),
         ("SHOW DATABASES", "the configured databases"),
         ("SHOW CONFIG", "the [proxy] settings in effect"),
+        ("SHOW ROUTES", "the statement shapes that ran most, with their route and count"),
         ("SHOW VERSION", "pgrouter's version"),
         ("RELOAD", "read the config file again (as SIGHUP does)"),
         ("PAUSE [db]", "new requests wait; answered once every server connection is back"),

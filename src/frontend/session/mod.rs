@@ -257,6 +257,9 @@ impl<S: ClientIo> Session<S> {
             let elsewhere = &mut attached.elsewhere;
             let mut observe = |frame: &Frame| {
                 let class = routing.observe(router, frame, custom)?;
+                if matches!(frame.tag(), b'Q' | b'B') {
+                    class.usage.note(route.code());
+                }
                 effects.add(&class);
                 let replaced = routing.guard_shard(policy, frame, &class, shard, elsewhere);
                 commit_elsewhere.store(!elsewhere.is_empty(), Ordering::Relaxed);
