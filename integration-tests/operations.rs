@@ -627,3 +627,34 @@ fn json_logs_name_clients_and_never_passwords() {
     }
     println!("logs: {} JSON lines, no password", lines.len());
 }
+
+/// A reload that adds a user lets it log in; one that removes a user ends that user's
+/// session at its next request, with a clear error; everyone else carries on.
+#[test]
+fn reload_changes_users() {
+    let env = Env::start(EnvOptions::default());
+    let rt = runtime();
+    let legacy_url = env.proxy.url(crate::harness::MD5_USER, crate::harness::MD5_PASSWORD, "app");
+    let legacy = rt.block_on(connect(&legacy_url)).unwrap();
+    let app = rt.block_on(connect(&env.proxy.url(APP_USER, APP_PASSWORD, "app"))).unwrap();
+    let path = env.proxy.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let md5_user = format!(
+        "[[users]]\nname = \"{}\"\npassword = \"{}\"\nauth = \"md5\"\n",
+        crate::harness::MD5_USER,
+        crate::harness::MD5_PASSWORD
+    );
+    assert!(original.contains(&md5_user), "the test knows the harness's config");
+    let newcomer = format!(
+        "[[users]]\nname = \"newcomer\"\npassword = \"new-secret\"\nserver_user = \"{APP_USER}\"\nserver_password = \"{APP_PASSWORD}\"\n"
+    );
+    std::fs::write(&path, original.replace(&md5_user, &newcomer)).unwrap();
+    env.proxy.signal("HUP");
+    assert!(crate::harness::wait_until(Duration::from_secs(10), || env.proxy.log().contains("config reloaded")));
+    let err = rt.block_on(legacy.simple_query("select 1")).expect_err("the removed user's session ends");
+    assert!(describe(&err).contains("removed from pgrouter's config"), "{}", describe(&err));
+    rt.block_on(app.simple_query("select 1")).expect("other sessions carry on");
+    let newcomer = rt.block_on(connect(&env.proxy.url("newcomer", "new-secret", "app"))).expect("the new user logs in");
+    rt.block_on(newcomer.simple_query("select 1")).unwrap();
+    assert!(rt.block_on(connect(&legacy_url)).is_err(), "the removed user cannot log in again");
+}
