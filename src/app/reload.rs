@@ -51,30 +51,15 @@ impl App {
 fn keep_restart_only_settings(running: &Config, new: &mut Config) {
     let (old, p) = (&running.proxy, &mut new.proxy);
     let mut kept = Vec::new();
-    if p.listen != old.listen {
-        p.listen = old.listen;
-        kept.push("proxy.listen");
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if p.$field != old.$field {
+                p.$field = old.$field;
+                kept.push(concat!("proxy.", stringify!($field)));
+            }
+        )*};
     }
-    if p.metrics_listen != old.metrics_listen {
-        p.metrics_listen = old.metrics_listen;
-        kept.push("proxy.metrics_listen");
-    }
-    if p.workers != old.workers {
-        p.workers = old.workers;
-        kept.push("proxy.workers");
-    }
-    if p.instance_id != old.instance_id {
-        p.instance_id = old.instance_id;
-        kept.push("proxy.instance_id");
-    }
-    if p.reuse_port != old.reuse_port {
-        p.reuse_port = old.reuse_port;
-        kept.push("proxy.reuse_port");
-    }
-    if p.log_format != old.log_format {
-        p.log_format = old.log_format;
-        kept.push("proxy.log_format");
-    }
+    keep!(listen, metrics_listen, workers, instance_id, reuse_port, log_format);
     for key in kept {
         tracing::warn!(key, "changing this setting needs a restart; the running value stays");
     }

@@ -7,10 +7,13 @@
 //! running statement is cancelled and the connection closed; an open transaction is rolled
 //! back; in session mode the connection is reset with DISCARD ALL.
 //!
-//! `attach` (a submodule) holds how a routed request gets its server connection.
+//! Submodules: `attach` (how a routed request gets its server connection), `dispose` (the
+//! server connection when things end), `scatter`, `copy` and `schema` (sharded databases:
+//! one query on every shard, COPY split by row, DDL committed on every shard).
 
 mod attach;
 mod copy;
+mod dispose;
 mod scatter;
 mod schema;
 
@@ -27,11 +30,8 @@ use super::prepared::{self, ClientStatements, Deallocate};
 use super::relay::Renaming;
 use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
-use super::settings;
 use crate::app::App;
 use crate::backend::conn::Settings;
-use crate::backend::conn::send_cancel;
-use crate::backend::health::BanReason;
 use crate::backend::{Checkout, ClusterPools};
 use crate::config::PoolMode;
 use crate::error::{Error, SqlState};
@@ -502,33 +502,6 @@ impl<S: ClientIo> Session<S> {
         }
     }
 
-    /// The server went away mid-request. A replica is banned. Outside a transaction nothing
-    /// the client relies on was lost: it gets an error for the request and keeps its session.
-    async fn survive_lost_server(&mut self, error: &Error) -> Result<bool, Error> {
-        self.params.cancel.set_target(None);
-        let Some(attached) = self.server.take() else {
-            return Ok(false);
-        };
-        if attached.role() == Role::Replica {
-            attached.checkout.pool().health.ban(
-                self.app.now().config.proxy.ban_time,
-                BanReason::ServerLost,
-                &error.to_string(),
-            );
-        }
-        if !attached.started_idle || self.flow.status() != TxStatus::Idle || self.params.mode == PoolMode::Session {
-            return Ok(false);
-        }
-        drop(attached); // closes the dead connection
-        tracing::info!(error = %error, "server lost outside a transaction; the client keeps its session");
-        self.client.send_error(Severity::Error, error).await;
-        for _ in 0..self.flow.pending() {
-            self.client.send(&messages::ready_for_query(TxStatus::Idle)).await?;
-        }
-        self.skip_until_sync = self.flow.unsynced();
-        Ok(true)
-    }
-
     /// Answers DEALLOCATE of the client's named statements (transaction pooling): they exist
     /// on the servers under other names, shared with other clients.
     fn answer_deallocate(&mut self, sql: &[u8], status: TxStatus) -> Option<bytes::Bytes> {
@@ -558,52 +531,6 @@ impl<S: ClientIo> Session<S> {
             self.skip_until_sync = true;
             Ok(())
         }
-    }
-
-    /// Returns the session's server connection to the pool only if it can be made clean.
-    async fn dispose_server(&mut self, usable: bool) {
-        self.params.cancel.set_target(None);
-        let Some(mut attached) = self.server.take() else {
-            return;
-        };
-        let left = self.left.unwrap_or(Departure { terminated: false, server_dirty: false });
-        if !usable || left.server_dirty || self.flow.tainted() {
-            return; // dropping the checkout closes the connection
-        }
-        let conn = attached.checkout.conn();
-        if left.terminated && !self.flow.at_rest() && !relay::drain(conn, &mut self.flow, DRAIN_TIMEOUT).await {
-            return;
-        }
-        if !self.flow.at_rest() {
-            // A statement is still running for a client that vanished: stop it, then close.
-            if let Err(e) = send_cancel(&conn.addr, &conn.backend_key, RESET_TIMEOUT).await {
-                tracing::debug!(server = %conn.addr, error = %e, "cancel of an orphaned statement failed");
-            }
-            return;
-        }
-        if self.flow.status() != TxStatus::Idle
-            && conn.run_simple("ROLLBACK", RESET_TIMEOUT).await != Ok(TxStatus::Idle)
-        {
-            return;
-        }
-        if self.params.mode == PoolMode::Session || self.pinned.is_some() {
-            // a dedicated connection: DISCARD ALL drops settings, prepared statements, LISTEN,
-            // temporary tables, advisory locks and cursors in one go
-            if conn.run_simple("DISCARD ALL", RESET_TIMEOUT).await != Ok(TxStatus::Idle) {
-                return;
-            }
-            conn.settings.clear();
-            conn.statements.clear();
-        } else if attached.effects.session_state {
-            // the client changed settings and left before they were read back
-            let sql =
-                settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
-            match conn.query_rows(&sql, RESET_TIMEOUT).await {
-                Ok(rows) => conn.settings = settings::from_rows(rows),
-                Err(_) => return,
-            }
-        }
-        attached.checkout.release();
     }
 }
 
