@@ -12,6 +12,7 @@ mod operations;
 mod pooling;
 mod psql;
 mod routing;
+mod security;
 mod sharding;
 mod sharding_copy;
 mod topology;

@@ -52,12 +52,22 @@ pub struct Snapshot {
     pub policies: HashMap<String, Arc<Policy>>,
     pub verifiers: Verifiers,
     pub database_metrics: HashMap<String, Arc<DatabaseMetrics>>,
+    /// TLS to clients, from `[proxy.tls]` (None: disabled).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Stops this snapshot's health checkers when a reload replaces it.
     checkers: CancellationToken,
 }
 
 impl Snapshot {
-    fn build(config: Config, telemetry: &Telemetry, previous: Option<&Snapshot>, shutdown: &CancellationToken) -> Self {
+    /// Builds what `config` makes; an error (with its key path) when its TLS certificate or
+    /// key cannot be used.
+    fn build(
+        config: Config,
+        telemetry: &Telemetry,
+        previous: Option<&Snapshot>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, String> {
+        let tls = crate::frontend::tls::acceptor(&config.proxy.tls)?;
         let database_metrics = config
             .databases
             .iter()
@@ -66,7 +76,8 @@ impl Snapshot {
                 (db.name.clone(), kept.unwrap_or_else(|| Arc::new(DatabaseMetrics::new(telemetry, &db.name))))
             })
             .collect();
-        Self {
+        Ok(Self {
+            tls,
             generation: previous.map_or(0, |p| p.generation + 1),
             pools: Pools::build(&config, telemetry, previous.map(|p| &p.pools)),
             policies: config.databases.iter().map(|db| (db.name.clone(), Policy::new(db))).collect(),
@@ -74,7 +85,7 @@ impl Snapshot {
             database_metrics,
             config: Arc::new(config),
             checkers: shutdown.child_token(),
-        }
+        })
     }
 }
 
@@ -140,7 +151,7 @@ impl App {
         let telemetry = Telemetry::new();
         let shutdown = CancellationToken::new();
         let instance_id = config.proxy.instance_id;
-        let snapshot = Snapshot::build(config, &telemetry, None, &shutdown);
+        let snapshot = Snapshot::build(config, &telemetry, None, &shutdown).map_err(std::io::Error::other)?;
         let app = Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
             config_path,

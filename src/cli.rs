@@ -88,6 +88,10 @@ fn check(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = crate::frontend::tls::acceptor(&config.proxy.tls) {
+        eprintln!("{}: 1 error(s)\n  {e}", path.display());
+        return ExitCode::FAILURE;
+    }
     println!("{}: OK", path.display());
     println!("listen {}  users {}  databases {}", config.proxy.listen, config.users.len(), config.databases.len());
     for db in &config.databases {
@@ -158,7 +162,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce())
         let running = match App::start(config, config_path).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(%listen, error = %e, "cannot listen");
+                tracing::error!(%listen, error = %e, "cannot start");
                 return ExitCode::FAILURE;
             }
         };

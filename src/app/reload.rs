@@ -34,7 +34,9 @@ impl App {
         let _serialised = self.reloading.lock().expect("reload lock");
         let old = self.now();
         keep_restart_only_settings(&old.config, &mut config);
-        let snapshot = Snapshot::build(config, &self.telemetry, Some(&old), &self.shutdown);
+        let snapshot = Snapshot::build(config, &self.telemetry, Some(&old), &self.shutdown).inspect_err(|e| {
+            tracing::error!(error = %e, config = %path.display(), "config reload refused; the running config stays");
+        })?;
         start_health_checks(&snapshot);
         old.pools.retire_unused(&snapshot.pools);
         let (databases, users, generation) =

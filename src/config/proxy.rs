@@ -98,12 +98,11 @@ fn read_tls(mut s: Section<'_>, errs: &mut Errors) -> TlsConfig {
         key: s.opt::<String>("key", errs).map(PathBuf::from),
     };
     if tls.mode != TlsMode::Disable {
-        // Client TLS arrives with the security work (issue 7); until then refusing the config is
-        // better than silently serving plaintext to someone who asked for TLS.
-        errs.push(ConfigError::new(
-            s.key_path("mode"),
-            format!("\"{}\" is not available in this build yet; use \"disable\"", tls.mode),
-        ));
+        for (key, value) in [("cert", &tls.cert), ("key", &tls.key)] {
+            if value.is_none() {
+                errs.push(ConfigError::new(s.key_path(key), format!("required when mode is \"{}\"", tls.mode)));
+            }
+        }
     }
     s.finish(errs);
     tls

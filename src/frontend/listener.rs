@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::client::ClientStream;
-use super::login::serve_client;
+use super::tls::serve_connection;
 use crate::app::App;
 use crate::error::SqlState;
 use crate::protocol::messages::{self, Severity};
@@ -40,7 +40,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
         }
         let app2 = Arc::clone(&app);
         app.tracker.spawn(async move {
-            serve_client(Arc::clone(&app2), stream, peer).await;
+            serve_connection(Arc::clone(&app2), stream, peer).await;
             app2.clients.fetch_sub(1, Ordering::AcqRel);
         });
     }

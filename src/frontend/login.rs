@@ -17,7 +17,7 @@ use crate::app::App;
 use crate::backend::Pool;
 use crate::backend::conn::Settings;
 use crate::backend::pool::ServerParams;
-use crate::config::ADMIN_DATABASE;
+use crate::config::{ADMIN_DATABASE, TlsMode};
 use crate::error::Error;
 use crate::protocol::messages::{self, Severity, TxStatus};
 use crate::protocol::startup::{StartupMessage, StartupPacket};
@@ -34,10 +34,11 @@ const MAX_NEGOTIATIONS: usize = 2;
 const LOGIN_MESSAGE_MAX: usize = 65_535;
 
 /// Serves one client connection from its first byte to its last.
-pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr) {
+/// `encrypted`: the stream is TLS (see `frontend::tls`).
+pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr, encrypted: bool) {
     let mut client = ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.now().config.proxy.max_message_size));
     let login_timeout = app.now().config.proxy.client_login_timeout;
-    let params = match tokio::time::timeout(login_timeout, login(&app, &mut client)).await {
+    let params = match tokio::time::timeout(login_timeout, login(&app, &mut client, encrypted)).await {
         Ok(Ok(Some(LoggedIn::Session(params)))) => params,
         Ok(Ok(Some(LoggedIn::Admin(user)))) => {
             client.max_message = app.now().config.proxy.max_message_size;
@@ -76,10 +77,19 @@ enum LoggedIn {
 }
 
 /// Runs the startup phase; `None` when the connection carried a CancelRequest or closed.
-async fn login<S: ClientIo>(app: &Arc<App>, client: &mut ClientStream<S>) -> Result<Option<LoggedIn>, Error> {
+async fn login<S: ClientIo>(
+    app: &Arc<App>,
+    client: &mut ClientStream<S>,
+    encrypted: bool,
+) -> Result<Option<LoggedIn>, Error> {
     let Some(startup) = read_startup(app, client).await? else {
         return Ok(None);
     };
+    if !encrypted && app.now().config.proxy.tls.mode == TlsMode::Require {
+        return Err(Error::Unauthorized(
+            "pgrouter accepts only TLS connections (proxy.tls.mode = \"require\"): connect with sslmode=require".into(),
+        ));
+    }
     if startup.minor_version > 0 || !startup.protocol_options.is_empty() {
         client.send(&messages::negotiate_protocol_version(0, &startup.protocol_options)).await?;
     }

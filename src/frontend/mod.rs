@@ -17,3 +17,4 @@ pub mod relay;
 pub mod routing;
 pub mod session;
 pub mod settings;
+pub mod tls;
