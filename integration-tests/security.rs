@@ -147,3 +147,53 @@ fn tls_allow_takes_both() {
         assert_eq!(stdout(&out).contains("SSL connection"), tls, "{conn}: {}", stdout(&out));
     }
 }
+
+/// TLS from pgrouter to the server (`server_tls`), against a PostgreSQL with ssl = on and a
+/// certificate from the test's CA: verify-full, require and prefer connect over TLS (the
+/// server's pg_stat_ssl says so), disable does not, and verify-full against another CA
+/// refuses to connect.
+#[test]
+fn tls_to_servers() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    make_ca(dir);
+    make_server_cert(dir, "server", "postgres under test");
+    let other = tempfile::tempdir().unwrap();
+    make_ca(other.path());
+    // the server runs as the postgres OS user when the tests run as root
+    let _ = Command::new("chown").args(["-R", "postgres"]).arg(dir).status();
+    let _ = Command::new("chmod").arg("600").arg(dir.join("server.key")).status();
+    let db = |name: &str, mode: &str, ca: &Path| {
+        format!(
+            "\n[[databases]]\nname = \"{name}\"\nserver_database = \"app\"\nserver_tls = \"{mode}\"\nserver_tls_ca = \"{}\"\n[[databases.shards]]\nprimary = \"{{PRIMARY}}\"\n",
+            ca.display()
+        )
+    };
+    let ca = dir.join("ca.pem");
+    let databases = [
+        db("tls_full", "verify-full", &ca),
+        db("tls_require", "require", &ca),
+        db("tls_prefer", "prefer", &ca),
+        db("tls_wrong_ca", "verify-full", &other.path().join("ca.pem")),
+    ]
+    .concat();
+    let env = Env::start(EnvOptions {
+        databases,
+        pg_conf: vec![
+            "max_connections = 120".into(),
+            "ssl = on".into(),
+            format!("ssl_cert_file = '{}'", dir.join("server.pem").display()),
+            format!("ssl_key_file = '{}'", dir.join("server.key").display()),
+        ],
+        ..EnvOptions::default()
+    });
+    let ssl = "select ssl from pg_stat_ssl where pid = pg_backend_pid()";
+    for (database, want) in [("tls_full", "t"), ("tls_require", "t"), ("tls_prefer", "t"), ("app", "f")] {
+        let out = env.proxy.psql(database, &["-At", "-c", ssl]);
+        assert!(out.status.success(), "{database}: {}", stderr(&out));
+        assert_eq!(stdout(&out).trim(), want, "{database}: TLS to the server");
+    }
+    let out = env.proxy.psql("tls_wrong_ca", &["-At", "-c", "select 1"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("TLS handshake failed"), "verify-full against another CA: {err}");
+}

@@ -68,6 +68,12 @@ impl Snapshot {
         shutdown: &CancellationToken,
     ) -> Result<Self, String> {
         let tls = crate::frontend::tls::acceptor(&config.proxy.tls)?;
+        let mut server_tls = HashMap::new();
+        for (i, db) in config.databases.iter().enumerate() {
+            if let Some(settings) = crate::backend::tls::settings(db, &format!("databases[{i}]"))? {
+                server_tls.insert(db.name.clone(), settings);
+            }
+        }
         let database_metrics = config
             .databases
             .iter()
@@ -79,7 +85,7 @@ impl Snapshot {
         Ok(Self {
             tls,
             generation: previous.map_or(0, |p| p.generation + 1),
-            pools: Pools::build(&config, telemetry, previous.map(|p| &p.pools)),
+            pools: Pools::build(&config, telemetry, previous.map(|p| &p.pools), &server_tls),
             policies: config.databases.iter().map(|db| (db.name.clone(), Policy::new(db))).collect(),
             verifiers: Verifiers::build(&config),
             database_metrics,

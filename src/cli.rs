@@ -88,8 +88,20 @@ fn check(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Err(e) = crate::frontend::tls::acceptor(&config.proxy.tls) {
-        eprintln!("{}: 1 error(s)\n  {e}", path.display());
+    // the certificate files named by the config must be usable too
+    let tls = std::iter::once(crate::frontend::tls::acceptor(&config.proxy.tls).map(drop)).chain(
+        config
+            .databases
+            .iter()
+            .enumerate()
+            .map(|(i, db)| crate::backend::tls::settings(db, &format!("databases[{i}]")).map(drop)),
+    );
+    let errors: Vec<String> = tls.filter_map(Result::err).collect();
+    if !errors.is_empty() {
+        eprintln!("{}: {} error(s)", path.display(), errors.len());
+        for e in errors {
+            eprintln!("  {e}");
+        }
         return ExitCode::FAILURE;
     }
     println!("{}: OK", path.display());

@@ -5,6 +5,7 @@
 //! The SCRAM client and the message parsers are `postgres-protocol`'s; this file only drives
 //! them over a socket.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::tls::{ServerStream, ServerTlsSettings, negotiate};
 use crate::config::ServerAddr;
 use crate::error::Error;
 use crate::protocol::framing::{self, Frame};
@@ -39,6 +41,8 @@ pub struct ConnectSpec {
     /// Shown in pg_stat_activity. None for pooled connections: they start as a client that sent
     /// no application_name, so `RESET ALL` gives a client what it would get from PostgreSQL.
     pub application_name: Option<&'static str>,
+    /// TLS to the server (`server_tls`), None for plaintext.
+    pub tls: Option<Arc<ServerTlsSettings>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -46,7 +50,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// An authenticated server connection, ready for queries.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: ServerStream,
     /// Bytes read from the server and not yet handled.
     pub(crate) rbuf: BytesMut,
     pub addr: ServerAddr,
@@ -87,6 +91,8 @@ impl ServerConn {
             .await
             .map_err(|e| connect_error(spec, e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| connect_error(spec, e.to_string()))?;
+        let stream =
+            negotiate(stream, spec.tls.as_deref(), &spec.addr.host).await.map_err(|e| connect_error(spec, e))?;
         let now = Instant::now();
         let mut conn = Self {
             stream,
@@ -295,7 +301,7 @@ impl ServerConn {
             return false;
         }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        matches!(socket2::SockRef::from(&self.stream).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        matches!(socket2::SockRef::from(self.stream.tcp()).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Says goodbye politely; errors do not matter, the socket is dropped either way.

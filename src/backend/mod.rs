@@ -9,6 +9,7 @@ pub mod conn;
 pub mod health;
 pub mod pool;
 pub mod statements;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::config::{Config, DatabaseConfig, LoadBalance, ServerAddr, UserConfig}
 use crate::router::{Role, Route, ShardId, Target};
 use crate::telemetry::Telemetry;
 use health::{Lsn, ServerHealth, ShardHealth};
+use tls::ServerTlsSettings;
 
 /// The pools of one shard.
 pub struct ShardPools {
@@ -116,7 +118,13 @@ impl Pools {
     /// Builds the pools of `config`. After a reload, `previous` are the pools in use: a pool
     /// whose key and connection settings did not change is kept (resized to the new
     /// settings), with its connections, and so is each server's health record.
-    pub fn build(config: &Config, telemetry: &Telemetry, previous: Option<&Pools>) -> Self {
+    /// `server_tls` holds the TLS settings of the databases that use TLS to their servers.
+    pub fn build(
+        config: &Config,
+        telemetry: &Telemetry,
+        previous: Option<&Pools>,
+        server_tls: &HashMap<String, Arc<ServerTlsSettings>>,
+    ) -> Self {
         let metrics = PoolMetrics {
             wait: telemetry.histogram("pgrouter_pool_wait_seconds", &[]),
             wait_timeouts: telemetry.counter("pgrouter_pool_wait_timeouts_total", &[]),
@@ -128,7 +136,7 @@ impl Pools {
                 .shards
                 .iter()
                 .enumerate()
-                .map(|(i, s)| shard_health(config, db, ShardId(i), &s.primary, &s.replicas, previous))
+                .map(|(i, s)| shard_health(config, db, ShardId(i), &s.primary, &s.replicas, previous, server_tls))
                 .collect();
             for user in &config.users {
                 let shards = db
@@ -139,7 +147,7 @@ impl Pools {
                     .map(|(i, (shard, h))| {
                         let pool = |role, addr: &ServerAddr, health: &Arc<ServerHealth>| {
                             let key = pool_key(db, user, Route { shard: ShardId(i), role }, addr);
-                            let spec = connect_spec(config, db, user, addr);
+                            let spec = connect_spec(config, db, user, addr, server_tls);
                             let settings = pool_settings(config, db);
                             match previous.and_then(|p| p.all().find(|old| old.key == key && old.spec == spec)) {
                                 Some(kept) => {
@@ -194,6 +202,7 @@ fn shard_health(
     primary: &ServerAddr,
     replicas: &[ServerAddr],
     previous: Option<&Pools>,
+    server_tls: &HashMap<String, Arc<ServerTlsSettings>>,
 ) -> Arc<ShardHealth> {
     let checker = config.users.first().expect("validated: at least one user");
     // a server kept by a reload keeps what its checks found (bans, lag)
@@ -211,12 +220,18 @@ fn shard_health(
         replicas: replicas.iter().map(|r| server(Role::Replica, r)).collect(),
         spec: ConnectSpec {
             application_name: Some("pgrouter health check"),
-            ..connect_spec(config, db, checker, primary)
+            ..connect_spec(config, db, checker, primary, server_tls)
         },
     })
 }
 
-fn connect_spec(config: &Config, db: &DatabaseConfig, user: &UserConfig, addr: &ServerAddr) -> ConnectSpec {
+fn connect_spec(
+    config: &Config,
+    db: &DatabaseConfig,
+    user: &UserConfig,
+    addr: &ServerAddr,
+    server_tls: &HashMap<String, Arc<ServerTlsSettings>>,
+) -> ConnectSpec {
     ConnectSpec {
         addr: addr.clone(),
         user: user.server_user.clone(),
@@ -224,6 +239,7 @@ fn connect_spec(config: &Config, db: &DatabaseConfig, user: &UserConfig, addr: &
         database: db.server_database.clone(),
         connect_timeout: config.proxy.server_connect_timeout,
         application_name: None,
+        tls: server_tls.get(&db.name).cloned(),
     }
 }
 
@@ -262,6 +278,7 @@ mod tests {
             database: "d".into(),
             connect_timeout: Duration::from_secs(1),
             application_name: Some("test"),
+            tls: None,
         };
         let settings = PoolSettings {
             size: 1,

@@ -37,6 +37,8 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     pub min_pool_size: usize,
     pub server_tls: ServerTls,
+    /// The CA certificates (PEM) that verify-full checks the servers' certificates against.
+    pub server_tls_ca: Option<std::path::PathBuf>,
     pub routing: RoutingConfig,
     pub shards: Vec<ShardConfig>,
     pub sharded_tables: Vec<ShardedTable>,
@@ -177,6 +179,7 @@ fn read_one(s: &mut Section<'_>, errs: &mut Errors) -> Option<DatabaseConfig> {
     let pool_size = s.or("pool_size", 20, errs);
     let min_pool_size = s.or("min_pool_size", 0, errs);
     let server_tls = s.or("server_tls", ServerTls::Disable, errs);
+    let server_tls_ca = s.opt::<String>("server_tls_ca", errs).map(std::path::PathBuf::from);
     let routing = read_routing(s.table("routing", errs), errs);
     let shards: Vec<ShardConfig> = s.tables("shards", errs).into_iter().filter_map(|t| read_shard(t, errs)).collect();
     let sharded_tables =
@@ -190,6 +193,7 @@ fn read_one(s: &mut Section<'_>, errs: &mut Errors) -> Option<DatabaseConfig> {
         pool_size,
         min_pool_size,
         server_tls,
+        server_tls_ca,
         routing,
         shards,
         sharded_tables,
@@ -296,8 +300,8 @@ fn check(db: &DatabaseConfig, s: &Section<'_>, errs: &mut Errors) {
     if db.min_pool_size > db.pool_size {
         err("min_pool_size", format!("{} is larger than pool_size ({})", db.min_pool_size, db.pool_size));
     }
-    if db.server_tls != ServerTls::Disable {
-        err("server_tls", format!("\"{}\" is not available in this build yet; use \"disable\"", db.server_tls));
+    if db.server_tls == ServerTls::VerifyFull && db.server_tls_ca.is_none() {
+        err("server_tls_ca", "required when server_tls is \"verify-full\"".into());
     }
     let shards = db.shards.len();
     if shards == 0 {
