@@ -197,3 +197,55 @@ fn tls_to_servers() {
     let err = stderr(&out);
     assert!(!out.status.success() && err.contains("TLS handshake failed"), "verify-full against another CA: {err}");
 }
+
+/// 2,000 connections opened and left without a startup packet: an established client keeps
+/// running queries throughout, and every abandoned connection is closed once
+/// client_login_timeout (2 s here) has passed.
+#[test]
+fn abandoned_connections_do_not_starve_clients() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::time::Instant;
+    let env = Env::start(EnvOptions { proxy: "client_login_timeout = \"2s\"\n".into(), ..EnvOptions::default() });
+    let port = env.proxy.port;
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    let rt = crate::harness::runtime();
+    let client = rt.block_on(crate::harness::connect(&url)).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let stop = std::sync::Arc::clone(&stop);
+        rt.spawn(async move {
+            let (mut queries, mut slowest) = (0u32, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                client.simple_query("select 1").await.expect("the established client keeps working");
+                slowest = slowest.max(started.elapsed());
+                queries += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (queries, slowest)
+        })
+    };
+    let opened = Instant::now();
+    let mut idle: Vec<TcpStream> =
+        (0..2000).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
+    let took_to_open = opened.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let mut closed = 0;
+    for stream in &mut idle {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut sink = Vec::new();
+        // the FATAL about client_login_timeout, then end of stream
+        if stream.read_to_end(&mut sink).is_ok() {
+            closed += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (queries, slowest) = rt.block_on(worker).unwrap();
+    println!(
+        "flood: 2,000 idle connections opened in {took_to_open:?}; {closed} closed by client_login_timeout; \
+         the established client ran {queries} queries meanwhile, slowest {slowest:?}"
+    );
+    assert_eq!(closed, 2000, "every abandoned connection was closed");
+    assert!(queries > 100, "the established client kept running queries");
+}
