@@ -1,6 +1,7 @@
 //! Security (issue 7): TLS to clients with a certificate authority the test makes with
-//! openssl, psql with sslmode=require and verify-full, plaintext refused under `require`,
-//! and a rotated certificate taking effect on reload.
+//! openssl, psql with sslmode=require and verify-full, SCRAM-SHA-256-PLUS (channel
+//! binding), plaintext refused under `require`, a rotated certificate taking effect on
+//! reload; TLS from pgrouter to the servers; a flood of abandoned connections.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -109,7 +110,11 @@ fn tls_to_clients() {
     let env = tls_env(dir, "require");
     let port = env.proxy.port;
     let ca = dir.join("ca.pem");
-    for conn in ["sslmode=require".to_owned(), format!("sslmode=verify-full sslrootcert={}", ca.display())] {
+    for conn in [
+        "sslmode=require".to_owned(),
+        "sslmode=require channel_binding=require".to_owned(),
+        format!("sslmode=verify-full sslrootcert={}", ca.display()),
+    ] {
         let out = psql(port, &conn, "\\conninfo");
         assert!(out.status.success(), "{conn}: {}", stderr(&out));
         assert!(stdout(&out).contains("SSL connection"), "{conn}: {}", stdout(&out));
@@ -146,6 +151,12 @@ fn tls_allow_takes_both() {
         assert!(out.status.success(), "{conn}: {}", stderr(&out));
         assert_eq!(stdout(&out).contains("SSL connection"), tls, "{conn}: {}", stdout(&out));
     }
+    // SCRAM-SHA-256-PLUS binds the login to pgrouter's certificate; without TLS there is
+    // nothing to bind to, and a client that insists refuses the login
+    let out = psql(env.proxy.port, "sslmode=require channel_binding=require", "select 1");
+    assert!(out.status.success(), "channel binding over TLS: {}", stderr(&out));
+    let out = psql(env.proxy.port, "sslmode=disable channel_binding=require", "select 1");
+    assert!(!out.status.success(), "channel binding cannot be had without TLS");
 }
 
 /// TLS from pgrouter to the server (`server_tls`), against a PostgreSQL with ssl = on and a

@@ -53,7 +53,7 @@ pub struct Snapshot {
     pub verifiers: Verifiers,
     pub database_metrics: HashMap<String, Arc<DatabaseMetrics>>,
     /// TLS to clients, from `[proxy.tls]` (None: disabled).
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<crate::frontend::tls::ClientTls>,
     /// Stops this snapshot's health checkers when a reload replaces it.
     checkers: CancellationToken,
 }

@@ -43,13 +43,14 @@ pub async fn authenticate<S: ClientIo>(
     client: &mut ClientStream<S>,
     user: &UserConfig,
     verifiers: &Verifiers,
+    channel_binding: Option<&[u8]>,
 ) -> Result<(), Error> {
     let bad_password = || Error::BadPassword { user: user.name.clone() };
     match user.auth {
         AuthMethod::Trust => Ok(()),
         AuthMethod::ScramSha256 => {
             let verifier = verifiers.0.get(&user.name).cloned().ok_or_else(bad_password)?;
-            scram_exchange(client, ScramServer::new(verifier)).await.map_err(|e| match e {
+            scram_exchange(client, ScramServer::new(verifier), channel_binding).await.map_err(|e| match e {
                 AuthFailure::Scram(ScramError::BadProof) => bad_password(),
                 AuthFailure::Scram(e) => Error::Protocol(e.to_string()),
                 AuthFailure::Other(e) => e,
@@ -88,18 +89,28 @@ impl From<ScramError> for AuthFailure {
     }
 }
 
-async fn scram_exchange<S: ClientIo>(client: &mut ClientStream<S>, mut server: ScramServer) -> Result<(), AuthFailure> {
-    client.send(&auth::sasl(&[scram::MECHANISM])).await?;
+/// SCRAM-SHA-256, and over TLS also SCRAM-SHA-256-PLUS (channel binding with
+/// `tls-server-end-point`, which libpq prefers when it can).
+async fn scram_exchange<S: ClientIo>(
+    client: &mut ClientStream<S>,
+    server: ScramServer,
+    channel_binding: Option<&[u8]>,
+) -> Result<(), AuthFailure> {
+    let offered: &[&str] =
+        if channel_binding.is_some() { &[scram::MECHANISM_PLUS, scram::MECHANISM] } else { &[scram::MECHANISM] };
+    client.send(&auth::sasl(offered)).await?;
     let first = read_password_message(client).await?;
     let (mechanism, data) = password::parse_sasl_initial(first.body())
         .ok_or_else(|| Error::Protocol("malformed SASLInitialResponse".into()))?;
-    if mechanism != scram::MECHANISM.as_bytes() {
+    if !offered.iter().any(|m| m.as_bytes() == mechanism) {
         return Err(Error::Protocol(format!(
             "client selected SASL mechanism \"{}\", which was not offered",
             String::from_utf8_lossy(mechanism)
         ))
         .into());
     }
+    let plus = mechanism == scram::MECHANISM_PLUS.as_bytes();
+    let mut server = server.with_channel_binding(channel_binding.map(<[u8]>::to_vec), plus);
     let server_first = server.client_first(data)?;
     client.send(&auth::sasl_continue(&server_first)).await?;
     let last = read_password_message(client).await?;

@@ -34,11 +34,11 @@ const MAX_NEGOTIATIONS: usize = 2;
 const LOGIN_MESSAGE_MAX: usize = 65_535;
 
 /// Serves one client connection from its first byte to its last.
-/// `encrypted`: the stream is TLS (see `frontend::tls`).
-pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr, encrypted: bool) {
+/// `tls`: the stream is TLS (see `frontend::tls`), with its channel binding data.
+pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr, tls: Option<Arc<[u8]>>) {
     let mut client = ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.now().config.proxy.max_message_size));
     let login_timeout = app.now().config.proxy.client_login_timeout;
-    let params = match tokio::time::timeout(login_timeout, login(&app, &mut client, encrypted)).await {
+    let params = match tokio::time::timeout(login_timeout, login(&app, &mut client, tls)).await {
         Ok(Ok(Some(LoggedIn::Session(params)))) => params,
         Ok(Ok(Some(LoggedIn::Admin(user)))) => {
             client.max_message = app.now().config.proxy.max_message_size;
@@ -80,12 +80,12 @@ enum LoggedIn {
 async fn login<S: ClientIo>(
     app: &Arc<App>,
     client: &mut ClientStream<S>,
-    encrypted: bool,
+    tls: Option<Arc<[u8]>>,
 ) -> Result<Option<LoggedIn>, Error> {
     let Some(startup) = read_startup(app, client).await? else {
         return Ok(None);
     };
-    if !encrypted && app.now().config.proxy.tls.mode == TlsMode::Require {
+    if tls.is_none() && app.now().config.proxy.tls.mode == TlsMode::Require {
         return Err(Error::Unauthorized(
             "pgrouter accepts only TLS connections (proxy.tls.mode = \"require\"): connect with sslmode=require".into(),
         ));
@@ -108,7 +108,7 @@ async fn login<S: ClientIo>(
     let user = config
         .user(user_name)
         .ok_or_else(|| Error::Unauthorized(format!("user \"{user_name}\" is not configured in pgrouter")))?;
-    authenticate(client, user, &snapshot.verifiers).await?;
+    authenticate(client, user, &snapshot.verifiers, tls.as_deref()).await?;
     if database == ADMIN_DATABASE {
         if !config.proxy.admin_users.iter().any(|a| a == &user.name) {
             return Err(Error::Unauthorized(format!(

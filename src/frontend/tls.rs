@@ -22,9 +22,18 @@ use crate::config::{TlsConfig, TlsMode};
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
 
+/// TLS to clients as a config snapshot holds it.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub acceptor: TlsAcceptor,
+    /// `tls-server-end-point` channel binding data (RFC 5929): the hash of pgrouter's
+    /// certificate, for SCRAM-SHA-256-PLUS.
+    pub end_point: Arc<[u8]>,
+}
+
 /// The acceptor for `[proxy.tls]` (None when TLS is disabled), or what is wrong with the
 /// certificate or key, under its key path.
-pub fn acceptor(tls: &TlsConfig) -> Result<Option<TlsAcceptor>, String> {
+pub fn acceptor(tls: &TlsConfig) -> Result<Option<ClientTls>, String> {
     if tls.mode == TlsMode::Disable {
         return Ok(None);
     }
@@ -37,6 +46,7 @@ pub fn acceptor(tls: &TlsConfig) -> Result<Option<TlsAcceptor>, String> {
     if certs.is_empty() {
         return Err(format!("proxy.tls.cert: no certificate in {}", cert.display()));
     }
+    let end_point = end_point(&certs[0]);
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| format!("proxy.tls.key: cannot read {}: {e}", key.display()))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -45,14 +55,38 @@ pub fn acceptor(tls: &TlsConfig) -> Result<Option<TlsAcceptor>, String> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("proxy.tls: the certificate and key do not work together: {e}"))?;
-    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+    Ok(Some(ClientTls { acceptor: TlsAcceptor::from(Arc::new(config)), end_point }))
+}
+
+/// RFC 5929's `tls-server-end-point`: the certificate hashed with its signature's hash
+/// function, SHA-256 when that is MD5 or SHA-1 (and for other algorithms, as PostgreSQL's
+/// own choice is also SHA-256 there). The signature algorithm is found by its OID.
+fn end_point(cert: &CertificateDer<'_>) -> Arc<[u8]> {
+    use sha2::Digest;
+    const SHA384: [&[u8]; 2] = [
+        &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c], // sha384WithRSAEncryption
+        &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],       // ecdsa-with-SHA384
+    ];
+    const SHA512: [&[u8]; 2] = [
+        &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d], // sha512WithRSAEncryption
+        &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],       // ecdsa-with-SHA512
+    ];
+    let der: &[u8] = cert.as_ref();
+    let signed_with = |oids: &[&[u8]]| oids.iter().any(|oid| der.windows(oid.len()).any(|w| w == *oid));
+    if signed_with(&SHA384) {
+        sha2::Sha384::digest(der).to_vec().into()
+    } else if signed_with(&SHA512) {
+        sha2::Sha512::digest(der).to_vec().into()
+    } else {
+        sha2::Sha256::digest(der).to_vec().into()
+    }
 }
 
 /// Serves a new connection: when TLS is on, an SSLRequest (after any GSSENCRequest, which
 /// gets 'N') is answered 'S' and the handshake runs before the client is served over TLS.
 pub async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
-    let Some(acceptor) = app.now().tls.clone() else {
-        return serve_client(app, tcp, peer, false).await;
+    let Some(ClientTls { acceptor, end_point }) = app.now().tls.clone() else {
+        return serve_client(app, tcp, peer, None).await;
     };
     let limit = app.now().config.proxy.client_login_timeout;
     let handshake = async move {
@@ -72,8 +106,8 @@ pub async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAdd
         }
     };
     match tokio::time::timeout(limit, handshake).await {
-        Ok(Ok(Negotiated::Tls(tls))) => serve_client(app, tls, peer, true).await,
-        Ok(Ok(Negotiated::Plain(tcp))) => serve_client(app, tcp, peer, false).await,
+        Ok(Ok(Negotiated::Tls(tls))) => serve_client(app, tls, peer, Some(end_point)).await,
+        Ok(Ok(Negotiated::Plain(tcp))) => serve_client(app, tcp, peer, None).await,
         Ok(Err(e)) => tracing::info!(client = %peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::info!(client = %peer, "no TLS handshake within client_login_timeout"),
     }

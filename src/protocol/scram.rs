@@ -19,6 +19,8 @@ use sha2::{Digest, Sha256};
 use super::ct_eq;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// The same with channel binding (`tls-server-end-point`), offered over TLS.
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 /// PostgreSQL's default `scram_iterations`.
 pub const DEFAULT_ITERATIONS: u32 = 4096;
 
@@ -118,13 +120,26 @@ pub struct ScramServer {
     verifier: ScramVerifier,
     server_nonce: String,
     state: State,
+    /// `tls-server-end-point` data when the connection is TLS (channel binding offered).
+    binding: Option<Vec<u8>>,
+    /// The client chose SCRAM-SHA-256-PLUS: it must bind the channel.
+    plus: bool,
 }
 
 impl ScramServer {
     /// `server_nonce` must be printable ASCII without commas; [`ScramServer::new`] makes one.
     #[must_use]
     pub fn with_nonce(verifier: ScramVerifier, server_nonce: String) -> Self {
-        Self { verifier, server_nonce, state: State::AwaitClientFirst }
+        Self { verifier, server_nonce, state: State::AwaitClientFirst, binding: None, plus: false }
+    }
+
+    /// Offers channel binding with this connection's `tls-server-end-point` data; `plus` says
+    /// the client chose SCRAM-SHA-256-PLUS.
+    #[must_use]
+    pub fn with_channel_binding(mut self, binding: Option<Vec<u8>>, plus: bool) -> Self {
+        self.binding = binding;
+        self.plus = plus;
+        self
     }
 
     #[must_use]
@@ -140,6 +155,18 @@ impl ScramServer {
         }
         let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (gs2_header, bare) = split_gs2_header(msg)?;
+        let flag = gs2_header.split(',').next().unwrap_or_default();
+        let refuse = |why| Err(ScramError::Malformed(why));
+        match (flag, self.binding.is_some(), self.plus) {
+            ("n", _, false) | ("y", false, false) | ("p=tls-server-end-point", true, true) => {}
+            // the client can bind but believes the server cannot: a downgrade (RFC 5802 §6)
+            ("y", true, false) => return refuse("channel binding is offered, but the client says it is not"),
+            (f, false, _) if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
+            (f, true, false) if f.starts_with("p=") => {
+                return refuse("channel binding requested without choosing SCRAM-SHA-256-PLUS");
+            }
+            _ => return refuse("SCRAM-SHA-256-PLUS needs tls-server-end-point channel binding"),
+        }
         let client_nonce = bare
             .split(',')
             .find_map(|attr| attr.strip_prefix("r="))
@@ -173,7 +200,11 @@ impl ScramServer {
             attrs.next().and_then(|a| a.strip_prefix("c=")).ok_or(ScramError::Malformed("channel binding missing"))?;
         let final_nonce =
             attrs.next().and_then(|a| a.strip_prefix("r=")).ok_or(ScramError::Malformed("nonce missing"))?;
-        if B64.decode(binding).ok().as_deref() != Some(gs2_header.as_bytes()) {
+        let mut expected = gs2_header.as_bytes().to_vec();
+        if gs2_header.starts_with("p=") {
+            expected.extend_from_slice(self.binding.as_deref().unwrap_or_default());
+        }
+        if B64.decode(binding).ok().as_deref() != Some(expected.as_slice()) {
             return Err(ScramError::Malformed("channel binding does not match the first message"));
         }
         if final_nonce != nonce {
@@ -200,10 +231,8 @@ impl ScramServer {
 /// Splits `gs2-header` (`n,,` / `y,,` with an optional `a=authzid`) from client-first-bare.
 fn split_gs2_header(msg: &str) -> Result<(&str, &str), ScramError> {
     let cb_flag = msg.split(',').next().unwrap_or_default();
-    match cb_flag {
-        "n" | "y" => {}
-        flag if flag.starts_with("p=") => return Err(ScramError::ChannelBinding),
-        _ => return Err(ScramError::Malformed("bad channel binding flag")),
+    if !(matches!(cb_flag, "n" | "y") || cb_flag.starts_with("p=")) {
+        return Err(ScramError::Malformed("bad channel binding flag"));
     }
     let second_comma =
         msg.match_indices(',').nth(1).map(|(i, _)| i).ok_or(ScramError::Malformed("gs2 header incomplete"))?;
@@ -277,6 +306,27 @@ mod tests {
         client.update(&first).unwrap();
         let last = server.client_final(client.message()).unwrap();
         client.finish(&last).unwrap();
+    }
+
+    #[test]
+    fn channel_binding_with_plus() {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let end_point = vec![7u8; 32];
+        let exchange = |client_sees: Vec<u8>, plus: bool, server_binds: bool| {
+            let bound = if server_binds { Some(end_point.clone()) } else { None };
+            let mut server = ScramServer::new(ScramVerifier::generate("hunter2")).with_channel_binding(bound, plus);
+            let binding = if plus { ChannelBinding::tls_server_end_point(client_sees) } else { ChannelBinding::unrequested() };
+            let mut client = ScramSha256::new(b"hunter2", binding);
+            let first = server.client_first(client.message())?;
+            client.update(&first).map_err(|_| ScramError::BadProof)?;
+            let last = server.client_final(client.message())?;
+            client.finish(&last).map_err(|_| ScramError::BadProof)
+        };
+        assert_eq!(exchange(end_point.clone(), true, true), Ok(()), "SCRAM-SHA-256-PLUS with the right data");
+        assert!(exchange(vec![8u8; 32], true, true).is_err(), "another certificate's hash (a man in the middle)");
+        // "y": the client could bind but thinks the server cannot; over TLS that is a downgrade
+        assert!(exchange(Vec::new(), false, true).is_err());
+        assert_eq!(exchange(Vec::new(), false, false), Ok(()), "without TLS, y is fine");
     }
 
     #[test]
