@@ -447,7 +447,7 @@ fn sigterm_under_load_lets_transactions_finish() {
 }
 
 /// Reads one backend message: (type, body).
-fn read_message(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+pub fn read_message(stream: &mut TcpStream) -> (u8, Vec<u8>) {
     let mut head = [0u8; 5];
     stream.read_exact(&mut head).expect("a message header");
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -457,7 +457,7 @@ fn read_message(stream: &mut TcpStream) -> (u8, Vec<u8>) {
 }
 
 /// A user pgrouter trusts (no password over the raw socket), logged in to the server as app.
-fn trusted_user() -> String {
+pub fn trusted_user() -> String {
     format!(
         "[[users]]\nname = \"raw\"\nauth = \"trust\"\nserver_user = \"{APP_USER}\"\nserver_password = \"{APP_PASSWORD}\"\n"
     )
@@ -465,7 +465,7 @@ fn trusted_user() -> String {
 
 /// Logs in as the trusted user over a raw socket; returns the stream and the cancel key
 /// pgrouter gave (pid, secret).
-fn raw_login(port: u16) -> (TcpStream, i32, Vec<u8>) {
+pub fn raw_login(port: u16) -> (TcpStream, i32, Vec<u8>) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut body = 196_608u32.to_be_bytes().to_vec();

@@ -260,3 +260,125 @@ fn abandoned_connections_do_not_starve_clients() {
     assert_eq!(closed, 2000, "every abandoned connection was closed");
     assert!(queries > 100, "the established client kept running queries");
 }
+
+/// One frontend message.
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// What the connection answers until ReadyForQuery, an error that ends it, or its close:
+/// the SQLSTATEs of its ErrorResponses, and whether it is still usable (ended with 'Z').
+fn answers(stream: &mut std::net::TcpStream) -> (Vec<String>, bool) {
+    use std::io::Read;
+    let mut codes = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        if stream.read_exact(&mut head).is_err() {
+            return (codes, false);
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        if stream.read_exact(&mut body).is_err() {
+            return (codes, false);
+        }
+        match head[0] {
+            b'E' => codes.push(
+                body.split(|&b| b == 0)
+                    .find_map(|f| f.strip_prefix(b"C"))
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .unwrap_or_default(),
+            ),
+            b'Z' => return (codes, true),
+            _ => {}
+        }
+    }
+}
+
+/// Bad input of every kind the issue lists, each on its own connection: each gets an
+/// ErrorResponse or a clean close, pgrouter does not crash, a normal client works
+/// afterwards, and pgrouter's RSS ends within 10 MiB of where it started.
+#[test]
+fn bad_input_gets_errors_or_clean_closes() {
+    use crate::operations::{raw_login, trusted_user};
+    use std::io::Write;
+    use std::net::TcpStream;
+    let env = Env::start(EnvOptions {
+        users: trusted_user(),
+        proxy: "max_message_size = \"1MiB\"\nclient_login_timeout = \"2s\"\n".into(),
+        ..EnvOptions::default()
+    });
+    let port = env.proxy.port;
+    crate::harness::assert_ok(&env.proxy.psql("app", &["-c", "create table bad_copy (v text)"]), "create table");
+    let rss_before = env.proxy.mem_kib("VmRSS");
+    let fresh = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let mut report = Vec::new();
+    // before login: garbage, lengths 0-3, a length beyond any startup packet
+    let mut starts: Vec<(&str, Vec<u8>)> = vec![("garbage startup", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec())];
+    for len in 0u32..4 {
+        starts.push(("startup length 0-3", len.to_be_bytes().to_vec()));
+    }
+    starts.push(("startup length 2^31-1", 0x7fff_ffffu32.to_be_bytes().to_vec()));
+    for (what, bytes) in starts {
+        let mut s = fresh();
+        s.write_all(&bytes).unwrap();
+        let (codes, usable) = answers(&mut s);
+        assert!(!usable, "{what}: the connection must not go on");
+        report.push(format!("{what}: {codes:?} then closed"));
+    }
+    // after login: each case on its own session
+    let query = |sql: &[u8]| msg(b'Q', &[sql, b"\0"].concat());
+    let sync = msg(b'S', b"");
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("message length 0", vec![b'Q', 0, 0, 0, 0], false),
+        ("message length 3", vec![b'Q', 0, 0, 0, 3], false),
+        ("message beyond max_message_size", [vec![b'Q'], 0x7fff_0000u32.to_be_bytes().to_vec()].concat(), false),
+        ("unknown message type", msg(b'!', b""), false),
+        ("Bind without Parse", [msg(b'B', b"\0nope\0\0\0\0\0\0\0"), sync.clone()].concat(), true),
+        ("Execute without Bind", [msg(b'E', b"nope\0\0\0\0\0"), sync.clone()].concat(), true),
+        ("CopyData outside COPY", [msg(b'd', b"stray"), query(b"select 1")].concat(), true),
+        ("invalid UTF-8 in SQL", query(b"select '\xff\xfe'"), true),
+    ];
+    for (what, bytes, stays) in cases {
+        let (mut s, _, _) = raw_login(port);
+        s.write_all(&bytes).unwrap();
+        let (codes, usable) = answers(&mut s);
+        assert_eq!(usable, stays, "{what}: {codes:?}");
+        if stays {
+            s.write_all(&query(b"select 1")).unwrap();
+            assert!(answers(&mut s).1, "{what}: the session goes on");
+        }
+        assert!(!codes.is_empty() || stays, "{what}: an ErrorResponse or a clean close");
+        report.push(format!("{what}: {codes:?}, {}", if usable { "session goes on" } else { "closed" }));
+    }
+    // clients that vanish: mid-message, mid-COPY, mid-pipeline
+    let (mut s, _, _) = raw_login(port);
+    s.write_all(&[b'Q', 0, 0, 0, 100, b's', b'e']).unwrap();
+    drop(s);
+    let (mut s, _, _) = raw_login(port);
+    s.write_all(&query(b"copy bad_copy from stdin")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(&msg(b'd', b"half a row")).unwrap();
+    drop(s);
+    let (mut s, _, _) = raw_login(port);
+    s.write_all(
+        &[msg(b'P', b"\0select pg_sleep(0.2)\0\0\0"), msg(b'B', b"\0\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0")]
+            .concat(),
+    )
+    .unwrap();
+    drop(s);
+    report.push("vanished mid-message, mid-COPY, mid-pipeline".into());
+    // everyone else is fine
+    std::thread::sleep(Duration::from_millis(500));
+    let out = env.proxy.psql("app", &["-At", "-c", "select count(*) from bad_copy"]);
+    assert_eq!(stdout(&out).trim(), "0", "a normal client works; the abandoned COPY left nothing: {}", stderr(&out));
+    let rss_after = env.proxy.mem_kib("VmRSS");
+    println!("bad input:\n  {}\n  RSS {rss_before} KiB -> {rss_after} KiB", report.join("\n  "));
+    assert!(rss_after < rss_before + 10 * 1024, "RSS within 10 MiB: {rss_before} -> {rss_after} KiB");
+}

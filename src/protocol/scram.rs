@@ -315,7 +315,8 @@ mod tests {
         let exchange = |client_sees: Vec<u8>, plus: bool, server_binds: bool| {
             let bound = if server_binds { Some(end_point.clone()) } else { None };
             let mut server = ScramServer::new(ScramVerifier::generate("hunter2")).with_channel_binding(bound, plus);
-            let binding = if plus { ChannelBinding::tls_server_end_point(client_sees) } else { ChannelBinding::unrequested() };
+            let binding =
+                if plus { ChannelBinding::tls_server_end_point(client_sees) } else { ChannelBinding::unrequested() };
             let mut client = ScramSha256::new(b"hunter2", binding);
             let first = server.client_first(client.message())?;
             client.update(&first).map_err(|_| ScramError::BadProof)?;
