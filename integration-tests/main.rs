@@ -7,6 +7,7 @@ mod auth;
 mod cli;
 mod differential;
 mod driver_matrix;
+mod faults;
 mod lifecycle;
 mod operations;
 mod pooling;
