@@ -201,7 +201,8 @@ fn admin_console_shows_pools_stats_clients_and_servers() {
     let app = rows.iter().find(|r| r[0] == "app" && r[1] == APP_USER).expect("a pool row for app/app");
     assert_eq!(
         (column(&header, app, "cl_active"), column(&header, app, "sv_active"), column(&header, app, "pool_mode")),
-        ("1", "1", "transaction")
+        ("3", "1", "transaction"),
+        "as in PgBouncer, cl_active counts every logged-in client not waiting; one holds a server"
     );
     let (header, rows) = admin_csv(&env, "show stats");
     assert_eq!(

@@ -126,6 +126,8 @@ pub struct App {
     pub stop_requested: CancellationToken,
     /// Databases paused by the admin console's PAUSE, and the wake-up for RESUME.
     paused: Mutex<HashSet<String>>,
+    /// Some database is paused (checked without the lock on every checkout).
+    any_paused: std::sync::atomic::AtomicBool,
     resumed: Notify,
 }
 
@@ -167,6 +169,7 @@ impl App {
             started: Instant::now(),
             stop_requested: CancellationToken::new(),
             paused: Mutex::new(HashSet::new()),
+            any_paused: std::sync::atomic::AtomicBool::new(false),
             resumed: Notify::new(),
             router: Router::new(SHAPE_CACHE_CAPACITY),
             cancels: Arc::new(CancelRegistry::new(instance_id)),
@@ -212,6 +215,7 @@ impl App {
                 paused.remove(db);
             }
         }
+        self.any_paused.store(!paused.is_empty(), std::sync::atomic::Ordering::Release);
         drop(paused);
         if !on {
             self.resumed.notify_waiters();
@@ -220,7 +224,8 @@ impl App {
 
     #[must_use]
     pub fn is_paused(&self, database: &str) -> bool {
-        self.paused.lock().expect("pause lock").contains(database)
+        self.any_paused.load(std::sync::atomic::Ordering::Acquire)
+            && self.paused.lock().expect("pause lock").contains(database)
     }
 
     /// Returns once `database` is not paused (or the proxy is shutting down).
@@ -309,6 +314,8 @@ async fn upkeep(app: Arc<App>) {
             () = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // histogram samples wait in buffers until drained: drain them even when nobody scrapes
+        app.telemetry.upkeep();
         // Each pool on its own task, so one unreachable server (waiting out its connect
         // timeout) does not hold up the others.
         for pool in app.now().pools.all() {

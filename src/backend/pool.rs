@@ -155,6 +155,13 @@ impl Pool {
                 }
             }
         };
+        if self.retired.load(Ordering::Acquire) {
+            // a reload removed the pool while this client waited: no new connection to it
+            return Err(Error::Connect {
+                server: self.key.server.to_string(),
+                reason: "the pool was removed by a config reload; run the request again".into(),
+            });
+        }
         let conn = match self.take_idle() {
             Some(conn) => conn,
             None => self.open().await?,

@@ -89,6 +89,11 @@ impl Telemetry {
         self.recorder.register_histogram(&key(name, labels), &METADATA)
     }
 
+    /// Drains recorded histogram samples into their buckets (they are buffered until then).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     /// The Prometheus text exposition of every series.
     #[must_use]
     pub fn render(&self) -> String {

@@ -25,12 +25,26 @@ pub async fn serve<S: ClientIo>(app: Arc<App>, mut client: ClientStream<S>, user
     tracing::info!(%user, "admin console session opened");
     let mut skip_until_sync = false;
     loop {
-        let frame = match client.read_frame().await {
+        let read = tokio::select! {
+            biased;
+            () = app.shutdown.cancelled() => {
+                let bye = messages::error_response(Severity::Fatal, SqlState::ADMIN_SHUTDOWN, "terminating connection: pgrouter is shutting down");
+                let _ = client.send(&bye).await;
+                break;
+            }
+            read = client.read_frame() => read,
+        };
+        let frame = match read {
             Ok(Some(frame)) => frame,
             Ok(None) | Err(_) => break,
         };
         let answer = match frame.tag() {
             b'X' => break,
+            b'S' => {
+                skip_until_sync = false;
+                messages::ready_for_query(TxStatus::Idle)
+            }
+            _ if skip_until_sync => continue,
             b'Q' => {
                 let sql = messages::query_text(frame.body()).unwrap_or_default();
                 let sql = String::from_utf8_lossy(sql).into_owned();
@@ -43,11 +57,17 @@ pub async fn serve<S: ClientIo>(app: Arc<App>, mut client: ClientStream<S>, user
                 out.extend_from_slice(&messages::ready_for_query(TxStatus::Idle));
                 out.freeze()
             }
-            b'S' => {
-                skip_until_sync = false;
-                messages::ready_for_query(TxStatus::Idle)
+            b'F' => {
+                let mut out = BytesMut::from(
+                    &messages::error_response(
+                        Severity::Error,
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        "the admin console takes simple queries only",
+                    )[..],
+                );
+                out.extend_from_slice(&messages::ready_for_query(TxStatus::Idle));
+                out.freeze()
             }
-            _ if skip_until_sync => continue,
             _ => {
                 skip_until_sync = true;
                 messages::error_response(
@@ -86,6 +106,9 @@ async fn run(app: &Arc<App>, user: &str, sql: &str) -> Result<Bytes, Error> {
             while app.now().pools.all().any(|p| {
                 databases.contains(&p.key.database) && p.stats.in_use.load(std::sync::atomic::Ordering::Relaxed) > 0
             }) {
+                if app.shutdown.is_cancelled() {
+                    return Err(Error::Shutdown);
+                }
                 tokio::time::sleep(PAUSE_POLL).await;
             }
             Ok(messages::command_complete("PAUSE"))

@@ -73,13 +73,13 @@ pub fn pools(app: &App) -> Bytes {
     let mut clients: BTreeMap<(String, String), (u64, u64, Duration)> = BTreeMap::new();
     for c in app.sessions.snapshot() {
         let entry = clients.entry((c.database.clone(), c.user.clone())).or_default();
+        // as in PgBouncer, cl_active is every logged-in client not waiting for a server
         match c.state() {
-            ClientState::Active => entry.0 += 1,
+            ClientState::Active | ClientState::Idle => entry.0 += 1,
             ClientState::Waiting => {
                 entry.1 += 1;
                 entry.2 = entry.2.max(c.waiting_for());
             }
-            ClientState::Idle => {}
         }
     }
     let mut rows = Vec::new();

@@ -52,6 +52,9 @@ impl<S: ClientIo> Session<S> {
     /// Borrows a server connection as `decision` says, starting a held transaction on it.
     /// `Ok(false)` if the client left while waiting.
     pub(super) async fn attach(&mut self, routed: Routed) -> Result<bool, Error> {
+        if !self.pause_gate().await {
+            return Ok(false);
+        }
         let Routed { mut decision, prelude } = routed;
         let policy = Arc::clone(&self.params.policy);
         let pools = Arc::clone(&self.params.pools);
@@ -228,21 +231,29 @@ impl<S: ClientIo> Session<S> {
         }
     }
 
+    /// Before a request takes its first server connection: while the database is paused
+    /// (PAUSE on the admin console), wait for RESUME. Never called while the session holds a
+    /// connection, so a PAUSE cannot wait on a session that waits on it. False if the client
+    /// left meanwhile.
+    pub(super) async fn pause_gate(&mut self) -> bool {
+        if !self.app.is_paused(&self.params.database) {
+            return true;
+        }
+        self.me.entry.set_state(ClientState::Waiting);
+        let stays = tokio::select! {
+            biased;
+            () = self.app.wait_unpaused(&self.params.database) => true,
+            said_goodbye = self.client.closed() => said_goodbye,
+        };
+        self.me.entry.set_state(ClientState::Idle);
+        stays
+    }
+
     /// Waits for a connection from `pool`; `None` if the client vanished while waiting. A
     /// free connection is taken at once; a client that said goodbye with Terminate still has
     /// what it sent before run, as PostgreSQL would.
     pub(super) async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Option<Checkout>, Error> {
         self.me.entry.set_state(ClientState::Waiting);
-        if self.server.is_none() && self.app.is_paused(&self.params.database) {
-            tokio::select! {
-                biased;
-                () = self.app.wait_unpaused(&self.params.database) => {}
-                said_goodbye = self.client.closed() => if !said_goodbye {
-                    self.me.entry.set_state(ClientState::Idle);
-                    return Ok(None);
-                },
-            }
-        }
         let checkout = tokio::select! {
             biased;
             checkout = pool.checkout() => checkout.map(Some),

@@ -419,12 +419,18 @@ impl<S: ClientIo> Session<S> {
                 }
                 Ok(Plan::Server(routed)) => return Ok(Some(routed)),
                 Ok(Plan::Scatter(query)) => {
+                    if !self.pause_gate().await {
+                        return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
                     let started = std::time::Instant::now();
                     self.scatter(query).await?;
                     self.count_all_shards(started);
                     return Ok(None);
                 }
                 Ok(Plan::CopyIn(split)) => {
+                    if !self.pause_gate().await {
+                        return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
                     let started = std::time::Instant::now();
                     if !self.copy_in(split).await? {
                         return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
