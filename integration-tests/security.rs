@@ -382,3 +382,22 @@ fn bad_input_gets_errors_or_clean_closes() {
     println!("bad input:\n  {}\n  RSS {rss_before} KiB -> {rss_after} KiB", report.join("\n  "));
     assert!(rss_after < rss_before + 10 * 1024, "RSS within 10 MiB: {rss_before} -> {rss_after} KiB");
 }
+
+/// client_idle_timeout: a client that holds no server connection and sends nothing that long
+/// is closed with 57P05; one that keeps talking is not.
+#[test]
+fn idle_clients_are_closed() {
+    let env = Env::start(EnvOptions { proxy: "client_idle_timeout = \"1s\"\n".into(), ..EnvOptions::default() });
+    let url = env.proxy.url(APP_USER, APP_PASSWORD, "app");
+    let rt = crate::harness::runtime();
+    let (idle, busy) = rt.block_on(async {
+        (crate::harness::connect(&url).await.unwrap(), crate::harness::connect(&url).await.unwrap())
+    });
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        rt.block_on(busy.simple_query("select 1")).expect("a talking client stays");
+    }
+    let err = rt.block_on(idle.simple_query("select 1")).expect_err("the idle client was closed");
+    let text = crate::harness::describe(&err);
+    assert!(text.contains("57P05") || idle.is_closed(), "{text}");
+}
