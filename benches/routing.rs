@@ -1,14 +1,17 @@
 //! Classification cost: a shape-cache hit (shape computation included) against a full
 //! sqlparser parse, for the kind of statements ORMs send. DESIGN §4 targets a hit under 1 µs.
+//! Also shard placement: a key read from its text and hashed as PostgreSQL hashes it.
 //!
 //! Run with `cargo bench --bench routing`.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use pgrouter::config::{KeyType, Scheme, ShardedTable};
 use pgrouter::router::Router;
 use pgrouter::router::classify::classify;
 use pgrouter::router::shape::Shape;
+use pgrouter::sharding::Placement;
 
 const STATEMENTS: &[(&str, &str)] = &[
     (
@@ -45,5 +48,28 @@ fn classification(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, classification);
+fn placement(c: &mut Criterion) {
+    let mut group = c.benchmark_group("placement");
+    for (key_type, key) in [
+        (KeyType::Bigint, "48213"),
+        (KeyType::Text, "customer-48213"),
+        (KeyType::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+    ] {
+        let table = ShardedTable {
+            table: "orders".into(),
+            column: "customer_id".into(),
+            key_type,
+            scheme: Scheme::Hash,
+            ranges: Vec::new(),
+            lists: Vec::new(),
+        };
+        let placement = Placement::new(&table, 4).unwrap();
+        group.bench_function(format!("hash {key_type:?} key of 4 shards"), |b| {
+            b.iter(|| placement.shard(&placement.key_from_text(black_box(key)).unwrap()).unwrap());
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, classification, placement);
 criterion_main!(benches);

@@ -53,9 +53,14 @@ pub struct ServerConn {
     pub(crate) stream: ServerStream,
     /// Bytes read from the server and not yet handled.
     pub(crate) rbuf: BytesMut,
+    /// The relay's outgoing buffers (to the server, to the client), empty between relays and
+    /// kept here so their memory is reused: there are far fewer server connections than
+    /// clients.
+    buffers: (BytesMut, BytesMut),
     pub addr: ServerAddr,
-    /// The server's own cancel key, used to forward a client's CancelRequest.
-    pub backend_key: CancelKey,
+    /// The server's own cancel key with its address, shared with the cancel registry while
+    /// a client's request runs here (so lending the connection copies nothing).
+    pub cancel: Arc<CancelTarget>,
     /// The ParameterStatus values the server reported, kept current as it reports changes.
     pub params: Vec<(String, String)>,
     pub status: TxStatus,
@@ -97,8 +102,9 @@ impl ServerConn {
         let mut conn = Self {
             stream,
             rbuf: BytesMut::with_capacity(8192),
+            buffers: (BytesMut::new(), BytesMut::new()),
             addr: spec.addr.clone(),
-            backend_key: CancelKey { pid: 0, secret: Vec::new() },
+            cancel: Arc::new(CancelTarget { addr: spec.addr.clone(), key: CancelKey { pid: 0, secret: Vec::new() } }),
             params: Vec::new(),
             status: TxStatus::Idle,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -192,8 +198,8 @@ impl ServerConn {
                     self.set_param(name, value);
                 }
                 Message::BackendKeyData(body) => {
-                    self.backend_key =
-                        CancelKey { pid: body.process_id(), secret: body.secret_key().to_be_bytes().to_vec() };
+                    let key = CancelKey { pid: body.process_id(), secret: body.secret_key().to_be_bytes().to_vec() };
+                    self.cancel = Arc::new(CancelTarget { addr: self.addr.clone(), key });
                 }
                 Message::ReadyForQuery(_) => return Ok(()),
                 Message::NoticeResponse(_) => {}
@@ -294,20 +300,52 @@ impl ServerConn {
 
     /// True if the connection can be handed to a client: nothing unread, outside a
     /// transaction, and the server has neither closed it nor sent anything (an idle server
-    /// sends nothing unless it is going away). The socket itself is asked with a non-blocking
-    /// peek: tokio's cached readiness may not have seen a close that just happened.
+    /// sends nothing unless it is going away).
+    ///
+    /// The socket is asked (a non-blocking peek) only when tokio's readiness says something
+    /// arrived since the last read drained it; otherwise the answer costs no system call.
+    /// After a relay the readiness is clear (its last read was short), so lending and
+    /// returning a connection per transaction makes no extra call. A close the reactor has
+    /// not seen yet passes, as it would pass a peek made a moment earlier: the first request
+    /// then finds the connection gone (`ServerLost`).
     pub fn is_clean(&self) -> bool {
         if self.broken || !self.rbuf.is_empty() || self.status != TxStatus::Idle {
             return false;
         }
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        matches!(socket2::SockRef::from(self.stream.tcp()).peek(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let tcp = self.stream.tcp();
+        let peek = || {
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            socket2::SockRef::from(tcp).peek(&mut probe)
+        };
+        // WouldBlock: either tokio knows nothing arrived, or the peek found nothing (and
+        // tokio clears the readiness); data, the end of the stream or an error are unclean
+        matches!(tcp.try_io(tokio::io::Interest::READABLE, peek), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// The relay's buffers, empty (see `buffers`).
+    pub fn take_buffers(&mut self) -> (BytesMut, BytesMut) {
+        std::mem::take(&mut self.buffers)
+    }
+
+    /// Gives the relay's buffers back for the next relay; what is left in them is dropped (the
+    /// connection is then closed anyway, being dirty).
+    pub fn keep_buffers(&mut self, mut to_server: BytesMut, mut to_client: BytesMut) {
+        to_server.clear();
+        to_client.clear();
+        self.buffers = (to_server, to_client);
     }
 
     /// Says goodbye politely; errors do not matter, the socket is dropped either way.
     pub async fn terminate(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.send(messages::TERMINATE)).await;
     }
+}
+
+/// Where a CancelRequest for what a server connection runs goes: the server and its key.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: ServerAddr,
+    pub key: CancelKey,
 }
 
 /// Asks `addr` to cancel whatever the backend with `key` is running (a new connection carrying

@@ -132,28 +132,31 @@ impl Pool {
         })
     }
 
+    /// A clean idle connection if one is free right now, taken without waiting, a clock
+    /// reading or a timer (the usual case under transaction pooling).
+    pub fn try_checkout(self: &Arc<Self>) -> Option<Checkout> {
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        if self.retired.load(Ordering::Acquire) {
+            return None;
+        }
+        let conn = self.take_idle()?;
+        self.metrics.wait.record(0.0);
+        self.stats.in_use.fetch_add(1, Ordering::Relaxed);
+        Some(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: Some(permit) })
+    }
+
     /// Waits (up to `query_wait_timeout`) for a free slot, then hands out a clean idle
     /// connection or opens a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, Error> {
-        let started = Instant::now();
-        let permit = {
-            let _waiting = Gauge::enter(&self.stats.waiting);
-            match tokio::time::timeout(self.settings().wait_timeout, self.permits.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => {
-                    self.metrics.wait.record(started.elapsed().as_secs_f64());
-                    self.stats.wait_us.fetch_add(crate::telemetry::micros(started.elapsed()), Ordering::Relaxed);
-                    permit
-                }
-                Ok(Err(_)) => return Err(Error::Internal("pool semaphore closed".into())),
-                Err(_) => {
-                    self.metrics.wait.record(started.elapsed().as_secs_f64());
-                    self.metrics.wait_timeouts.increment(1);
-                    self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                    // the session logs it, with the client
-                    tracing::debug!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
-                    return Err(Error::PoolTimeout { pool: self.key.to_string(), waited: started.elapsed() });
-                }
+        if let Some(checkout) = self.try_checkout() {
+            return Ok(checkout);
+        }
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => {
+                self.metrics.wait.record(0.0);
+                permit
             }
+            Err(_) => self.wait_for_slot().await?,
         };
         if self.retired.load(Ordering::Acquire) {
             // a reload removed the pool while this client waited: no new connection to it
@@ -170,11 +173,35 @@ impl Pool {
         Ok(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: Some(permit) })
     }
 
-    /// Pops idle connections until one is fit to use; the unfit are closed.
+    /// Waits up to `query_wait_timeout` for a free slot.
+    async fn wait_for_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
+        let started = Instant::now();
+        let _waiting = Gauge::enter(&self.stats.waiting);
+        match tokio::time::timeout(self.settings().wait_timeout, Arc::clone(&self.permits).acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                self.metrics.wait.record(started.elapsed().as_secs_f64());
+                self.stats.wait_us.fetch_add(crate::telemetry::micros(started.elapsed()), Ordering::Relaxed);
+                Ok(permit)
+            }
+            Ok(Err(_)) => Err(Error::Internal("pool semaphore closed".into())),
+            Err(_) => {
+                self.metrics.wait.record(started.elapsed().as_secs_f64());
+                self.metrics.wait_timeouts.increment(1);
+                self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                // the session logs it, with the client
+                tracing::debug!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
+                Err(Error::PoolTimeout { pool: self.key.to_string(), waited: started.elapsed() })
+            }
+        }
+    }
+
+    /// Pops idle connections until one is fit to use; the unfit are closed. Its age is
+    /// judged as of when it came back (no clock reading per checkout): one that outlived
+    /// server_lifetime while idle is closed by the upkeep round.
     fn take_idle(&self) -> Option<ServerConn> {
         loop {
             let conn = self.idle.lock().expect("pool lock").pop_back()?;
-            if self.fit(&conn, Instant::now()) {
+            if self.fit(&conn, conn.last_used) {
                 return Some(conn);
             }
             self.close(conn, "not reusable");
@@ -196,8 +223,8 @@ impl Pool {
         match result {
             Ok(conn) => {
                 reserved.keep();
-                self.open_since.lock().expect("pool lock").insert(conn.backend_key.pid, SystemTime::now());
-                tracing::debug!(pool = %self.key, server_pid = conn.backend_key.pid, "server connection opened");
+                self.open_since.lock().expect("pool lock").insert(conn.cancel.key.pid, SystemTime::now());
+                tracing::debug!(pool = %self.key, server_pid = conn.cancel.key.pid, "server connection opened");
                 *self.params.lock().expect("pool lock") = Some(Arc::new(conn.params.clone()));
                 Ok(conn)
             }
@@ -226,8 +253,8 @@ impl Pool {
 
     fn close(&self, conn: ServerConn, why: &str) {
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
-        self.open_since.lock().expect("pool lock").remove(&conn.backend_key.pid);
-        tracing::debug!(pool = %self.key, server_pid = conn.backend_key.pid, why, "server connection closed");
+        self.open_since.lock().expect("pool lock").remove(&conn.cancel.key.pid);
+        tracing::debug!(pool = %self.key, server_pid = conn.cancel.key.pid, why, "server connection closed");
         tokio::spawn(conn.terminate());
     }
 
@@ -331,7 +358,7 @@ impl Pool {
     /// in the pool (otherwise a client holds it).
     #[must_use]
     pub fn servers(&self) -> Vec<(i32, SystemTime, bool)> {
-        let idle: Vec<i32> = self.idle.lock().expect("pool lock").iter().map(|c| c.backend_key.pid).collect();
+        let idle: Vec<i32> = self.idle.lock().expect("pool lock").iter().map(|c| c.cancel.key.pid).collect();
         let open = self.open_since.lock().expect("pool lock");
         open.iter().map(|(pid, since)| (*pid, *since, idle.contains(pid))).collect()
     }

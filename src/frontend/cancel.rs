@@ -16,21 +16,17 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use crate::backend::conn::CancelTarget;
 use crate::backend::conn::{send_cancel, send_cancel_packet};
 use crate::config::ServerAddr;
 use crate::protocol::ct_eq;
 use crate::protocol::startup::{CancelKey, PEER_CANCEL_REQUEST};
 
-/// Where a client's current query runs.
-#[derive(Debug, Clone)]
-pub struct CancelTarget {
-    pub addr: ServerAddr,
-    pub key: CancelKey,
-}
-
 struct Slot {
     secret: [u8; 4],
-    target: Mutex<Option<CancelTarget>>,
+    /// Where the client's current query runs; set and cleared per transaction (the lock is
+    /// this client's own: only a CancelRequest for it ever contends).
+    target: Mutex<Option<Arc<CancelTarget>>>,
 }
 
 #[derive(Default)]
@@ -139,7 +135,7 @@ impl Registration {
     }
 
     /// Records which server runs the client's queries now (`None` when it has none).
-    pub fn set_target(&self, target: Option<CancelTarget>) {
+    pub fn set_target(&self, target: Option<Arc<CancelTarget>>) {
         *self.slot.target.lock().expect("cancel lock") = target;
     }
 }
@@ -159,10 +155,10 @@ mod tests {
         let registry = Arc::new(CancelRegistry::default());
         let reg = registry.register();
         // a target that would fail loudly if contacted
-        reg.set_target(Some(CancelTarget {
+        reg.set_target(Some(Arc::new(CancelTarget {
             addr: ServerAddr { host: "127.0.0.1".into(), port: 9 },
             key: CancelKey { pid: 1, secret: vec![0; 4] },
-        }));
+        })));
         let mut wrong = reg.key();
         wrong.secret[0] ^= 0xff;
         assert!(!registry.cancel(&wrong, Duration::from_millis(200)).await);

@@ -58,6 +58,14 @@ impl Default for Flow {
 }
 
 impl Flow {
+    /// Back to the state of a fresh connection, keeping the allocation of `sent` (a session
+    /// starts a flow per transaction under transaction pooling).
+    pub fn reset(&mut self) {
+        let mut sent = std::mem::take(&mut self.sent);
+        sent.clear();
+        *self = Self { sent, ..Self::default() };
+    }
+
     /// A message the client sent on to the server.
     pub fn on_client(&mut self, tag: u8) {
         match tag {

@@ -67,6 +67,17 @@ fn server_name(id: u64) -> String {
     format!("pgr_{id}")
 }
 
+/// The length of [`server_name`]`(id)`.
+fn server_name_len(id: u64) -> usize {
+    4 + id.checked_ilog10().map_or(1, |digits| digits as usize + 1)
+}
+
+/// Appends [`server_name`]`(id)` without allocating.
+fn put_server_name(out: &mut BytesMut, id: u64) {
+    use std::fmt::Write;
+    let _ = write!(out, "pgr_{id}");
+}
+
 /// One named statement of a client.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -208,6 +219,13 @@ const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
 
 impl Exchange {
+    /// Forgets everything, keeping the allocations (a session reuses one exchange).
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.portals.clear();
+        self.skipping = false;
+    }
+
     /// True when no reply is owed.
     #[must_use]
     pub fn is_empty(&self) -> bool {
@@ -249,13 +267,15 @@ impl Exchange {
                 match statement.clone() {
                     Some((id, key)) => {
                         self.portals.insert(portal.into(), (id, key));
-                        let mut out = BytesMut::new();
-                        out.extend_from_slice(portal);
-                        out.extend_from_slice(b"\0");
-                        out.extend_from_slice(server_name(id).as_bytes());
-                        out.extend_from_slice(b"\0");
-                        out.extend_from_slice(rest);
-                        push_frame(to_server, b'B', &out);
+                        // the Bind, renamed, written straight into the outgoing buffer
+                        let len = 4 + portal.len() + 1 + server_name_len(id) + 1 + rest.len();
+                        to_server.extend_from_slice(b"B");
+                        to_server.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+                        to_server.extend_from_slice(portal);
+                        to_server.extend_from_slice(b"\0");
+                        put_server_name(to_server, id);
+                        to_server.extend_from_slice(b"\0");
+                        to_server.extend_from_slice(rest);
                     }
                     None => {
                         self.portals.remove(portal);
@@ -274,10 +294,12 @@ impl Exchange {
                 } else {
                     match self.prepare_for(name, ctx, to_server) {
                         Some((id, _)) => {
-                            let mut out = vec![b'S'];
-                            out.extend_from_slice(server_name(id).as_bytes());
-                            out.push(0);
-                            push_frame(to_server, b'D', &out);
+                            let len = 4 + 1 + server_name_len(id) + 1;
+                            to_server.extend_from_slice(b"D");
+                            to_server.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+                            to_server.extend_from_slice(b"S");
+                            put_server_name(to_server, id);
+                            to_server.extend_from_slice(b"\0");
                         }
                         None => to_server.extend_from_slice(frame.as_bytes()),
                     }

@@ -87,10 +87,13 @@ pub async fn run<S: ClientIo>(
     client: &mut ClientStream<S>,
     server: &mut ServerConn,
     flow: &mut Flow,
-    first: Vec<Frame>,
+    first: impl IntoIterator<Item = Frame>,
     mut opts: RelayOptions<'_>,
 ) -> Result<RelayEnd, Error> {
-    let mut pump = Pump::default();
+    // the connection's buffers, so relaying a request allocates nothing once they have grown
+    let (to_server, to_client) = server.take_buffers();
+    let exchange = opts.renaming.as_mut().map(|r| std::mem::take(&mut *r.exchange)).unwrap_or_default();
+    let mut pump = Pump { to_server, to_client, exchange, ..Pump::default() };
     for frame in first {
         pump.forward(frame, flow, server, &mut opts);
     }
@@ -100,6 +103,11 @@ pub async fn run<S: ClientIo>(
     if let Some((metrics, _)) = opts.metrics {
         metrics.relayed(pump.received, pump.sent);
     }
+    server.keep_buffers(pump.to_server, pump.to_client);
+    if let Some(r) = opts.renaming.as_mut() {
+        pump.exchange.clear();
+        *r.exchange = pump.exchange;
+    }
     end
 }
 
@@ -108,6 +116,8 @@ pub async fn run<S: ClientIo>(
 pub struct Renaming<'a> {
     pub registry: &'a Registry,
     pub client: &'a mut ClientStatements,
+    /// Kept by the session between relays so its allocations are reused.
+    pub exchange: &'a mut Exchange,
 }
 
 /// Reads and discards server output until every request is answered, for a client that has
@@ -172,14 +182,45 @@ impl Pump {
             }
             self.take_client_frames(client, server, flow, opts)?;
             self.take_server_messages(server, flow, &mut opts.renaming, opts.metrics)?;
-            if self.client_eof || (self.terminated && self.to_server.is_empty()) {
+            if self.terminated && self.to_server.is_empty() {
+                return Poll::Ready(Ok(RelayEnd::ClientGone { terminated: true, server_dirty: false }));
+            }
+            // Everything either side has ready is read before anything is written, so one
+            // write carries a whole answer (up to its ReadyForQuery) or a full buffer, not one
+            // write per read. Reads cost no system call once tokio knows a socket is drained.
+            let mut read = false;
+            if self.to_server.len() < HIGH_WATER && !self.terminated && !self.gated && !self.client_eof {
+                match read_some(cx, &mut client.io, &mut client.rbuf) {
+                    Poll::Ready(Ok(n)) => {
+                        self.client_eof = n == 0;
+                        read = n > 0;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::ClientIo(e))),
+                    Poll::Pending => {}
+                }
+            }
+            if self.to_client.len() < HIGH_WATER && !self.server_closed {
+                match read_some(cx, &mut server.stream, &mut server.rbuf) {
+                    Poll::Ready(Ok(n)) => {
+                        self.server_closed = n == 0;
+                        read = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(lost(server, &e))),
+                    Poll::Pending => {}
+                }
+            }
+            if read {
+                continue;
+            }
+            let mut wrote =
+                write_some(cx, &mut client.io, &mut self.to_client, &mut self.client_flush).map_err(Error::ClientIo)?;
+            wrote |= write_some(cx, &mut server.stream, &mut self.to_server, &mut self.server_flush)
+                .map_err(|e| lost(server, &e))?;
+            if self.client_eof {
+                // what the client sent before it left went out above, as far as it could
                 let server_dirty = !self.to_server.is_empty();
                 return Poll::Ready(Ok(RelayEnd::ClientGone { terminated: self.terminated, server_dirty }));
             }
-            let mut progress =
-                write_some(cx, &mut client.io, &mut self.to_client, &mut self.client_flush).map_err(Error::ClientIo)?;
-            progress |= write_some(cx, &mut server.stream, &mut self.to_server, &mut self.server_flush)
-                .map_err(|e| lost(server, &e))?;
             if self.server_closed && self.to_client.is_empty() {
                 return Poll::Ready(Err(lost(server, &"the server closed the connection")));
             }
@@ -191,27 +232,7 @@ impl Pump {
             if settled && flow.idle() && (opts.release_when_idle || shutdown.as_mut().poll(cx).is_ready()) {
                 return Poll::Ready(Ok(RelayEnd::Idle));
             }
-            if self.to_server.len() < HIGH_WATER && !self.terminated && !self.gated {
-                match read_some(cx, &mut client.io, &mut client.rbuf) {
-                    Poll::Ready(Ok(n)) => {
-                        self.client_eof = n == 0;
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::ClientIo(e))),
-                    Poll::Pending => {}
-                }
-            }
-            if self.to_client.len() < HIGH_WATER && !self.server_closed {
-                match read_some(cx, &mut server.stream, &mut server.rbuf) {
-                    Poll::Ready(Ok(n)) => {
-                        self.server_closed = n == 0;
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(lost(server, &e))),
-                    Poll::Pending => {}
-                }
-            }
-            if !progress {
+            if !wrote {
                 return Poll::Pending;
             }
         }

@@ -43,11 +43,13 @@ pub enum Request {
 }
 
 impl Request {
+    /// The request's messages: a lone Query or FunctionCall, or a batch (whose list the
+    /// caller may reuse once it is drained).
     #[must_use]
-    pub fn into_frames(self) -> Vec<Frame> {
+    pub fn into_parts(self) -> (Option<Frame>, Vec<Frame>) {
         match self {
-            Self::Query(f) | Self::Function(f) => vec![f],
-            Self::Batch(frames) => frames,
+            Self::Query(f) | Self::Function(f) => (Some(f), Vec::new()),
+            Self::Batch(frames) => (None, frames),
         }
     }
 
@@ -95,6 +97,12 @@ impl Prepared {
     fn new(sql: &[u8], class: Arc<Classification>, parse: &Frame) -> Self {
         let types = messages::parse_param_types(parse.body()).unwrap_or_default();
         Self { sql: Bytes::copy_from_slice(sql), class, types: types.into() }
+    }
+
+    /// Whether `parse` prepares exactly this again (same text, same declared types): drivers
+    /// that use the unnamed statement send the same Parse with every execution.
+    fn is(&self, sql: &[u8], parse: &Frame) -> bool {
+        self.sql == sql && messages::parse_param_types_eq(parse.body(), &self.types)
     }
 }
 
@@ -149,10 +157,44 @@ pub struct RoutingState {
     pub held: Option<HeldTx>,
     pub last_write: Option<WriteMark>,
     prepared: HashMap<Box<[u8]>, Prepared>,
+    /// Lists `plan` fills and empties per request, kept for their allocations.
+    statements_buf: Vec<Statement>,
+    hints_buf: Vec<Hints>,
+    /// The shape of `shaped` (and where its literals are, for shard keys).
     scratch: crate::router::shape::Shape,
+    /// The text last shaped, and its classification once looked up: routing, the shard-key
+    /// reader and the relay's observer meet the same text in turn, and it is shaped and
+    /// looked up once.
+    shaped: Vec<u8>,
+    shaped_class: Option<Arc<Classification>>,
 }
 
 impl RoutingState {
+    /// The classification of `sql`: the one just made if `sql` is the text last classified,
+    /// else from the router (its shape cache, or a parse). Leaves `sql`'s shape in `scratch`.
+    fn classify(&mut self, router: &Router, sql: &[u8]) -> Arc<Classification> {
+        if let Some(class) = &self.shaped_class
+            && self.shaped == sql
+        {
+            return Arc::clone(class);
+        }
+        let class = router.classify(sql, &mut self.scratch);
+        self.shaped.clear();
+        self.shaped.extend_from_slice(sql);
+        self.shaped_class = Some(Arc::clone(&class));
+        class
+    }
+
+    /// Leaves `sql`'s shape in `scratch`, shaping it only if it is not there already.
+    fn shape(&mut self, sql: &[u8]) {
+        if self.shaped != sql {
+            self.scratch.of(sql);
+            self.shaped.clear();
+            self.shaped.extend_from_slice(sql);
+            self.shaped_class = None;
+        }
+    }
+
     /// The transaction status the client believes in while no server is attached.
     #[must_use]
     pub fn client_status(&self) -> TxStatus {
@@ -175,45 +217,64 @@ impl RoutingState {
             if let Some(cmd) = hint::session_command(sql) {
                 return Ok(Plan::Local(self.session_command(cmd.map_err(Error::Invalid)?, self.client_status())));
             }
-            let class = router.classify(sql, &mut self.scratch);
+            let class = self.classify(router, sql);
             if let Some(tx) = class.tx
                 && let Some(answer) = self.transaction_control(tx, sql)
             {
                 return Ok(Plan::Local(answer));
             }
         }
-        let statements = self.statements(router, request)?;
-        let keyed = match self.keyed_shard(policy, &statements)? {
+        // the lists of statements and hints are reused from request to request
+        let mut statements = std::mem::take(&mut self.statements_buf);
+        let mut hints = std::mem::take(&mut self.hints_buf);
+        let planned = self
+            .statements(router, request, &mut statements)
+            .map_err(PlanError::from)
+            .and_then(|()| self.plan_statements(policy, request, &statements, &mut hints));
+        statements.clear();
+        hints.clear();
+        self.statements_buf = statements;
+        self.hints_buf = hints;
+        planned
+    }
+
+    /// Routes a request's statements (see `plan`); `hints` is an empty list to fill.
+    fn plan_statements(
+        &mut self,
+        policy: &Policy,
+        request: &Request,
+        statements: &[Statement],
+        hints: &mut Vec<Hints>,
+    ) -> Result<Plan, PlanError> {
+        let keyed = match self.keyed_shard(policy, statements)? {
             Shards::One(keyed) => keyed,
             // DDL in a transaction runs on its shard and, at COMMIT, on the others (guard_shard)
             Shards::Every(_) if self.held.is_some() && statements.iter().all(|(_, c, _)| schema_only(c)) => {
                 Some(policy.home())
             }
             Shards::Every(why) => {
-                let plan = match self.copy_split(policy, request, &statements)? {
+                let plan = match self.copy_split(policy, request, statements)? {
                     Some(copy) => Plan::CopyIn(copy),
-                    None => Plan::Scatter(self.scatter(policy, request, &statements, &why)?),
+                    None => Plan::Scatter(self.scatter(policy, request, statements, &why)?),
                 };
-                note_all_shards(&statements);
+                note_all_shards(statements);
                 return Ok(plan);
             }
             Shards::Split(rows) => {
-                let plan = Plan::Scatter(self.split_insert(request, &statements, &rows)?);
-                note_all_shards(&statements);
+                let plan = Plan::Scatter(self.split_insert(request, statements, &rows)?);
+                note_all_shards(statements);
                 return Ok(plan);
             }
         };
-        let mut hinted = Vec::with_capacity(statements.len());
-        for (sql, class, _) in statements {
-            let hints = hint::parse_hints(&sql).map_err(Error::Invalid)?;
-            hinted.push((sql, class, hints));
+        for (sql, _, _) in statements {
+            hints.push(hint::parse_hints(sql).map_err(Error::Invalid)?);
         }
-        let first_hints = || hinted.iter().map(|(_, _, h)| h).find(|h| !h.is_empty()).cloned();
+        let first_hints = || hints.iter().find(|h| !h.is_empty()).cloned();
         let routed = |decision, prelude| Ok(Plan::Server(Routed { decision, prelude }));
         if let Some(held) = &self.held {
             // a read-only transaction goes to a replica if its first statements are reads (a
             // SET TRANSACTION SNAPSHOT, say, needs the primary)
-            let reads = hinted.iter().all(|(_, c, _)| c.access == Access::Read);
+            let reads = statements.iter().all(|(_, c, _)| c.access == Access::Read);
             let hints = first_hints().unwrap_or_else(|| held.hints.clone());
             policy.hinted_shard(&hints, keyed).map_err(PlanError::Undecided)?;
             let decision = policy.transaction(held.modes.on_standby() && reads, &hints, self.route_setting, keyed);
@@ -221,7 +282,7 @@ impl RoutingState {
             let prelude = Some(held.statements.join("\n;\n"));
             return routed(decision, prelude);
         }
-        let begin = hinted.iter().find_map(|(_, c, _)| match c.tx {
+        let begin = statements.iter().find_map(|(_, c, _)| match c.tx {
             Some(TxControl::Begin { modes, .. }) => Some(modes),
             _ => None,
         });
@@ -233,7 +294,7 @@ impl RoutingState {
             return routed(decision, None);
         }
         let mut strongest: Option<Decision> = None;
-        for (sql, class, hints) in &hinted {
+        for ((sql, class, _), hints) in statements.iter().zip(hints.iter()) {
             let d = policy.decide(sql, class, hints, self.route_setting, keyed).map_err(PlanError::Undecided)?;
             if strongest.as_ref().is_none_or(|s| rank(d.target) > rank(s.target)) {
                 strongest = Some(d);
@@ -247,19 +308,18 @@ impl RoutingState {
     /// The statements a request carries, with their classifications (and, for a Bind, the
     /// Bind, whose parameters may be shard keys). Parses are remembered so later Binds of the
     /// same statement route the same way.
-    fn statements(&mut self, router: &Router, request: &Request) -> Result<Vec<Statement>, Error> {
+    fn statements(&mut self, router: &Router, request: &Request, out: &mut Vec<Statement>) -> Result<(), Error> {
         let malformed = |what: &str| Error::Protocol(format!("malformed {what} message"));
         match request {
             Request::Query(frame) => {
                 let sql = messages::query_text(frame.body()).ok_or_else(|| malformed("Query"))?;
-                let class = router.classify(sql, &mut self.scratch);
-                Ok(vec![(Bytes::copy_from_slice(sql), class, None)])
+                let class = self.classify(router, sql);
+                out.push((frame.share(sql), class, None));
             }
             Request::Function(_) => {
-                Ok(vec![(Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")), None)])
+                out.push((Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")), None));
             }
             Request::Batch(frames) => {
-                let mut out = Vec::new();
                 for frame in frames {
                     match frame.tag() {
                         b'P' => {
@@ -272,10 +332,8 @@ impl RoutingState {
                                         .into(),
                                 ));
                             }
-                            let class = router.classify(sql, &mut self.scratch);
-                            let prepared = Prepared::new(sql, Arc::clone(&class), frame);
-                            let sql = prepared.sql.clone();
-                            self.remember(name, prepared);
+                            let class = self.classify(router, sql);
+                            let sql = self.remember(name, sql, &class, frame);
                             out.push((sql, class, None));
                         }
                         b'B' => {
@@ -298,9 +356,9 @@ impl RoutingState {
                         _ => {}
                     }
                 }
-                Ok(out)
             }
         }
+        Ok(())
     }
 
     /// A batch that only prepares named statements (Parse..., then Sync or Flush) needs no
@@ -330,8 +388,8 @@ impl RoutingState {
             let mut rest = frame.body();
             let name = crate::protocol::framing::get_cstr(&mut rest)?;
             let (_, sql) = messages::parse_parse(frame.body())?;
-            let class = router.classify(sql, &mut self.scratch);
-            self.remember(name, Prepared::new(sql, class, frame));
+            let class = self.classify(router, sql);
+            self.remember(name, sql, &class, frame);
             statements.define(name, rest, registry);
             out.extend_from_slice(&[b'1', 0, 0, 0, 4]);
         }
@@ -355,12 +413,12 @@ impl RoutingState {
         let (class, sql) = match frame.tag() {
             b'Q' => {
                 let sql = messages::query_text(frame.body())?;
-                (router.classify(sql, &mut self.scratch), sql)
+                (self.classify(router, sql), sql)
             }
             b'P' => {
                 let (name, sql) = messages::parse_parse(frame.body())?;
-                let class = router.classify(sql, &mut self.scratch);
-                self.remember(name, Prepared::new(sql, Arc::clone(&class), frame));
+                let class = self.classify(router, sql);
+                self.remember(name, sql, &class, frame);
                 (class, sql)
             }
             b'B' => {
@@ -379,11 +437,21 @@ impl RoutingState {
         Some(class)
     }
 
-    fn remember(&mut self, name: &[u8], prepared: Prepared) {
-        if self.prepared.len() >= MAX_PREPARED && !self.prepared.contains_key(name) {
+    /// Remembers what the Parse `frame` prepares as `name`; returns its text.
+    fn remember(&mut self, name: &[u8], sql: &[u8], class: &Arc<Classification>, frame: &Frame) -> Bytes {
+        if let Some(known) = self.prepared.get_mut(name) {
+            if !known.is(sql, frame) {
+                *known = Prepared::new(sql, Arc::clone(class), frame);
+            }
+            return known.sql.clone();
+        }
+        if self.prepared.len() >= MAX_PREPARED {
             self.prepared.clear();
         }
+        let prepared = Prepared::new(sql, Arc::clone(class), frame);
+        let sql = prepared.sql.clone();
         self.prepared.insert(name.into(), prepared);
+        sql
     }
 
     /// BEGIN, SET TRANSACTION, COMMIT and ROLLBACK while no server is attached: the proxy
@@ -426,7 +494,7 @@ impl RoutingState {
     fn in_failed_transaction(&mut self, router: &Router, request: &Request) -> Result<Plan, PlanError> {
         if let Request::Query(frame) = request
             && let Some(sql) = messages::query_text(frame.body())
-            && let Some(TxControl::End { .. }) = router.classify(sql, &mut self.scratch).tx
+            && let Some(TxControl::End { .. }) = self.classify(router, sql).tx
         {
             self.held = None;
             return Ok(Plan::Local(answer("ROLLBACK", TxStatus::Idle)));

@@ -45,6 +45,13 @@ impl Frame {
         &self.bytes
     }
 
+    /// `part`, a slice of this message, as shared bytes (no copy; it keeps the message's
+    /// buffer alive, so only for what lives no longer than a request).
+    #[must_use]
+    pub fn share(&self, part: &[u8]) -> Bytes {
+        self.bytes.slice_ref(part)
+    }
+
     #[must_use]
     pub fn into_bytes(self) -> Bytes {
         self.bytes

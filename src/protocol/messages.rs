@@ -175,6 +175,21 @@ pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
         .collect()
 }
 
+/// Whether a Parse body declares exactly the parameter types `types` (no allocation).
+#[must_use]
+pub fn parse_param_types_eq(body: &[u8], types: &[u32]) -> bool {
+    let mut b = body;
+    if get_cstr(&mut b).is_none() || get_cstr(&mut b).is_none() {
+        return false;
+    }
+    let Some(n) = read_i16(&mut b).and_then(|n| usize::try_from(n).ok()) else {
+        return false;
+    };
+    n == types.len()
+        && b.len() >= 4 * n
+        && b.chunks_exact(4).zip(types).all(|(oid, t)| u32::from_be_bytes([oid[0], oid[1], oid[2], oid[3]]) == *t)
+}
+
 /// A Parse body.
 #[must_use]
 pub fn parse_body(name: &[u8], sql: &str, types: &[u32]) -> Vec<u8> {

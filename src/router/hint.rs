@@ -147,6 +147,10 @@ pub enum SessionCommand {
 /// refused rather than forwarded, so it can never be silently ignored.
 pub fn session_command(sql: &[u8]) -> Option<Result<SessionCommand, String>> {
     let (_, body) = leading_comments(sql);
+    // SET, RESET or SHOW: most statements are turned away by their first letter
+    if !matches!(body.iter().find(|b| !b.is_ascii_whitespace()).map(u8::to_ascii_lowercase), Some(b's' | b'r')) {
+        return None;
+    }
     let head = &body[..body.len().min(64)];
     if !head.windows(9).any(|w| w.eq_ignore_ascii_case(b"pgrouter.")) {
         return None;

@@ -354,7 +354,7 @@ impl RoutingState {
             if bind.is_none() && statements.get(i + 1).is_some_and(|(next, _, b)| next == sql && b.is_some()) {
                 continue;
             }
-            self.scratch.of(sql);
+            self.shape(sql);
             let params = bind.as_ref().and_then(|b| self.bind_params(b));
             routes.push(policy.shards.route(&class.tables, &Values { sql, literals: &self.scratch.literals, params }));
         }
@@ -387,17 +387,18 @@ impl RoutingState {
         if matches!(class.tx, Some(TxControl::End { tag: "ROLLBACK", .. })) {
             elsewhere.clear();
         }
-        let (sql, params): (&[u8], _) = match frame.tag() {
-            b'Q' => (messages::query_text(frame.body())?, None),
-            b'P' => (messages::parse_parse(frame.body())?.1, None),
+        let (sql, params): (Bytes, _) = match frame.tag() {
+            b'Q' => (frame.share(messages::query_text(frame.body())?), None),
+            b'P' => (frame.share(messages::parse_parse(frame.body())?.1), None),
             b'B' => {
                 let (_, name) = messages::parse_bind_names(frame.body())?;
-                let known = self.prepared.get(name)?;
-                self.scratch.of(&known.sql);
-                (&known.sql[..], self.bind_params(frame))
+                let sql = self.prepared.get(name)?.sql.clone();
+                self.shape(&sql);
+                (sql, self.bind_params(frame))
             }
             _ => return None,
         };
+        let sql = &sql[..];
         if hint::parse_hints(sql).is_ok_and(|h| policy.shard_is_given(sql, &h)) {
             return None;
         }

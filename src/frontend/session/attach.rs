@@ -10,10 +10,8 @@ use crate::backend::health::{BanReason, parse_lsn};
 use crate::backend::{Checkout, Pool, ReadNeeds, ShardPools};
 use crate::config::{ReadYourWrites, ReplicaFallback};
 use crate::error::Error;
-use crate::frontend::cancel::CancelTarget;
 use crate::frontend::client::ClientIo;
 use crate::frontend::clients::ClientState;
-use crate::frontend::flow::Flow;
 use crate::frontend::routing::{Routed, WriteMark};
 use crate::frontend::settings;
 use crate::protocol::messages::TxStatus;
@@ -61,7 +59,6 @@ impl<S: ClientIo> Session<S> {
         let shard =
             pools.shard(decision.shard).ok_or_else(|| Error::Internal(format!("no shard {}", decision.shard)))?;
         let needs = self.read_needs(&mut decision, shard);
-        let ban_time = self.app.now().config.proxy.ban_time;
         // each failed replica is banned, so this ends; the bound guards against a ban that
         // does not hold (a replica refusing only this user, say)
         let mut attempts = shard.replicas.len() + 1;
@@ -79,7 +76,7 @@ impl<S: ClientIo> Session<S> {
                 Ok(None) => return Ok(false),
                 // nothing was sent yet: ban the replica and route again
                 Err(e @ Error::Connect { .. }) if pool.key.role == Role::Replica && attempts > 0 => {
-                    pool.health.ban(ban_time, BanReason::ServerLost, &e.to_string());
+                    pool.health.ban(self.app.now().config.proxy.ban_time, BanReason::ServerLost, &e.to_string());
                 }
                 Err(e) => return Err(e),
             }
@@ -87,8 +84,8 @@ impl<S: ClientIo> Session<S> {
         let mut checkout = checkout;
         self.apply_settings(&mut checkout).await?;
         let conn = checkout.conn_ref();
-        self.params.cancel.set_target(Some(CancelTarget { addr: conn.addr.clone(), key: conn.backend_key.clone() }));
-        self.flow = Flow::default();
+        self.params.cancel.set_target(Some(Arc::clone(&conn.cancel)));
+        self.flow.reset();
         let mut attached = Attached {
             checkout,
             decision,
@@ -99,7 +96,7 @@ impl<S: ClientIo> Session<S> {
         };
         if let Some(prelude) = prelude {
             let conn = attached.checkout.conn();
-            match conn.run_simple(&prelude, RESET_TIMEOUT).await {
+            match Box::pin(conn.run_simple(&prelude, RESET_TIMEOUT)).await {
                 Ok(status) => {
                     self.flow.set_status(status);
                     self.routing.held = None;
@@ -253,6 +250,10 @@ impl<S: ClientIo> Session<S> {
     /// free connection is taken at once; a client that said goodbye with Terminate still has
     /// what it sent before run, as PostgreSQL would.
     pub(super) async fn checkout(&mut self, pool: &Arc<Pool>) -> Result<Option<Checkout>, Error> {
+        if let Some(checkout) = pool.try_checkout() {
+            self.me.entry.set_state(ClientState::Active);
+            return Ok(Some(checkout));
+        }
         self.me.entry.set_state(ClientState::Waiting);
         let checkout = tokio::select! {
             biased;

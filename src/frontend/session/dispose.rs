@@ -57,7 +57,7 @@ impl<S: ClientIo> Session<S> {
         }
         if !self.flow.at_rest() {
             // A statement is still running for a client that vanished: stop it, then close.
-            if let Err(e) = send_cancel(&conn.addr, &conn.backend_key, RESET_TIMEOUT).await {
+            if let Err(e) = send_cancel(&conn.addr, &conn.cancel.key, RESET_TIMEOUT).await {
                 tracing::debug!(server = %conn.addr, error = %e, "cancel of an orphaned statement failed");
             }
             return;

@@ -10,6 +10,9 @@
 //! Submodules: `attach` (how a routed request gets its server connection), `dispose` (the
 //! server connection when things end), `scatter`, `copy` and `schema` (sharded databases:
 //! one query on every shard, COPY split by row, DDL committed on every shard).
+//!
+//! Those rare paths are awaited boxed, so their state is allocated only while they run: a
+//! session's task then stays small however many clients sit idle (see docs/BENCHMARKS.md).
 
 mod attach;
 mod copy;
@@ -26,7 +29,7 @@ use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
 use super::clients::{ClientState, Registered};
 use super::flow::Flow;
-use super::prepared::{self, ClientStatements, Deallocate};
+use super::prepared::{self, ClientStatements, Deallocate, Exchange};
 use super::relay::Renaming;
 use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
@@ -43,6 +46,7 @@ use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Role, Target, Why};
 use crate::telemetry::{DatabaseMetrics, RouteLabel};
 use bytes::BytesMut;
+use tokio_util::sync::CancellationToken;
 
 /// How long the proxy waits for a server to roll back or reset before closing it instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -148,6 +152,10 @@ pub struct Session<S> {
     pinned: Option<&'static str>,
     /// The client's named prepared statements (transaction pooling renames them).
     statements: ClientStatements,
+    /// The replies owed while relaying and the renaming of statements, reused across relays.
+    exchange: Exchange,
+    /// The list an extended-protocol batch is read into, reused from batch to batch.
+    batch: Vec<Frame>,
     /// Custom settings (`myapp.x`) the client's statements mention: pg_settings does not
     /// show them, so they are read back by name.
     custom_settings: BTreeSet<String>,
@@ -155,6 +163,11 @@ pub struct Session<S> {
     me: Registered,
     /// The database's request metrics.
     metrics: Arc<DatabaseMetrics>,
+    /// The app's shutdown signal, as a child token of its own: waiting on it between requests
+    /// then touches only this session's state, not a lock every session shares.
+    shutdown: CancellationToken,
+    /// `client_idle_timeout` of the config snapshot the session follows.
+    idle_timeout: Duration,
 }
 
 impl<S: ClientIo> Session<S> {
@@ -162,8 +175,8 @@ impl<S: ClientIo> Session<S> {
         let settings = params.settings.clone();
         let mut statements = ClientStatements::default();
         statements.set_search_path(settings.get("search_path").map(String::as_str));
-        let metrics = app
-            .now()
+        let snapshot = app.now();
+        let metrics = snapshot
             .database_metrics
             .get(&params.database)
             .cloned()
@@ -171,6 +184,8 @@ impl<S: ClientIo> Session<S> {
         Self {
             me,
             metrics,
+            shutdown: app.shutdown.child_token(),
+            idle_timeout: snapshot.config.proxy.client_idle_timeout,
             app,
             client,
             params,
@@ -180,6 +195,8 @@ impl<S: ClientIo> Session<S> {
             settings,
             pinned: None,
             statements,
+            exchange: Exchange::default(),
+            batch: Vec::new(),
             custom_settings: BTreeSet::new(),
             skip_until_sync: false,
             left: None,
@@ -214,7 +231,7 @@ impl<S: ClientIo> Session<S> {
             }
         }
         let server_usable = !matches!(outcome, Err(Error::ServerLost { .. } | Error::ServerProtocol { .. }));
-        self.dispose_server(server_usable).await;
+        Box::pin(self.dispose_server(server_usable)).await;
         if self.pinned.is_some() {
             self.app.pinned_clients.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -223,7 +240,7 @@ impl<S: ClientIo> Session<S> {
     async fn serve(&mut self) -> Result<Exit, Error> {
         loop {
             let first = if self.server.is_some() {
-                Vec::new()
+                None
             } else {
                 let request = match self.await_request().await? {
                     Waited::Request(request) => request,
@@ -236,7 +253,7 @@ impl<S: ClientIo> Session<S> {
                     Err(e) => Err(e),
                 };
                 match attached {
-                    Ok(true) => request.into_frames(),
+                    Ok(true) => Some(request),
                     Ok(false) => return Ok(Exit::ClientGone),
                     Err(e) => {
                         self.reject(request.expects_ready(), &e).await?;
@@ -245,8 +262,11 @@ impl<S: ClientIo> Session<S> {
                 }
             };
             let route = self.route_label();
-            let renaming = (self.params.mode == PoolMode::Transaction)
-                .then(|| Renaming { registry: &self.app.statements, client: &mut self.statements });
+            let renaming = (self.params.mode == PoolMode::Transaction).then(|| Renaming {
+                registry: &self.app.statements,
+                client: &mut self.statements,
+                exchange: &mut self.exchange,
+            });
             let movable = self.params.mode == PoolMode::Transaction && self.pinned.is_none();
             let attached = self.server.as_mut().expect("attached above");
             // every statement of the attachment counts, not only the request that routed it
@@ -267,7 +287,7 @@ impl<S: ClientIo> Session<S> {
             };
             let opts = RelayOptions {
                 release_when_idle: movable,
-                shutdown: &self.app.shutdown,
+                shutdown: &self.shutdown,
                 intercept: |sql, statements| {
                     hint::session_command(sql).is_some()
                         || statements.is_some_and(|s| local_deallocate(sql, s).is_some())
@@ -277,7 +297,12 @@ impl<S: ClientIo> Session<S> {
                 renaming,
                 observe: movable.then_some(&mut observe as &mut relay::Observer<'_>),
             };
+            let (one, mut batch) = first.map_or((None, Vec::new()), Request::into_parts);
+            let first = one.into_iter().chain(batch.drain(..));
             let outcome = relay::run(&mut self.client, attached.checkout.conn(), &mut self.flow, first, opts).await;
+            if batch.capacity() > 0 {
+                self.batch = batch;
+            }
             match outcome {
                 Ok(RelayEnd::ClientGone { terminated, server_dirty }) => {
                     self.left = Some(Departure { terminated, server_dirty });
@@ -285,7 +310,7 @@ impl<S: ClientIo> Session<S> {
                 }
                 Ok(RelayEnd::Intercepted(frame)) if schema::commits_elsewhere(&frame, self.server.as_ref()) => {
                     let started = std::time::Instant::now();
-                    let committed = self.commit_everywhere(frame).await?;
+                    let committed = Box::pin(self.commit_everywhere(frame)).await?;
                     self.count_all_shards(started);
                     if !committed {
                         self.left = Some(Departure { terminated: false, server_dirty: false });
@@ -320,12 +345,12 @@ impl<S: ClientIo> Session<S> {
                             self.detach();
                         }
                     }
-                    if self.app.shutdown.is_cancelled() {
+                    if self.shutdown.is_cancelled() {
                         return Ok(Exit::Shutdown);
                     }
                 }
                 Err(e @ (Error::ServerLost { .. } | Error::ServerProtocol { .. })) => {
-                    if !self.survive_lost_server(&e).await? {
+                    if !Box::pin(self.survive_lost_server(&e)).await? {
                         return Err(e);
                     }
                 }
@@ -337,13 +362,12 @@ impl<S: ClientIo> Session<S> {
     /// Waits, without a server connection, for the next request that needs one.
     async fn await_request(&mut self) -> Result<Waited, Error> {
         self.me.entry.set_state(ClientState::Idle);
-        let idle_timeout = self.app.now().config.proxy.client_idle_timeout;
         loop {
             let read = tokio::select! {
                 biased;
-                () = self.app.shutdown.cancelled(), if self.routing.held.is_none() => return Ok(Waited::Exit(Exit::Shutdown)),
+                () = self.shutdown.cancelled(), if self.routing.held.is_none() => return Ok(Waited::Exit(Exit::Shutdown)),
                 read = self.client.read_frame() => read?,
-                () = sleep_unless_zero(idle_timeout) => return Ok(Waited::Exit(Exit::IdleTimeout)),
+                () = sleep_unless_zero(self.idle_timeout) => return Ok(Waited::Exit(Exit::IdleTimeout)),
             };
             let Some(frame) = read else {
                 return Ok(Waited::Exit(Exit::ClientGone));
@@ -370,7 +394,8 @@ impl<S: ClientIo> Session<S> {
     /// batch is routed together.
     async fn collect_batch(&mut self, first: Frame) -> Result<Waited, Error> {
         let mut bytes = first.as_bytes().len();
-        let mut frames = vec![first];
+        let mut frames = std::mem::take(&mut self.batch);
+        frames.push(first);
         while frames.len() < BATCH_MAX_MESSAGES && bytes < BATCH_MAX_BYTES {
             let Some(frame) = self.client.read_frame().await? else {
                 return Ok(Waited::Exit(Exit::ClientGone));
@@ -423,7 +448,7 @@ impl<S: ClientIo> Session<S> {
                         return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
                     }
                     let started = std::time::Instant::now();
-                    self.scatter(query).await?;
+                    Box::pin(self.scatter(query)).await?;
                     self.count_all_shards(started);
                     return Ok(None);
                 }
@@ -432,7 +457,7 @@ impl<S: ClientIo> Session<S> {
                         return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
                     }
                     let started = std::time::Instant::now();
-                    if !self.copy_in(split).await? {
+                    if !Box::pin(self.copy_in(split)).await? {
                         return Err(Error::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
                     }
                     self.count_all_shards(started);
@@ -443,7 +468,7 @@ impl<S: ClientIo> Session<S> {
                     return Err(Error::Invalid(msg));
                 }
                 Err(PlanError::Undecided(Undecided::NeedVolatility(names))) => {
-                    if let Err(e) = self.look_up_volatility(&names).await {
+                    if let Err(e) = Box::pin(self.look_up_volatility(&names)).await {
                         tracing::warn!(database = %policy.database, error = %e, "cannot look up function volatility; treating the call as a write");
                         let why = Why::VolatileFunction(format!("{} (volatility unknown: {e})", names.join(", ")));
                         let decision = Decision { shard: policy.home(), target: Target::Primary, why };
@@ -477,6 +502,7 @@ impl<S: ClientIo> Session<S> {
         if let Some(metrics) = snapshot.database_metrics.get(database) {
             self.metrics = Arc::clone(metrics);
         }
+        self.idle_timeout = snapshot.config.proxy.client_idle_timeout;
         self.params.generation = snapshot.generation;
         Ok(())
     }
