@@ -7,14 +7,19 @@
 # with its parser and routing on: every statement is shaped, classified (cache) and routed.
 # Then it runs pgbench -S (the built-in select-only script) for DURATION seconds per cell:
 #   -M simple, extended, prepared   with 1 client (latency) and 32 clients (throughput)
-#   -C (a new connection per transaction), -M simple, 1 and 32 clients
+#   -C (a new connection per transaction), -M simple, 1 and 32 clients, once with SCRAM-SHA-256
+#      and once with md5 (user app_md5, md5 on all three): with SCRAM the client's own PBKDF2
+#      (about 3 ms in libpq here) is part of every connection, whoever is behind the port
 # and prints, per cell and target: TPS, the median and mean latency (from pgbench's
 # per-transaction log), the ratio of TPS to direct, the latency added over direct, and the
 # proxy's CPU seconds per 1,000 queries (utime + stime from /proc/<pid>/stat).
+# Last, IDLE (10,000) clients log in to each proxy and stay idle while its resident memory
+# is read (benches/idle_clients.py).
 #
 #   benches/compare.sh                 DURATION=10 SCALE=10 POOL=16 CLIENTS="1 32"
 #   MODES="simple" CLIENTS=32 benches/compare.sh       a subset
 #   CONNECT=0 benches/compare.sh                        skip the -C cells
+#   IDLE=0 benches/compare.sh                           skip the idle clients
 #   HOLD=1 benches/compare.sh            start everything, print the addresses and pids, and
 #                                        wait (for profiling by hand) until Ctrl-C
 #   PERF=/tmp/prof benches/compare.sh    record pgrouter with `perf record` during each of its
@@ -28,6 +33,9 @@ CLIENTS=${CLIENTS:-1 32}
 MODES=${MODES:-simple extended prepared}
 CONNECT=${CONNECT:-1}
 PERF=${PERF:-}
+IDLE=${IDLE:-10000}
+# the idle clients need a descriptor each, in the proxies and in the script holding them
+ulimit -n $((IDLE + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
 bindir=$(pg_config --bindir)
@@ -61,10 +69,18 @@ fsync = off
 synchronous_commit = off
 EOF
 as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/run/postgres.log" -w start >/dev/null
+cat >"$work/data/pg_hba.conf" <<EOF
+local all all trust
+host all app_md5 127.0.0.1/32 md5
+host all all 127.0.0.1/32 scram-sha-256
+EOF
 as_pg psql -qX -h "$work/run" -p "$pg_port" -U postgres -d postgres \
-    -c "create role app login password 'app-secret'" -c "create database app owner app"
+    -c "create role app login password 'app-secret'" -c "create database app owner app" \
+    -c "set password_encryption = 'md5'" -c "create role app_md5 login password 'app-secret'" \
+    -c "select pg_reload_conf()" >/dev/null
 direct="postgresql://app:app-secret@127.0.0.1:$pg_port/app"
 pgbench -q -i -s "$SCALE" "$direct" >"$work/init.log" 2>&1
+psql -qX "$direct" -c "grant select on all tables in schema public to app_md5"
 
 # --- pgrouter -----------------------------------------------------------------------------
 pr_port=$(free_port)
@@ -76,6 +92,11 @@ max_client_connections = 10000
 [[users]]
 name = "app"
 password = "app-secret"
+
+[[users]]
+name = "app_md5"
+password = "app-secret"
+auth = "md5"
 
 [[databases]]
 name = "app"
@@ -93,7 +114,8 @@ pids+=("$pgrouter_pid")
 pgbouncer_pid=
 if command -v pgbouncer >/dev/null; then
     pb_port=$(free_port)
-    echo '"app" "app-secret"' >"$work/userlist.txt"
+    printf '"app" "app-secret"\n"app_md5" "app-secret"\n' >"$work/userlist.txt"
+    printf 'host all app_md5 127.0.0.1/32 md5\nhost all app 127.0.0.1/32 scram-sha-256\n' >"$work/pgbouncer_hba.conf"
     cat >"$work/pgbouncer.ini" <<EOF
 [databases]
 app = host=127.0.0.1 port=$pg_port dbname=app
@@ -101,7 +123,8 @@ app = host=127.0.0.1 port=$pg_port dbname=app
 listen_addr = 127.0.0.1
 listen_port = $pb_port
 unix_socket_dir =
-auth_type = scram-sha-256
+auth_type = hba
+auth_hba_file = $work/pgbouncer_hba.conf
 auth_file = $work/userlist.txt
 pool_mode = transaction
 default_pool_size = $POOL
@@ -109,7 +132,7 @@ max_client_conn = 10000
 logfile = $work/run/pgbouncer.log
 pidfile = $work/run/pgbouncer.pid
 EOF
-    chmod 644 "$work/userlist.txt" "$work/pgbouncer.ini"
+    chmod 644 "$work/userlist.txt" "$work/pgbouncer.ini" "$work/pgbouncer_hba.conf"
     as_pg pgbouncer "$work/pgbouncer.ini" >/dev/null 2>&1 &
     for _ in $(seq 1 50); do [ -s "$work/run/pgbouncer.pid" ] && break; sleep 0.1; done
     pgbouncer_pid=$(cat "$work/run/pgbouncer.pid")
@@ -120,10 +143,12 @@ for _ in $(seq 1 100); do psql -qtAX "postgresql://app:app-secret@127.0.0.1:$pr_
 targets=(direct pgrouter)
 declare -A url=([direct]=$direct [pgrouter]="postgresql://app:app-secret@127.0.0.1:$pr_port/app")
 declare -A pid=([direct]= [pgrouter]=$pgrouter_pid)
+declare -A port=([direct]=$pg_port [pgrouter]=$pr_port)
 if [ -n "$pgbouncer_pid" ]; then
     targets+=(pgbouncer)
     url[pgbouncer]="postgresql://app:app-secret@127.0.0.1:$pb_port/app"
     pid[pgbouncer]=$pgbouncer_pid
+    port[pgbouncer]=$pb_port
 fi
 
 if [ -n "${HOLD:-}" ]; then
@@ -137,19 +162,21 @@ ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 # One pgbench run; prints "tps median_ms mean_ms cpu_s_per_1000_queries" (cpu "-" for direct).
+# connect: 0, or the authentication of a -C run (scram or md5).
 bench() {
-    local target=$1 mode=$2 clients=$3 connect=$4 out before=0 after=0 logdir
+    local target=$1 mode=$2 clients=$3 connect=$4 out before=0 after=0 logdir url=${url[$1]}
     logdir="$work/log-$target-$mode-$clients-$connect"
     mkdir "$logdir"
     local args=(-n -S -M "$mode" -c "$clients" -j "$((clients < 2 ? clients : 2))" -T "$DURATION" -l --log-prefix "$logdir/tx")
-    [ "$connect" = 1 ] && args+=(-C)
+    [ "$connect" != 0 ] && args+=(-C)
+    [ "$connect" = md5 ] && url=${url/app:app-secret/app_md5:app-secret}
     local perf=
     if [ -n "$PERF" ] && [ "$target" = pgrouter ]; then
         perf record -q -F 1999 --call-graph dwarf,32768 -o "$PERF-$mode-$clients-$connect.data" -p "${pid[$target]}" 2>/dev/null &
         perf=$!
     fi
     [ -n "${pid[$target]}" ] && before=$(cpu_ticks "${pid[$target]}")
-    out=$(pgbench "${args[@]}" "${url[$target]}" 2>&1) || {
+    out=$(pgbench "${args[@]}" "$url" 2>&1) || {
         # PgBouncer before 1.21 cannot keep prepared statements in transaction mode
         echo "$target, -M $mode, $clients clients: pgbench failed: $(grep -m1 'ERROR' <<<"$out" || tail -1 <<<"$out")" >&2
         rm -rf "$logdir"
@@ -170,14 +197,14 @@ bench() {
 
 cells=()
 for mode in $MODES; do for clients in $CLIENTS; do cells+=("$mode $clients 0"); done; done
-[ "$CONNECT" = 1 ] && for clients in $CLIENTS; do cells+=("simple $clients 1"); done
+[ "$CONNECT" = 1 ] && for auth in scram md5; do for clients in $CLIENTS; do cells+=("simple $clients $auth"); done; done
 
 echo "pgbench -S, scale $SCALE, ${DURATION} s per run, pool $POOL (transaction mode), $(nproc) CPUs, $(pgbouncer --version 2>/dev/null | head -1 || echo 'no PgBouncer')"
 printf '%-10s %7s %-9s %10s %7s %10s %9s %11s %11s\n' mode clients target tps ratio "median ms" "mean ms" "added us" "cpu s/1k q"
 for cell in "${cells[@]}"; do
     read -r mode clients connect <<<"$cell"
     label=$mode
-    [ "$connect" = 1 ] && label="$mode -C"
+    [ "$connect" != 0 ] && label="-C $connect"
     dtps= dmed=
     for target in "${targets[@]}"; do
         read -r tps med mean cpu < <(bench "$target" "$mode" "$clients" "$connect")
@@ -190,3 +217,11 @@ for cell in "${cells[@]}"; do
             printf "%-10s %7d %-9s %10.0f %7.2f %10.3f %9.3f %11.0f %11s\n", l, c, t, tps, tps / d, med, mean, (med - dm) * 1000, cpu }'
     done
 done
+
+if [ "$IDLE" != 0 ]; then
+    echo
+    for target in "${targets[@]}"; do
+        [ -n "${pid[$target]}" ] || continue
+        echo "$target: $(python3 benches/idle_clients.py --port "${port[$target]}" --pid "${pid[$target]}" --count "$IDLE")"
+    done
+fi

@@ -102,7 +102,8 @@ async def main():
     before = rss_kib(args.pid)
     started = time.monotonic()
     conns = []
-    batch = 200
+    # in batches no larger than a listen backlog (PgBouncer's is 128)
+    batch = 100
     for i in range(0, args.count, batch):
         n = min(batch, args.count - i)
         conns += await asyncio.gather(

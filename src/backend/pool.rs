@@ -167,7 +167,8 @@ impl Pool {
         }
         let conn = match self.take_idle() {
             Some(conn) => conn,
-            None => self.open().await?,
+            // boxed: connecting (TLS, authentication) is a large future, rarely run
+            None => Box::pin(self.open()).await?,
         };
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
         Ok(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: Some(permit) })

@@ -14,6 +14,14 @@ use crate::protocol::startup::{self, StartupPacket};
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientIo for T {}
 
+/// A new client's read buffer: enough for its startup packet and login. Idle clients are
+/// most of a proxy's clients, so the buffer grows only when requests come.
+const INITIAL_BUFFER: usize = 512;
+/// A read needs at least this much free room (or the rest of the message being read), else
+/// the buffer grows by [`READ_GROWTH`] (or that rest): a login never grows the buffer.
+const READ_ROOM: usize = 256;
+const READ_GROWTH: usize = 4096;
+
 pub struct ClientStream<S> {
     pub(crate) io: S,
     pub(crate) rbuf: BytesMut,
@@ -22,7 +30,7 @@ pub struct ClientStream<S> {
 
 impl<S: ClientIo> ClientStream<S> {
     pub fn new(io: S, max_message: usize) -> Self {
-        Self { io, rbuf: BytesMut::with_capacity(8192), max_message }
+        Self { io, rbuf: BytesMut::with_capacity(INITIAL_BUFFER), max_message }
     }
 
     /// The next startup packet; `None` if the client closed the connection first.
@@ -31,7 +39,7 @@ impl<S: ClientIo> ClientStream<S> {
             if let Some(packet) = startup::decode(&mut self.rbuf).map_err(|e| Error::Protocol(e.to_string()))? {
                 return Ok(Some(packet));
             }
-            if !self.fill().await? {
+            if !self.fill(0).await? {
                 return Ok(None);
             }
         }
@@ -43,7 +51,9 @@ impl<S: ClientIo> ClientStream<S> {
             if let Some(frame) = framing::decode(&mut self.rbuf, self.max_message)? {
                 return Ok(Some(frame));
             }
-            if !self.fill().await? {
+            // decode checked the length against max_message
+            let rest = framing::peek_header(&self.rbuf, self.max_message)?.map_or(0, |(_, len)| len - self.rbuf.len());
+            if !self.fill(rest).await? {
                 if self.rbuf.is_empty() {
                     return Ok(None);
                 }
@@ -80,8 +90,12 @@ impl<S: ClientIo> ClientStream<S> {
         false
     }
 
-    /// Reads more bytes; false at end of stream.
-    async fn fill(&mut self) -> Result<bool, Error> {
+    /// Reads more bytes, with room for at least `rest` (what the message being read still
+    /// lacks); false at end of stream.
+    async fn fill(&mut self, rest: usize) -> Result<bool, Error> {
+        if self.rbuf.capacity() - self.rbuf.len() < rest.max(READ_ROOM) {
+            self.rbuf.reserve(rest.max(READ_GROWTH));
+        }
         match self.io.read_buf(&mut self.rbuf).await {
             Ok(0) => Ok(false),
             Ok(_) => Ok(true),

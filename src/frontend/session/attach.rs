@@ -125,7 +125,7 @@ impl<S: ClientIo> Session<S> {
         let Some(sql) = settings::apply_sql(&self.settings, &conn.settings) else {
             return Ok(());
         };
-        match conn.run_simple(&sql, RESET_TIMEOUT).await {
+        match Box::pin(conn.run_simple(&sql, RESET_TIMEOUT)).await {
             Ok(TxStatus::Idle) => {
                 conn.settings.clone_from(&self.settings);
                 Ok(())
@@ -154,7 +154,7 @@ impl<S: ClientIo> Session<S> {
             let conn = attached.checkout.conn();
             let sql =
                 settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
-            match conn.query_rows(&sql, LOOKUP_TIMEOUT).await {
+            match Box::pin(conn.query_rows(&sql, LOOKUP_TIMEOUT)).await {
                 Ok(rows) => {
                     self.settings = settings::from_rows(rows);
                     conn.settings.clone_from(&self.settings);
@@ -288,7 +288,8 @@ impl<S: ClientIo> Session<S> {
             ReadYourWrites::PrimaryAfterWrite => None,
             ReadYourWrites::Lsn => {
                 let rows =
-                    attached.checkout.conn().query_rows("SELECT pg_current_wal_insert_lsn()", LOOKUP_TIMEOUT).await;
+                    Box::pin(attached.checkout.conn().query_rows("SELECT pg_current_wal_insert_lsn()", LOOKUP_TIMEOUT))
+                        .await;
                 // if the position cannot be read, no replica qualifies until the next write
                 Some(rows.ok().and_then(|r| r.first()?.first()?.as_deref().and_then(parse_lsn)).unwrap_or(u64::MAX))
             }
