@@ -13,10 +13,11 @@
 # and prints, per cell and target: TPS, the median and mean latency (from pgbench's
 # per-transaction log), the ratio of TPS to direct, the latency added over direct, and the
 # proxy's CPU seconds per 1,000 queries (utime + stime from /proc/<pid>/stat).
-# Last, IDLE (10,000) clients log in to each proxy and stay idle while its resident memory
-# is read (benches/idle_clients.py).
+# Last, IDLE (10,000) clients log in to pgrouter and stay idle while its resident memory is
+# read (benches/idle_clients.py).
 #
-#   benches/compare.sh                 DURATION=10 SCALE=10 POOL=16 CLIENTS="1 32"
+#   benches/compare.sh                 DURATION=10 SCALE=10 POOL=16 CLIENTS="1 32" WORKERS=1
+#                                      (pgrouter's `workers`; 1 thread, as PgBouncer has)
 #   MODES="simple" CLIENTS=32 benches/compare.sh       a subset
 #   CONNECT=0 benches/compare.sh                        skip the -C cells
 #   IDLE=0 benches/compare.sh                           skip the idle clients
@@ -29,12 +30,13 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 SCALE=${SCALE:-10}
 POOL=${POOL:-16}
+WORKERS=${WORKERS:-1}
 CLIENTS=${CLIENTS:-1 32}
 MODES=${MODES:-simple extended prepared}
 CONNECT=${CONNECT:-1}
 PERF=${PERF:-}
 IDLE=${IDLE:-10000}
-# the idle clients need a descriptor each, in the proxies and in the script holding them
+# the idle clients need a descriptor each, in pgrouter and in the script holding them
 ulimit -n $((IDLE + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
@@ -87,6 +89,7 @@ pr_port=$(free_port)
 cat >"$work/pgrouter.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$pr_port"
+workers = $WORKERS
 max_client_connections = 10000
 
 [[users]]
@@ -143,12 +146,10 @@ for _ in $(seq 1 100); do psql -qtAX "postgresql://app:app-secret@127.0.0.1:$pr_
 targets=(direct pgrouter)
 declare -A url=([direct]=$direct [pgrouter]="postgresql://app:app-secret@127.0.0.1:$pr_port/app")
 declare -A pid=([direct]= [pgrouter]=$pgrouter_pid)
-declare -A port=([direct]=$pg_port [pgrouter]=$pr_port)
 if [ -n "$pgbouncer_pid" ]; then
     targets+=(pgbouncer)
     url[pgbouncer]="postgresql://app:app-secret@127.0.0.1:$pb_port/app"
     pid[pgbouncer]=$pgbouncer_pid
-    port[pgbouncer]=$pb_port
 fi
 
 if [ -n "${HOLD:-}" ]; then
@@ -199,7 +200,7 @@ cells=()
 for mode in $MODES; do for clients in $CLIENTS; do cells+=("$mode $clients 0"); done; done
 [ "$CONNECT" = 1 ] && for auth in scram md5; do for clients in $CLIENTS; do cells+=("simple $clients $auth"); done; done
 
-echo "pgbench -S, scale $SCALE, ${DURATION} s per run, pool $POOL (transaction mode), $(nproc) CPUs, $(pgbouncer --version 2>/dev/null | head -1 || echo 'no PgBouncer')"
+echo "pgbench -S, scale $SCALE, ${DURATION} s per run, pool $POOL (transaction mode), $(nproc) CPUs, pgrouter workers = $WORKERS, $(pgbouncer --version 2>/dev/null | head -1 || echo 'no PgBouncer')"
 printf '%-10s %7s %-9s %10s %7s %10s %9s %11s %11s\n' mode clients target tps ratio "median ms" "mean ms" "added us" "cpu s/1k q"
 for cell in "${cells[@]}"; do
     read -r mode clients connect <<<"$cell"
@@ -220,8 +221,5 @@ done
 
 if [ "$IDLE" != 0 ]; then
     echo
-    for target in "${targets[@]}"; do
-        [ -n "${pid[$target]}" ] || continue
-        echo "$target: $(python3 benches/idle_clients.py --port "${port[$target]}" --pid "${pid[$target]}" --count "$IDLE")"
-    done
+    echo "pgrouter: $(python3 benches/idle_clients.py --port "$pr_port" --pid "$pgrouter_pid" --count "$IDLE")"
 fi

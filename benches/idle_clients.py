@@ -106,9 +106,18 @@ async def main():
     batch = 100
     for i in range(0, args.count, batch):
         n = min(batch, args.count - i)
-        conns += await asyncio.gather(
-            *(login(args.host, args.port, args.user, args.password, args.database) for _ in range(n))
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(login(args.host, args.port, args.user, args.password, args.database), 60)
+                for _ in range(n)
+            ),
+            return_exceptions=True,
         )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        conns += [r for r in results if not isinstance(r, BaseException)]
+        if failed:
+            print(f"{len(failed)} logins failed, the first: {failed[0]!r}; stopping", file=sys.stderr)
+            break
     took = time.monotonic() - started
     await asyncio.sleep(args.hold)
     after = rss_kib(args.pid)
@@ -117,13 +126,16 @@ async def main():
         writer.write(message(b"S", b""))
     alive = 0
     for reader, writer in conns:
-        tag, _ = await read_message(reader)
+        try:
+            tag, _ = await asyncio.wait_for(read_message(reader), 30)
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            continue
         alive += tag == b"Z"
     for _, writer in conns:
         writer.close()
-    per = (after - before) / args.count
+    per = (after - before) / max(len(conns), 1)
     print(
-        f"idle clients: {alive} of {args.count} alive (logged in in {took:.1f} s); pgrouter RSS "
+        f"idle clients: {alive} of {args.count} alive (logged in in {took:.1f} s); RSS "
         f"{before / 1024:.1f} MiB before, {after / 1024:.1f} MiB with them ({per:.2f} KiB per client)"
     )
     return 0 if alive == args.count else 1

@@ -197,7 +197,12 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce())
     })
 }
 
+/// The tokio runtime for `workers` threads (0: one per core). With one, it is tokio's
+/// current-thread scheduler: no work stealing, no cross-thread wake-ups.
 pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         builder.worker_threads(workers);
