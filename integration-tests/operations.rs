@@ -415,7 +415,9 @@ fn sigterm_under_load_lets_transactions_finish() {
     std::thread::sleep(Duration::from_secs(3));
     env.proxy.signal("TERM");
     let signalled = Instant::now();
-    assert!(crate::harness::wait_until(Duration::from_secs(5), || env.proxy.log().contains("draining")));
+    // the drain's own line, written once the listener is closed (the CLI's earlier
+    // "SIGTERM or SHUTDOWN: draining" comes before that)
+    assert!(crate::harness::wait_until(Duration::from_secs(5), || env.proxy.log().contains("pgrouter::app: draining")));
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "new connections are refused while draining");
     let status = env.proxy.wait_exit(Duration::from_secs(15)).expect("pgrouter exits");
     let took = signalled.elapsed();

@@ -135,6 +135,9 @@ pub struct App {
 pub struct Running {
     pub app: Arc<App>,
     pub local_addr: SocketAddr,
+    /// The accept loop; a drain waits for it to end (and close the listener) before it says
+    /// it is draining, so no connection is accepted after that.
+    accepting: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How the proxy was asked to stop.
@@ -179,7 +182,7 @@ impl App {
             pinned_clients: AtomicUsize::new(0),
             statements: Registry::default(),
         });
-        tokio::spawn(accept_loop(Arc::clone(&app), listener));
+        let accepting = tokio::spawn(accept_loop(Arc::clone(&app), listener));
         if let Some(metrics_listener) = metrics_listener {
             tracing::info!(listen = %metrics_listener.local_addr()?, "serving /metrics, /healthz and /readyz");
             tokio::spawn(crate::telemetry::http::serve(Arc::clone(&app), metrics_listener));
@@ -187,7 +190,7 @@ impl App {
         tokio::spawn(upkeep(Arc::clone(&app)));
         start_health_checks(&app.now());
         tracing::info!(listen = %local_addr, "pgrouter is accepting clients");
-        Ok(Running { app, local_addr })
+        Ok(Running { app, local_addr, accepting: std::sync::Mutex::new(Some(accepting)) })
     }
 }
 
@@ -251,6 +254,10 @@ impl Running {
     pub async fn drain(&self) -> bool {
         let app = &self.app;
         app.shutdown.cancel();
+        let accepting = self.accepting.lock().expect("accept lock").take();
+        if let Some(accepting) = accepting {
+            let _ = accepting.await;
+        }
         app.tracker.close();
         let limit = app.now().config.proxy.shutdown_timeout;
         tracing::info!(clients = app.tracker.len(), timeout = ?limit, "draining");
