@@ -67,15 +67,19 @@ fn server_name(id: u64) -> String {
     format!("pgr_{id}")
 }
 
-/// The length of [`server_name`]`(id)`.
-fn server_name_len(id: u64) -> usize {
-    4 + id.checked_ilog10().map_or(1, |digits| digits as usize + 1)
-}
-
-/// Appends [`server_name`]`(id)` without allocating.
-fn put_server_name(out: &mut BytesMut, id: u64) {
+/// Appends a message of type `tag` whose body is `head`, [`server_name`]`(id)` with its
+/// terminating zero, then `tail`: a renamed Parse, Bind, Describe or Close, written straight
+/// into the outgoing buffer without allocating.
+fn push_named(out: &mut BytesMut, tag: u8, head: &[u8], id: u64, tail: &[u8]) {
     use std::fmt::Write;
+    let name_len = 4 + id.checked_ilog10().map_or(1, |digits| digits as usize + 1);
+    let len = 4 + head.len() + name_len + 1 + tail.len();
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(head);
     let _ = write!(out, "pgr_{id}");
+    out.extend_from_slice(b"\0");
+    out.extend_from_slice(tail);
 }
 
 /// One named statement of a client.
@@ -267,15 +271,8 @@ impl Exchange {
                 match statement.clone() {
                     Some((id, key)) => {
                         self.portals.insert(portal.into(), (id, key));
-                        // the Bind, renamed, written straight into the outgoing buffer
-                        let len = 4 + portal.len() + 1 + server_name_len(id) + 1 + rest.len();
-                        to_server.extend_from_slice(b"B");
-                        to_server.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-                        to_server.extend_from_slice(portal);
-                        to_server.extend_from_slice(b"\0");
-                        put_server_name(to_server, id);
-                        to_server.extend_from_slice(b"\0");
-                        to_server.extend_from_slice(rest);
+                        // the portal name with its zero, then the statement's new name
+                        push_named(to_server, b'B', &body[..=portal.len()], id, rest);
                     }
                     None => {
                         self.portals.remove(portal);
@@ -293,14 +290,7 @@ impl Exchange {
                     self.queue.push_back(Expect::Local(Bytes::from_static(CLOSE_COMPLETE)));
                 } else {
                     match self.prepare_for(name, ctx, to_server) {
-                        Some((id, _)) => {
-                            let len = 4 + 1 + server_name_len(id) + 1;
-                            to_server.extend_from_slice(b"D");
-                            to_server.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-                            to_server.extend_from_slice(b"S");
-                            put_server_name(to_server, id);
-                            to_server.extend_from_slice(b"\0");
-                        }
+                        Some((id, _)) => push_named(to_server, b'D', b"S", id, b""),
                         None => to_server.extend_from_slice(frame.as_bytes()),
                     }
                     self.expect(Kind::DescribeStatement, None);
@@ -368,17 +358,10 @@ impl Exchange {
     /// the same pipeline must not be sent); an error takes that back.
     fn send_parse(&mut self, id: u64, key: &Key, hidden: bool, ctx: &mut Context<'_>, to_server: &mut BytesMut) {
         if let Some(old) = ctx.server.add(id) {
-            let mut close = vec![b'S'];
-            close.extend_from_slice(server_name(old).as_bytes());
-            close.push(0);
-            push_frame(to_server, b'C', &close);
+            push_named(to_server, b'C', b"S", old, b"");
             self.queue.push_back(Expect::Reply { kind: Kind::Close, hidden: true, statement: None, copying: false });
         }
-        let mut body = BytesMut::new();
-        body.extend_from_slice(server_name(id).as_bytes());
-        body.extend_from_slice(b"\0");
-        body.extend_from_slice(&key.body);
-        push_frame(to_server, b'P', &body);
+        push_named(to_server, b'P', b"", id, &key.body);
         self.queue.push_back(Expect::Reply {
             kind: Kind::Parse,
             hidden,
@@ -554,12 +537,6 @@ pub struct Context<'a> {
     pub registry: &'a Registry,
     pub client: &'a mut ClientStatements,
     pub server: &'a mut ServerStatements,
-}
-
-fn push_frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
-    out.extend_from_slice(&[tag]);
-    out.extend_from_slice(&u32::try_from(body.len() + 4).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(body);
 }
 
 #[cfg(test)]

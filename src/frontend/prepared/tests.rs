@@ -2,9 +2,7 @@ use super::*;
 use crate::protocol::framing;
 
 fn frame(tag: u8, body: &[u8]) -> Frame {
-    let mut b = BytesMut::new();
-    push_frame(&mut b, tag, body);
-    Frame::from_encoded(b.freeze())
+    Frame::new(tag, body)
 }
 
 fn parse(name: &str, sql: &str) -> Frame {
@@ -69,7 +67,7 @@ fn reply(ex: &mut Exchange, conn: &mut Conn, replies: &[(u8, &[u8])]) -> Vec<u8>
         let watched = ex.watches(*tag);
         let d = if watched { ex.server_message(*tag, body, &mut conn.ctx()) } else { Disposition::Forward };
         if d == Disposition::Forward {
-            push_frame(&mut c, *tag, body);
+            c.extend_from_slice(Frame::new(*tag, body).as_bytes());
         }
         ex.emit_due(&mut c);
     }
