@@ -95,7 +95,8 @@ pub struct Pool {
     owed: AtomicUsize,
     /// A reload removed the pool: connections coming back are closed.
     retired: AtomicBool,
-    idle: Mutex<VecDeque<ServerConn>>,
+    /// Boxed, as a checkout holds it: lending one moves a pointer, not the connection.
+    idle: Mutex<VecDeque<Box<ServerConn>>>,
     /// ParameterStatus values reported by the newest connection, shown to logging-in clients.
     params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
@@ -199,7 +200,7 @@ impl Pool {
     /// Pops idle connections until one is fit to use; the unfit are closed. Its age is
     /// judged as of when it came back (no clock reading per checkout): one that outlived
     /// server_lifetime while idle is closed by the upkeep round.
-    fn take_idle(&self) -> Option<ServerConn> {
+    fn take_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let conn = self.idle.lock().expect("pool lock").pop_back()?;
             if self.fit(&conn, conn.last_used) {
@@ -213,7 +214,7 @@ impl Pool {
         conn.is_clean() && now.duration_since(conn.created) < self.settings().lifetime
     }
 
-    async fn open(&self) -> Result<ServerConn, Error> {
+    async fn open(&self) -> Result<Box<ServerConn>, Error> {
         // Counted as open from the start; the guard takes it back if the connect fails or the
         // waiting client goes away mid-connect (the future is dropped).
         let reserved = Reservation::new(&self.stats.open);
@@ -227,7 +228,7 @@ impl Pool {
                 self.open_since.lock().expect("pool lock").insert(conn.cancel.key.pid, SystemTime::now());
                 tracing::debug!(pool = %self.key, server_pid = conn.cancel.key.pid, "server connection opened");
                 *self.params.lock().expect("pool lock") = Some(Arc::new(conn.params.clone()));
-                Ok(conn)
+                Ok(Box::new(conn))
             }
             Err(e) => {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -238,25 +239,24 @@ impl Pool {
     }
 
     /// Puts a connection back if it is idle and clean; otherwise closes it.
-    fn give_back(&self, mut conn: ServerConn) {
+    fn give_back(&self, mut conn: Box<ServerConn>, last_used: Instant) {
         if self.retired.load(Ordering::Acquire) {
             self.close(conn, "pool removed by a config reload");
             return;
         }
-        let now = Instant::now();
-        if !self.fit(&conn, now) {
+        if !self.fit(&conn, last_used) {
             self.close(conn, "not clean or past server_lifetime");
             return;
         }
-        conn.last_used = now;
+        conn.last_used = last_used;
         self.idle.lock().expect("pool lock").push_back(conn);
     }
 
-    fn close(&self, conn: ServerConn, why: &str) {
+    fn close(&self, conn: Box<ServerConn>, why: &str) {
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
         self.open_since.lock().expect("pool lock").remove(&conn.cancel.key.pid);
         tracing::debug!(pool = %self.key, server_pid = conn.cancel.key.pid, why, "server connection closed");
-        tokio::spawn(conn.terminate());
+        tokio::spawn((*conn).terminate());
     }
 
     /// The server's ParameterStatus values, connecting once if no connection was made yet.
@@ -281,7 +281,7 @@ impl Pool {
             && self.stats.open.load(Ordering::Relaxed) < self.settings().min_size
         {
             match self.open().await {
-                Ok(conn) => self.give_back(conn),
+                Ok(conn) => self.give_back(conn, Instant::now()),
                 Err(_) => break,
             }
         }
@@ -290,7 +290,7 @@ impl Pool {
 
     fn expire_idle(&self) {
         let now = Instant::now();
-        let expired: Vec<ServerConn> = {
+        let expired: Vec<Box<ServerConn>> = {
             let mut idle = self.idle.lock().expect("pool lock");
             let mut expired = Vec::new();
             for conn in std::mem::take(&mut *idle) {
@@ -343,7 +343,7 @@ impl Pool {
     /// come back.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
-        let idle: Vec<ServerConn> = self.idle.lock().expect("pool lock").drain(..).collect();
+        let idle: Vec<Box<ServerConn>> = self.idle.lock().expect("pool lock").drain(..).collect();
         for conn in idle {
             self.close(conn, "pool removed by a config reload");
         }
@@ -373,7 +373,7 @@ impl Pool {
 /// A server connection lent to one session. Dropping it without [`Checkout::release`] closes
 /// the connection: that is the safe default for a connection in an unknown state.
 pub struct Checkout {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -394,11 +394,16 @@ impl Checkout {
     }
 
     /// Returns the connection to the pool if it is idle and clean, else closes it.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`Checkout::release`], with the time the connection was last used known already.
+    pub fn release_at(mut self, last_used: Instant) {
         if let Some(conn) = self.conn.take() {
             self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
             if conn.status == TxStatus::Idle {
-                self.pool.give_back(conn);
+                self.pool.give_back(conn, last_used);
             } else {
                 self.pool.close(conn, "released inside a transaction");
             }

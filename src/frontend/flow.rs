@@ -38,6 +38,10 @@ pub struct Flow {
     sent: VecDeque<Instant>,
     /// How long the request the last ReadyForQuery answered took.
     answered: Option<Duration>,
+    /// When the first request since the flow began was sent, and when the last
+    /// ReadyForQuery came (the clock is read only there).
+    first_sent: Option<Instant>,
+    last_ready: Option<Instant>,
 }
 
 impl Default for Flow {
@@ -53,6 +57,8 @@ impl Default for Flow {
             status: TxStatus::Idle,
             sent: VecDeque::new(),
             answered: None,
+            first_sent: None,
+            last_ready: None,
         }
     }
 }
@@ -71,7 +77,7 @@ impl Flow {
         match tag {
             // A Query after successful extended messages closes their implicit batch too.
             b'Q' | b'F' => {
-                self.sent.push_back(Instant::now());
+                self.note_sent();
                 self.pending += 1;
                 self.unsynced = false;
                 self.syncs_since_exec = 0;
@@ -83,7 +89,7 @@ impl Flow {
                 self.exec_extended = true;
             }
             b'S' => {
-                self.sent.push_back(Instant::now());
+                self.note_sent();
                 self.pending += 1;
                 self.unsynced = false;
                 self.syncs_since_exec += 1;
@@ -102,6 +108,25 @@ impl Flow {
             // Flush asks for output and changes nothing else.
             _ => {}
         }
+    }
+
+    fn note_sent(&mut self) {
+        let now = Instant::now();
+        self.sent.push_back(now);
+        self.first_sent.get_or_insert(now);
+    }
+
+    /// From the first request sent to the last ReadyForQuery (how long the server worked
+    /// for this flow), if both happened.
+    #[must_use]
+    pub fn span(&self) -> Option<Duration> {
+        Some(self.last_ready?.saturating_duration_since(self.first_sent?))
+    }
+
+    /// When the last ReadyForQuery came.
+    #[must_use]
+    pub fn last_ready(&self) -> Option<Instant> {
+        self.last_ready
     }
 
     /// Server message types the flow must see (beyond ReadyForQuery), given its state.
@@ -129,7 +154,9 @@ impl Flow {
                 self.server_copy = false;
             }
             (b'Z', Some(status)) => {
-                self.answered = self.sent.pop_front().map(|sent| sent.elapsed());
+                let now = Instant::now();
+                self.answered = self.sent.pop_front().map(|sent| now.duration_since(sent));
+                self.last_ready = Some(now);
                 self.pending = self.pending.saturating_sub(1);
                 self.status = status;
                 self.client_copy = false;
@@ -204,6 +231,23 @@ mod tests {
         assert!(!f.at_rest());
         ready(&mut f, b'I');
         assert!(f.idle());
+    }
+
+    #[test]
+    fn span_runs_from_the_first_request_to_the_last_ready() {
+        let mut f = Flow::default();
+        assert_eq!(f.span(), None);
+        client(&mut f, b"Q");
+        assert_eq!(f.span(), None, "nothing answered yet");
+        ready(&mut f, b'T');
+        let first = f.span().expect("one request answered");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        client(&mut f, b"Q");
+        ready(&mut f, b'I');
+        assert!(f.span().expect("two answered") >= first + std::time::Duration::from_millis(2));
+        assert!(f.last_ready().is_some());
+        f.reset();
+        assert_eq!((f.span(), f.last_ready()), (None, None));
     }
 
     #[test]

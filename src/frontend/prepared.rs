@@ -484,6 +484,9 @@ pub enum Deallocate {
 /// statements too, so the proxy answers it for the client's renamed ones).
 #[must_use]
 pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
+    if !crate::router::hint::first_word(sql).eq_ignore_ascii_case(b"deallocate") {
+        return None;
+    }
     let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
     let mut words = text.split_whitespace();
     if !words.next()?.eq_ignore_ascii_case("deallocate") {
@@ -553,5 +556,7 @@ mod deallocate_tests {
         assert_eq!(deallocate(b"DEALLOCATE \"S_1\""), Some(Deallocate::Name(b"S_1".to_vec())));
         assert_eq!(deallocate(b"DEALLOCATE a; select 1"), None);
         assert_eq!(deallocate(b"select 1"), None);
+        assert_eq!(deallocate(b"\n  Deallocate all"), Some(Deallocate::All));
+        assert_eq!(deallocate(b"DEALLOCATEX ALL"), None);
     }
 }

@@ -176,6 +176,9 @@ impl Pump {
         opts: &mut RelayOptions<'_>,
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Poll<Result<RelayEnd, Error>> {
+        // A side whose read came back Pending has this task's waker registered: reading it
+        // again before this poll returns would only register the waker again.
+        let (mut client_waits, mut server_waits) = (false, false);
         loop {
             if let Some(frame) = self.take_intercepted(client, flow, opts)? {
                 return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
@@ -189,24 +192,25 @@ impl Pump {
             // write carries a whole answer (up to its ReadyForQuery) or a full buffer, not one
             // write per read. Reads cost no system call once tokio knows a socket is drained.
             let mut read = false;
-            if self.to_server.len() < HIGH_WATER && !self.terminated && !self.gated && !self.client_eof {
+            if !client_waits && self.to_server.len() < HIGH_WATER && !self.terminated && !self.gated && !self.client_eof
+            {
                 match read_some(cx, &mut client.io, &mut client.rbuf) {
                     Poll::Ready(Ok(n)) => {
                         self.client_eof = n == 0;
                         read = n > 0;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::ClientIo(e))),
-                    Poll::Pending => {}
+                    Poll::Pending => client_waits = true,
                 }
             }
-            if self.to_client.len() < HIGH_WATER && !self.server_closed {
+            if !server_waits && self.to_client.len() < HIGH_WATER && !self.server_closed {
                 match read_some(cx, &mut server.stream, &mut server.rbuf) {
                     Poll::Ready(Ok(n)) => {
                         self.server_closed = n == 0;
                         read = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(lost(server, &e))),
-                    Poll::Pending => {}
+                    Poll::Pending => server_waits = true,
                 }
             }
             if read {

@@ -109,7 +109,7 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
 
 /// Reads a NUL-terminated string at the front of `buf` and advances past it.
 pub fn get_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, buf)?;
     let s = &buf[..end];
     buf.advance(end + 1);
     Some(s)

@@ -118,12 +118,22 @@ fn trim_start(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// The statement's first word (letters only, after leading whitespace): what the cheap
+/// checks made on every statement look at before anything else.
+#[must_use]
+pub fn first_word(sql: &[u8]) -> &[u8] {
+    let sql = trim_start(sql);
+    let end = sql.iter().position(|c| !c.is_ascii_alphabetic()).unwrap_or(sql.len());
+    &sql[..end]
+}
+
 /// A lone `COMMIT` or `END` (with WORK, TRANSACTION or AND [NO] CHAIN), after any comments:
 /// cheap enough to ask of every statement. `COMMIT PREPARED` is not one.
 #[must_use]
 pub fn is_commit(sql: &[u8]) -> bool {
     let (_, body) = leading_comments(sql);
-    if body.len() > 64 {
+    let word = first_word(body);
+    if body.len() > 64 || !(word.eq_ignore_ascii_case(b"commit") || word.eq_ignore_ascii_case(b"end")) {
         return false;
     }
     let text = String::from_utf8_lossy(body).to_ascii_lowercase();
@@ -147,8 +157,10 @@ pub enum SessionCommand {
 /// refused rather than forwarded, so it can never be silently ignored.
 pub fn session_command(sql: &[u8]) -> Option<Result<SessionCommand, String>> {
     let (_, body) = leading_comments(sql);
-    // SET, RESET or SHOW: most statements are turned away by their first letter
-    if !matches!(body.iter().find(|b| !b.is_ascii_whitespace()).map(u8::to_ascii_lowercase), Some(b's' | b'r')) {
+    // SET, RESET or SHOW: most statements are turned away by their first word
+    let verb = first_word(body);
+    if !(verb.eq_ignore_ascii_case(b"set") || verb.eq_ignore_ascii_case(b"reset") || verb.eq_ignore_ascii_case(b"show"))
+    {
         return None;
     }
     let head = &body[..body.len().min(64)];
@@ -240,5 +252,16 @@ mod tests {
         assert!(matches!(cmd("SET pgrouter.route"), Some(Err(_))));
         assert_eq!(cmd("SET search_path = app"), None);
         assert_eq!(cmd("select 'pgrouter.route'"), None);
+        assert_eq!(cmd("SELECT pgrouter.route FROM t"), None);
+        assert_eq!(cmd("settings pgrouter.route = primary"), None);
+    }
+
+    #[test]
+    fn first_words() {
+        assert_eq!(first_word(b"  SELECT 1"), b"SELECT");
+        assert_eq!(first_word(b"\n\tcommit;"), b"commit");
+        assert_eq!(first_word(b"set/**/x"), b"set");
+        assert_eq!(first_word(b"(select 1)"), b"");
+        assert_eq!(first_word(b""), b"");
     }
 }

@@ -32,6 +32,8 @@ pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
 
 fn scan(sql: &[u8], out: &mut Vec<u8>, literals: &mut Vec<(usize, usize)>) {
     out.clear();
+    // a shape is never longer than its statement
+    out.reserve(sql.len());
     let mut i = 0;
     let n = sql.len();
     let mut pending_space = false;
@@ -95,12 +97,14 @@ fn shape_token(sql: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
             skip_number(sql, i)
         }
         _ if is_ident_char(c) => {
-            let mut j = i;
-            while j < sql.len() && is_ident_char(sql[j]) {
-                out.push(sql[j].to_ascii_lowercase());
-                j += 1;
+            let mut end = i + 1;
+            while end < sql.len() && is_ident_char(sql[end]) {
+                end += 1;
             }
-            j
+            let start = out.len();
+            out.extend_from_slice(&sql[i..end]);
+            out[start..].make_ascii_lowercase();
+            end
         }
         _ => {
             out.push(c);
@@ -109,8 +113,20 @@ fn shape_token(sql: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
     }
 }
 
+/// Bytes that continue a word: letters, digits, `_` and every non-ASCII byte.
+const IDENT: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
+        c += 1;
+    }
+    table
+};
+
 fn is_ident_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+    IDENT[usize::from(c)]
 }
 
 /// True if the output ends inside a word, so a digit or quote that follows belongs to it

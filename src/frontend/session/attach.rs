@@ -91,7 +91,6 @@ impl<S: ClientIo> Session<S> {
             decision,
             started_idle: prelude.is_none(),
             effects: Effects::default(),
-            since: std::time::Instant::now(),
             elsewhere: Vec::new(),
         };
         if let Some(prelude) = prelude {

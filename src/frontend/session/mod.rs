@@ -102,8 +102,6 @@ struct Attached {
     started_idle: bool,
     /// What the statements relayed on it do to the session.
     effects: Effects,
-    /// When it was lent (for SHOW STATS' transaction time).
-    since: std::time::Instant,
     /// DDL on sharded tables run in this transaction, to be run on the other shards when it
     /// commits (`schema.rs`).
     elsewhere: Vec<bytes::Bytes>,
@@ -525,9 +523,15 @@ impl<S: ClientIo> Session<S> {
     fn detach(&mut self) {
         self.params.cancel.set_target(None);
         if let Some(attached) = self.server.take() {
-            self.metrics.held(attached.since.elapsed());
+            // SHOW STATS' transaction time, and the connection's last use: the flow's clock
+            // readings serve, so lending and returning a connection read no clock of their own
+            if let Some(held) = self.flow.span() {
+                self.metrics.held(held);
+            }
             if self.flow.tainted() {
                 tracing::debug!(server = %attached.checkout.conn_ref().addr, "closing a connection whose answers could not be counted exactly");
+            } else if let Some(at) = self.flow.last_ready() {
+                attached.checkout.release_at(at);
             } else {
                 attached.checkout.release();
             }
