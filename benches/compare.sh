@@ -5,19 +5,23 @@
 # and, when installed (`apt-get install pgbouncer`), PgBouncer, both in transaction mode with
 # the same pool size (POOL) and both authenticating clients with SCRAM-SHA-256. pgrouter runs
 # with its parser and routing on: every statement is shaped, classified (cache) and routed.
-# Then it runs pgbench -S (the built-in select-only script) for DURATION seconds per cell:
+# Then it runs pgbench -S (the built-in select-only script), ROUNDS times DURATION seconds per
+# target and cell, the targets taking turns:
 #   -M simple, extended, prepared   with 1 client (latency) and 32 clients (throughput)
 #   -C (a new connection per transaction), -M simple, 1 and 32 clients, once with SCRAM-SHA-256
 #      and once with md5 (user app_md5, md5 on all three): with SCRAM the client's own PBKDF2
 #      (about 3 ms in libpq here) is part of every connection, whoever is behind the port
-# and prints, per cell and target: TPS, the median and mean latency (from pgbench's
-# per-transaction log), the ratio of TPS to direct, the latency added over direct, and the
-# proxy's CPU seconds per 1,000 queries (utime + stime from /proc/<pid>/stat).
+# and prints, per cell and target, the median over the rounds of: TPS, the median and mean
+# latency (from pgbench's per-transaction log), and the proxy's CPU seconds per 1,000 queries
+# (utime + stime from /proc/<pid>/stat); with the ratio of TPS to direct and the latency added
+# over direct.
 # Last, IDLE (10,000) clients log in to pgrouter and stay idle while its resident memory is
 # read (benches/idle_clients.py).
 #
-#   benches/compare.sh                 DURATION=10 SCALE=10 POOL=16 CLIENTS="1 32" WORKERS=1
-#                                      (pgrouter's `workers`; 1 thread, as PgBouncer has)
+#   benches/compare.sh                 DURATION=5 ROUNDS=3 SCALE=10 POOL=16 CLIENTS="1 32" WORKERS=1
+#                                      (ROUNDS runs of DURATION seconds per target and cell, the
+#                                      targets taking turns; medians shown. WORKERS is
+#                                      pgrouter's `workers`: 1 thread, as PgBouncer has)
 #   MODES="simple" CLIENTS=32 benches/compare.sh       a subset
 #   CONNECT=0 benches/compare.sh                        skip the -C cells
 #   IDLE=0 benches/compare.sh                           skip the idle clients
@@ -27,7 +31,8 @@
 #                                        runs, into /tmp/prof-<mode>-<clients>-<connect>.data
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION=${DURATION:-10}
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
 SCALE=${SCALE:-10}
 POOL=${POOL:-16}
 WORKERS=${WORKERS:-1}
@@ -200,23 +205,37 @@ cells=()
 for mode in $MODES; do for clients in $CLIENTS; do cells+=("$mode $clients 0"); done; done
 [ "$CONNECT" = 1 ] && for auth in scram md5; do for clients in $CLIENTS; do cells+=("simple $clients $auth"); done; done
 
-echo "pgbench -S, scale $SCALE, ${DURATION} s per run, pool $POOL (transaction mode), $(nproc) CPUs, pgrouter workers = $WORKERS, $(pgbouncer --version 2>/dev/null | head -1 || echo 'no PgBouncer')"
+echo "pgbench -S, scale $SCALE, $ROUNDS rounds of ${DURATION} s per target and cell (medians shown), pool $POOL (transaction mode), $(nproc) CPUs, pgrouter workers = $WORKERS, $(pgbouncer --version 2>/dev/null | head -1 || echo 'no PgBouncer')"
 printf '%-10s %7s %-9s %10s %7s %10s %9s %11s %11s\n' mode clients target tps ratio "median ms" "mean ms" "added us" "cpu s/1k q"
+# the median of the numbers on stdin
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 for cell in "${cells[@]}"; do
     read -r mode clients connect <<<"$cell"
     label=$mode
     [ "$connect" != 0 ] && label="-C $connect"
+    # the targets take turns, round after round, so that a noisy minute on this shared
+    # machine falls on all of them rather than on whichever ran then
+    declare -A runs=()
+    for _ in $(seq 1 "$ROUNDS"); do
+        for target in "${targets[@]}"; do
+            runs[$target]+="$(bench "$target" "$mode" "$clients" "$connect")"$'\n'
+        done
+    done
     dtps= dmed=
     for target in "${targets[@]}"; do
-        read -r tps med mean cpu < <(bench "$target" "$mode" "$clients" "$connect")
-        if [ "$tps" = failed ]; then
+        if grep -q '^failed' <<<"${runs[$target]}"; then
             printf '%-10s %7d %-9s %10s\n' "$label" "$clients" "$target" failed
             continue
         fi
+        tps=$(awk 'NF { print $1 }' <<<"${runs[$target]}" | median)
+        med=$(awk 'NF { print $2 }' <<<"${runs[$target]}" | median)
+        mean=$(awk 'NF { print $3 }' <<<"${runs[$target]}" | median)
+        cpu=$(awk 'NF { print $4 }' <<<"${runs[$target]}" | median)
         [ "$target" = direct ] && { dtps=$tps; dmed=$med; }
         awk -v l="$label" -v c="$clients" -v t="$target" -v tps="$tps" -v d="$dtps" -v med="$med" -v dm="$dmed" -v mean="$mean" -v cpu="$cpu" 'BEGIN {
             printf "%-10s %7d %-9s %10.0f %7.2f %10.3f %9.3f %11.0f %11s\n", l, c, t, tps, tps / d, med, mean, (med - dm) * 1000, cpu }'
     done
+    unset runs
 done
 
 if [ "$IDLE" != 0 ]; then

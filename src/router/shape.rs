@@ -58,11 +58,16 @@ fn scan(sql: &[u8], out: &mut Vec<u8>, literals: &mut Vec<(usize, usize)>) {
                     out.push(b' ');
                     pending_space = false;
                 }
-                let end = shape_token(sql, i, out);
-                if out.last() == Some(&b'?') && sql[i] != b'?' {
-                    literals.push((i, end));
+                // most tokens are words: copied at once, without the literal checks below
+                if is_ident_char(c) && !c.is_ascii_digit() && sql.get(i + 1) != Some(&b'\'') {
+                    word(sql, i, out)
+                } else {
+                    let end = shape_token(sql, i, out);
+                    if out.last() == Some(&b'?') && sql[i] != b'?' {
+                        literals.push((i, end));
+                    }
+                    end
                 }
-                end
             }
         };
         debug_assert!(i > start);
@@ -96,21 +101,19 @@ fn shape_token(sql: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
             out.push(b'?');
             skip_number(sql, i)
         }
-        _ if is_ident_char(c) => {
-            let mut end = i + 1;
-            while end < sql.len() && is_ident_char(sql[end]) {
-                end += 1;
-            }
-            let start = out.len();
-            out.extend_from_slice(&sql[i..end]);
-            out[start..].make_ascii_lowercase();
-            end
-        }
+        _ if is_ident_char(c) => word(sql, i, out),
         _ => {
             out.push(c);
             i + 1
         }
     }
+}
+
+/// Copies the word starting at `i`, lower-cased; returns where it ends.
+fn word(sql: &[u8], i: usize, out: &mut Vec<u8>) -> usize {
+    let len = sql[i..].iter().take_while(|&&c| is_ident_char(c)).count();
+    out.extend(sql[i..i + len].iter().map(u8::to_ascii_lowercase));
+    i + len
 }
 
 /// Bytes that continue a word: letters, digits, `_` and every non-ASCII byte.

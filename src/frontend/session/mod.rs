@@ -21,6 +21,7 @@ mod scatter;
 mod schema;
 
 use std::collections::BTreeSet;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,7 +47,7 @@ use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Role, Target, Why};
 use crate::telemetry::{DatabaseMetrics, RouteLabel};
 use bytes::BytesMut;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// How long the proxy waits for a server to roll back or reset before closing it instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -164,6 +165,9 @@ pub struct Session<S> {
     /// The app's shutdown signal, as a child token of its own: waiting on it between requests
     /// then touches only this session's state, not a lock every session shares.
     shutdown: CancellationToken,
+    /// Waiting for `shutdown`, made once: a wait made per request would join and leave the
+    /// token's list of waiters each time.
+    shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
     /// `client_idle_timeout` of the config snapshot the session follows.
     idle_timeout: Duration,
 }
@@ -179,10 +183,12 @@ impl<S: ClientIo> Session<S> {
             .get(&params.database)
             .cloned()
             .unwrap_or_else(|| Arc::new(DatabaseMetrics::new(&app.telemetry, &params.database)));
+        let shutdown = app.shutdown.child_token();
         Self {
             me,
             metrics,
-            shutdown: app.shutdown.child_token(),
+            shutdown_wait: Box::pin(shutdown.clone().cancelled_owned()),
+            shutdown,
             idle_timeout: snapshot.config.proxy.client_idle_timeout,
             app,
             client,
@@ -363,7 +369,7 @@ impl<S: ClientIo> Session<S> {
         loop {
             let read = tokio::select! {
                 biased;
-                () = self.shutdown.cancelled(), if self.routing.held.is_none() => return Ok(Waited::Exit(Exit::Shutdown)),
+                () = &mut self.shutdown_wait, if self.routing.held.is_none() => return Ok(Waited::Exit(Exit::Shutdown)),
                 read = self.client.read_frame() => read?,
                 () = sleep_unless_zero(self.idle_timeout) => return Ok(Waited::Exit(Exit::IdleTimeout)),
             };
