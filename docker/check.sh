@@ -12,8 +12,8 @@ cd "$(dirname "$0")"
 need() {
     command -v "$1" >/dev/null && return
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 \
-        || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 \
+        || { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null && apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$2" >/dev/null; }
 }
 need docker-compose docker-compose
 need promtool prometheus

@@ -44,13 +44,14 @@ fn promtool() -> &'static str {
     }
     let install = || {
         Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "prometheus"])
+            // the driver setup may be installing at the same time: wait for dpkg's lock
+            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", "--no-install-recommends", "prometheus"])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success())
     };
     if !install() {
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        let _ = Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-qq"]).status();
         assert!(install(), "cannot install promtool (Debian package prometheus)");
     }
     "promtool"

@@ -51,22 +51,24 @@ impl ShardPools {
         let usable = |p: &&Arc<Pool>| {
             p.health.usable_replica(needs.max_lag) && needs.min_lsn.is_none_or(|lsn| p.health.lsn() >= lsn)
         };
-        let mut candidates: Vec<&Arc<Pool>> = self.replicas.iter().filter(usable).collect();
-        if target == Target::Any {
-            candidates.push(&self.primary);
-        }
-        if candidates.is_empty() {
+        // walked twice (count, then choose) rather than collected: a read allocates nothing
+        let primary = (target == Target::Any).then_some(&self.primary);
+        let candidates = || self.replicas.iter().filter(usable).chain(primary);
+        let n = candidates().count();
+        if n == 0 {
             return None;
         }
         match balance {
             LoadBalance::LeastBusy => {
                 // ties go round-robin, so an idle system still spreads its reads
-                let start = self.next.fetch_add(1, Ordering::Relaxed);
-                let n = candidates.len();
-                (0..n).map(|i| candidates[(start + i) % n]).min_by_key(|p| p.busy())
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                candidates().cycle().skip(start).take(n).min_by_key(|p| p.busy())
             }
-            LoadBalance::RoundRobin => Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()]),
-            LoadBalance::Random => Some(candidates[rand::random_range(0..candidates.len())]),
+            // a replica may turn unusable between the two walks: then take any that still is
+            LoadBalance::RoundRobin => {
+                candidates().nth(self.next.fetch_add(1, Ordering::Relaxed) % n).or_else(|| candidates().next())
+            }
+            LoadBalance::Random => candidates().nth(rand::random_range(0..n)).or_else(|| candidates().next()),
         }
     }
 
