@@ -177,8 +177,11 @@ impl Pump {
         mut shutdown: Pin<&mut impl Future<Output = ()>>,
     ) -> Poll<Result<RelayEnd, Error>> {
         // A side whose read came back Pending has this task's waker registered: reading it
-        // again before this poll returns would only register the waker again.
+        // again before this poll returns would only register the waker again. A side whose
+        // read was short is drained: tokio then knows it is not ready, so it is read again
+        // only before this poll returns Pending (to register the waker), not at once.
         let (mut client_waits, mut server_waits) = (false, false);
+        let (mut client_drained, mut server_drained) = (false, false);
         loop {
             if let Some(frame) = self.take_intercepted(client, flow, opts)? {
                 return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
@@ -192,22 +195,29 @@ impl Pump {
             // write carries a whole answer (up to its ReadyForQuery) or a full buffer, not one
             // write per read. Reads cost no system call once tokio knows a socket is drained.
             let mut read = false;
-            if !client_waits && self.to_server.len() < HIGH_WATER && !self.terminated && !self.gated && !self.client_eof
+            if !client_waits
+                && !client_drained
+                && self.to_server.len() < HIGH_WATER
+                && !self.terminated
+                && !self.gated
+                && !self.client_eof
             {
                 match read_some(cx, &mut client.io, &mut client.rbuf) {
-                    Poll::Ready(Ok(n)) => {
+                    Poll::Ready(Ok((n, short))) => {
                         self.client_eof = n == 0;
                         read = n > 0;
+                        client_drained = short;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::ClientIo(e))),
                     Poll::Pending => client_waits = true,
                 }
             }
-            if !server_waits && self.to_client.len() < HIGH_WATER && !self.server_closed {
+            if !server_waits && !server_drained && self.to_client.len() < HIGH_WATER && !self.server_closed {
                 match read_some(cx, &mut server.stream, &mut server.rbuf) {
-                    Poll::Ready(Ok(n)) => {
+                    Poll::Ready(Ok((n, short))) => {
                         self.server_closed = n == 0;
                         read = true;
+                        server_drained = short;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(lost(server, &e))),
                     Poll::Pending => server_waits = true,
@@ -237,6 +247,11 @@ impl Pump {
                 return Poll::Ready(Ok(RelayEnd::Idle));
             }
             if !wrote {
+                if client_drained || server_drained {
+                    // about to sleep: read the drained sides once more, so they wake this task
+                    (client_drained, server_drained) = (false, false);
+                    continue;
+                }
                 return Poll::Pending;
             }
         }
@@ -454,9 +469,10 @@ fn read_some<R: tokio::io::AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     r: &mut R,
     buf: &mut BytesMut,
-) -> Poll<io::Result<usize>> {
+) -> Poll<io::Result<(usize, bool)>> {
     if buf.capacity() - buf.len() < READ_CHUNK {
         buf.reserve(READ_CHUNK);
     }
-    poll_read_buf(Pin::new(r), cx, buf)
+    let spare = buf.capacity() - buf.len();
+    poll_read_buf(Pin::new(r), cx, buf).map_ok(|n| (n, n < spare))
 }

@@ -113,6 +113,10 @@ fn parse_options(options: &str, settings: &mut Settings) -> Result<(), Error> {
 /// The statement that turns a connection's settings `current` into `desired`, if they differ.
 #[must_use]
 pub fn apply_sql(desired: &Settings, current: &Settings) -> Option<String> {
+    // the usual case, checked once per request: one walk of both maps, nothing allocated
+    if desired == current {
+        return None;
+    }
     let sets: Vec<String> = desired
         .iter()
         .filter(|(name, value)| current.get(*name) != Some(*value))

@@ -367,10 +367,12 @@ impl<S: ClientIo> Session<S> {
     async fn await_request(&mut self) -> Result<Waited, Error> {
         self.me.entry.set_state(ClientState::Idle);
         loop {
+            // the read first: a request that is already here is served, and the shutdown wait
+            // (a lock in the token) is polled only when there is nothing to read
             let read = tokio::select! {
                 biased;
-                () = &mut self.shutdown_wait, if self.routing.held.is_none() => return Ok(Waited::Exit(Exit::Shutdown)),
                 read = self.client.read_frame() => read?,
+                () = &mut self.shutdown_wait, if self.routing.held.is_none() => return Ok(Waited::Exit(Exit::Shutdown)),
                 () = sleep_unless_zero(self.idle_timeout) => return Ok(Waited::Exit(Exit::IdleTimeout)),
             };
             let Some(frame) = read else {
