@@ -18,3 +18,8 @@ pub mod routing;
 pub mod session;
 pub mod settings;
 pub mod tls;
+
+/// A session's own map from statement or portal names: hashed with foldhash (seeded per
+/// process) rather than SipHash, which cost more than the rest of an extended-protocol
+/// lookup; the maps are per session and bounded, so a client can only slow itself down.
+pub type NameMap<V> = std::collections::HashMap<Box<[u8]>, V, foldhash::fast::RandomState>;

@@ -106,7 +106,7 @@ const MAX_RELEASED: usize = 1024;
 /// A client's named statements.
 #[derive(Default)]
 pub struct ClientStatements {
-    by_name: HashMap<Box<[u8]>, Entry>,
+    by_name: super::NameMap<Entry>,
     /// Statements the client closed or deallocated. Preparing one again asks for a fresh
     /// plan (psycopg deallocates everything after DDL, then prepares again), so it gets a
     /// new proxy-wide name instead of a server-side statement whose plan may be stale.
@@ -213,7 +213,7 @@ pub enum Disposition {
 pub struct Exchange {
     queue: VecDeque<Expect>,
     /// Portal name -> the statement bound to it (for stale-plan errors).
-    portals: HashMap<Box<[u8]>, (u64, Key)>,
+    portals: super::NameMap<(u64, Key)>,
     /// The server reported an error and discards everything up to the next Sync, including
     /// messages the client sends only now (after a Flush, say).
     skipping: bool,

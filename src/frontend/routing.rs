@@ -5,7 +5,7 @@
 //!
 //! Pure: no sockets. The session does the waiting; this decides and answers locally.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -156,7 +156,7 @@ pub struct RoutingState {
     pub route_setting: Option<RouteHint>,
     pub held: Option<HeldTx>,
     pub last_write: Option<WriteMark>,
-    prepared: HashMap<Box<[u8]>, Prepared>,
+    prepared: super::NameMap<Prepared>,
     /// Lists `plan` fills and empties per request, kept for their allocations.
     statements_buf: Vec<Statement>,
     hints_buf: Vec<Hints>,
