@@ -321,8 +321,6 @@ async fn upkeep(app: Arc<App>) {
             () = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // histogram samples wait in buffers until drained: drain them even when nobody scrapes
-        app.telemetry.upkeep();
         // Each pool on its own task, so one unreachable server (waiting out its connect
         // timeout) does not hold up the others.
         for pool in app.now().pools.all() {

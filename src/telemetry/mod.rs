@@ -7,13 +7,16 @@
 //! (`App::refresh_gauges`), so they cannot drift from it. Label values come from the config
 //! and from fixed sets of words, never from SQL or client input, so series stay bounded.
 
+mod histogram;
 pub mod http;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use histogram::Histograms;
 
 /// Latency buckets (seconds): from 50 µs (a cached statement on loopback) to 30 s.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -43,10 +46,12 @@ const DESCRIPTIONS: &[(&str, &str)] = &[
     ("pgrouter_config_reloads_total", "Config reloads by result (ok, error)"),
 ];
 
-/// The app's metrics recorder.
+/// The app's metrics: counters and gauges in the Prometheus exporter's recorder,
+/// histograms in [`Histograms`].
 pub struct Telemetry {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    histograms: Histograms,
 }
 
 impl Default for Telemetry {
@@ -58,23 +63,18 @@ impl Default for Telemetry {
 impl Telemetry {
     #[must_use]
     pub fn new() -> Self {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-            .expect("the buckets are not empty")
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().build_recorder();
         for (name, help) in DESCRIPTIONS {
             let (key, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
             let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
             if name.ends_with("_total") {
                 recorder.describe_counter(key, None, help);
-            } else if name.ends_with("_seconds") && !name.contains("lag") {
-                recorder.describe_histogram(key, unit, help);
-            } else {
+            } else if !is_histogram(name) {
                 recorder.describe_gauge(key, unit, help);
             }
         }
         let handle = recorder.handle();
-        Self { recorder, handle }
+        Self { recorder, handle, histograms: Histograms::default() }
     }
 
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
@@ -85,21 +85,28 @@ impl Telemetry {
         self.recorder.register_gauge(&key(name, labels), &METADATA)
     }
 
+    /// A histogram of seconds (`name` ends with `_seconds`), bucketed by `SECONDS_BUCKETS`.
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
-        self.recorder.register_histogram(&key(name, labels), &METADATA)
-    }
-
-    /// Drains recorded histogram samples into their buckets (they are buffered until then).
-    pub fn upkeep(&self) {
-        self.handle.run_upkeep();
+        debug_assert!(is_histogram(name), "{name} is not a histogram of seconds");
+        Histogram::from_arc(self.histograms.series(name, labels, SECONDS_BUCKETS))
     }
 
     /// The Prometheus text exposition of every series.
     #[must_use]
     pub fn render(&self) -> String {
-        self.handle.run_upkeep();
-        self.handle.render()
+        let mut text = self.handle.render();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let help = |name: &str| DESCRIPTIONS.iter().find(|(n, _)| *n == name).map(|(_, help)| *help);
+        self.histograms.render(help, &mut text);
+        text
     }
+}
+
+/// The series of seconds that are histograms (`pgrouter_replica_lag_seconds` is a gauge).
+fn is_histogram(name: &str) -> bool {
+    name.ends_with("_seconds") && !name.contains("lag")
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
