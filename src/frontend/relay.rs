@@ -343,20 +343,37 @@ impl Pump {
         renaming: &mut Option<Renaming<'_>>,
         metrics: Option<(&DatabaseMetrics, RouteLabel)>,
     ) -> Result<(), Error> {
+        // The read buffer is taken out while its messages are handled, so a message is a
+        // slice of it: splitting it off instead made the buffer shared and cost atomic
+        // reference counting per message.
+        let mut rbuf = std::mem::take(&mut server.rbuf);
+        let result = self.take_server_messages_from(&mut rbuf, server, flow, renaming, metrics);
+        server.rbuf = rbuf;
+        result
+    }
+
+    fn take_server_messages_from(
+        &mut self,
+        rbuf: &mut BytesMut,
+        server: &mut ServerConn,
+        flow: &mut Flow,
+        renaming: &mut Option<Renaming<'_>>,
+        metrics: Option<(&DatabaseMetrics, RouteLabel)>,
+    ) -> Result<(), Error> {
         while self.to_client.len() < HIGH_WATER {
             let piece = self
                 .scanner
-                .next(&server.rbuf, SERVER_CONTROL_MAX, |t| t == b'S' || flow.watches(t) || self.exchange.watches(t))
+                .next(rbuf, SERVER_CONTROL_MAX, |t| t == b'S' || flow.watches(t) || self.exchange.watches(t))
                 .map_err(|e| Error::ServerProtocol { server: server.addr.to_string(), what: e.to_string() })?;
             match piece {
                 Piece::NeedMore => break,
                 Piece::Pass(n) => {
                     self.sent += n as u64;
-                    self.to_client.extend_from_slice(&server.rbuf[..n]);
-                    server.rbuf.advance(n);
+                    self.to_client.extend_from_slice(&rbuf[..n]);
+                    rbuf.advance(n);
                 }
                 Piece::Message { tag, len } => {
-                    let msg = server.rbuf.split_to(len);
+                    let msg = &rbuf[..len];
                     let body = &msg[framing::HEADER_LEN..];
                     let mut disposition = Disposition::Forward;
                     if let Some(r) = renaming.as_mut()
@@ -379,9 +396,10 @@ impl Pump {
                         }
                     }
                     if disposition == Disposition::Forward {
-                        self.sent += msg.len() as u64;
-                        self.to_client.extend_from_slice(&msg);
+                        self.sent += len as u64;
+                        self.to_client.extend_from_slice(msg);
                     }
+                    rbuf.advance(len);
                     self.exchange.emit_due(&mut self.to_client);
                 }
             }
