@@ -9,11 +9,13 @@ set -euo pipefail
 pgrouter=$(realpath "${1:?usage: docker/check.sh <pgrouter binary>}")
 cd "$(dirname "$0")"
 
+# apt-get that waits for dpkg's lock (tests may be installing packages at the same time)
+apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 need() {
     command -v "$1" >/dev/null && return
     export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 \
-        || { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null && apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$2" >/dev/null; }
+    apt_get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 \
+        || { apt_get update -qq >/dev/null && apt_get install -y -qq --no-install-recommends "$2" >/dev/null; }
 }
 need docker-compose docker-compose
 need promtool prometheus

@@ -42,16 +42,15 @@ fn promtool() -> &'static str {
     if Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success()) {
         return "promtool";
     }
-    let install = || {
-        Command::new("apt-get")
-            // the driver setup may be installing at the same time: wait for dpkg's lock
-            .args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-qq", "--no-install-recommends", "prometheus"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
+    // the driver setup may be installing at the same time: wait for dpkg's lock
+    let apt_get = |args: &[&str]| {
+        let mut command = Command::new("apt-get");
+        command.args(["-o", "DPkg::Lock::Timeout=600"]).args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command.status().is_ok_and(|s| s.success())
     };
+    let install = || apt_get(&["install", "-y", "-qq", "--no-install-recommends", "prometheus"]);
     if !install() {
-        let _ = Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-qq"]).status();
+        let _ = apt_get(&["update", "-qq"]);
         assert!(install(), "cannot install promtool (Debian package prometheus)");
     }
     "promtool"

@@ -29,8 +29,10 @@ jar=/usr/share/java/postgresql.jar
 if [ ! -f "$jar" ]; then
     if [ "$(id -u)" = 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
-        apt-get -o DPkg::Lock::Timeout=600 install -y -qq libpostgresql-jdbc-java >/dev/null 2>&1 \
-            || { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null && apt-get -o DPkg::Lock::Timeout=600 install -y -qq libpostgresql-jdbc-java >/dev/null; }
+        # waits for dpkg's lock: the metrics test may be installing promtool at the same time
+        apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
+        apt_get install -y -qq libpostgresql-jdbc-java >/dev/null 2>&1 \
+            || { apt_get update -qq >/dev/null && apt_get install -y -qq libpostgresql-jdbc-java >/dev/null; }
     else
         echo "setup.sh: $jar is missing and we are not root to install libpostgresql-jdbc-java" >&2
         exit 1
