@@ -116,6 +116,14 @@ fn pool_wait_timeout_names_the_pool_and_the_wait() {
             holders.push(c);
         }
         let waiter = connect(&url).await.unwrap();
+        // a wait that ends well first, half a second in: the session's timer stays set from
+        // it, to fire half-way through the next wait, which must still last its full second
+        let (served, ()) = tokio::join!(waiter.simple_query("select 1"), async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            holders[0].batch_execute("commit").await.unwrap();
+        });
+        served.expect("served once a holder commits");
+        holders[0].batch_execute("begin; select 1").await.unwrap();
         let started = Instant::now();
         let err = waiter.simple_query("select 1").await.expect_err("pool is exhausted");
         let waited = started.elapsed();

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 
 use super::conn::{ConnectSpec, ServerConn};
 use super::health::ServerHealth;
@@ -149,6 +151,11 @@ impl Pool {
     /// Waits (up to `query_wait_timeout`) for a free slot, then hands out a clean idle
     /// connection or opens a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, Error> {
+        self.checkout_timed(&mut WaitTimer::default()).await
+    }
+
+    /// [`Pool::checkout`], timing the wait with the caller's reusable `timer`.
+    pub async fn checkout_timed(self: &Arc<Self>, timer: &mut WaitTimer) -> Result<Checkout, Error> {
         if let Some(checkout) = self.try_checkout() {
             return Ok(checkout);
         }
@@ -157,7 +164,7 @@ impl Pool {
                 self.metrics.wait.record(0.0);
                 permit
             }
-            Err(_) => self.wait_for_slot().await?,
+            Err(_) => self.wait_for_slot(timer).await?,
         };
         if self.retired.load(Ordering::Acquire) {
             // a reload removed the pool while this client waited: no new connection to it
@@ -176,34 +183,44 @@ impl Pool {
     }
 
     /// Waits up to `query_wait_timeout` for a free slot.
-    async fn wait_for_slot(&self) -> Result<OwnedSemaphorePermit, Error> {
+    async fn wait_for_slot(&self, timer: &mut WaitTimer) -> Result<OwnedSemaphorePermit, Error> {
         let started = Instant::now();
+        let deadline = started + self.settings().wait_timeout;
         let _waiting = Gauge::enter(&self.stats.waiting);
-        match tokio::time::timeout(self.settings().wait_timeout, Arc::clone(&self.permits).acquire_owned()).await {
-            Ok(Ok(permit)) => {
-                self.metrics.wait.record(started.elapsed().as_secs_f64());
-                self.stats.wait_us.fetch_add(crate::telemetry::micros(started.elapsed()), Ordering::Relaxed);
-                Ok(permit)
+        let mut acquire = std::pin::pin!(Arc::clone(&self.permits).acquire_owned());
+        let waited = loop {
+            tokio::select! {
+                biased;
+                permit = &mut acquire => {
+                    let waited = started.elapsed();
+                    self.metrics.wait.record(waited.as_secs_f64());
+                    self.stats.wait_us.fetch_add(crate::telemetry::micros(waited), Ordering::Relaxed);
+                    return permit.map_err(|_| Error::Internal("pool semaphore closed".into()));
+                }
+                // the timer may have been set by an earlier wait, to fire before this deadline
+                () = timer.by(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break now - started;
+                    }
+                }
             }
-            Ok(Err(_)) => Err(Error::Internal("pool semaphore closed".into())),
-            Err(_) => {
-                self.metrics.wait.record(started.elapsed().as_secs_f64());
-                self.metrics.wait_timeouts.increment(1);
-                self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                // the session logs it, with the client
-                tracing::debug!(pool = %self.key, waited = ?started.elapsed(), "query_wait_timeout: no server connection became free");
-                Err(Error::PoolTimeout { pool: self.key.to_string(), waited: started.elapsed() })
-            }
-        }
+        };
+        self.metrics.wait.record(waited.as_secs_f64());
+        self.metrics.wait_timeouts.increment(1);
+        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+        // the session logs it, with the client
+        tracing::debug!(pool = %self.key, ?waited, "query_wait_timeout: no server connection became free");
+        Err(Error::PoolTimeout { pool: self.key.to_string(), waited })
     }
 
-    /// Pops idle connections until one is fit to use; the unfit are closed. Its age is
-    /// judged as of when it came back (no clock reading per checkout): one that outlived
-    /// server_lifetime while idle is closed by the upkeep round.
+    /// Pops idle connections until one is clean; the others are closed. Its age was judged
+    /// when it came back (no clock reading per checkout): one that outlived server_lifetime
+    /// while idle is closed by the upkeep round.
     fn take_idle(&self) -> Option<Box<ServerConn>> {
         loop {
             let conn = self.idle.lock().expect("pool lock").pop_back()?;
-            if self.fit(&conn, conn.last_used) {
+            if conn.is_clean() {
                 return Some(conn);
             }
             self.close(conn, "not reusable");
@@ -367,6 +384,26 @@ impl Pool {
     #[must_use]
     pub fn idle_count(&self) -> usize {
         self.idle.lock().expect("pool lock").len()
+    }
+}
+
+/// The timer a client's waits for a connection share. Arming a timer for each wait and
+/// removing it when the wait ends early (the usual end) cost more than the rest of a
+/// checkout; this one stays armed from wait to wait and is moved only when it would fire too
+/// late. So most waits arm nothing: one that finds the timer set by an earlier wait, to
+/// fire early, looks at the clock when it fires and sets it again.
+#[derive(Default)]
+pub struct WaitTimer(Option<Pin<Box<Sleep>>>);
+
+impl WaitTimer {
+    /// The timer, set to fire at `deadline` or earlier.
+    fn by(&mut self, deadline: Instant) -> Pin<&mut Sleep> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let sleep = self.0.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline || sleep.is_elapsed() {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut()
     }
 }
 

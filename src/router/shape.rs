@@ -269,6 +269,18 @@ mod tests {
     }
 
     #[test]
+    fn quotes_inside_strings_and_names() {
+        assert_eq!(
+            shape(r#"select "A""b" from T where x = 'a''b' and y = E'c\'d\\'"#),
+            r#"select "A""b" from t where x = ? and y = ?"#
+        );
+        assert_eq!(shape(r"select E'ends in a backslash\"), "select ?");
+        assert_eq!(shape("select 'a'''"), "select ?");
+        assert_eq!(shape(r#"select "never closed"#), r#"select "never closed"#);
+        assert_eq!(shape("SELECT Émile, _x9 FROM t"), "select Émile, _x9 from t");
+    }
+
+    #[test]
     fn nested_comments_and_unterminated_input() {
         assert_eq!(shape("/* a /* b */ c */ select 1"), "select ?");
         assert_eq!(shape("select 'unterminated"), "select ?");

@@ -256,7 +256,7 @@ impl<S: ClientIo> Session<S> {
         self.me.entry.set_state(ClientState::Waiting);
         let checkout = tokio::select! {
             biased;
-            checkout = pool.checkout() => checkout.map(Some),
+            checkout = pool.checkout_timed(&mut self.wait_timer) => checkout.map(Some),
             said_goodbye = self.client.closed() => {
                 if said_goodbye { pool.checkout().await.map(Some) } else { Ok(None) }
             }

@@ -36,7 +36,7 @@ use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
 use crate::app::App;
 use crate::backend::conn::Settings;
-use crate::backend::{Checkout, ClusterPools};
+use crate::backend::{Checkout, ClusterPools, WaitTimer};
 use crate::config::PoolMode;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
@@ -170,6 +170,8 @@ pub struct Session<S> {
     shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
     /// `client_idle_timeout` of the config snapshot the session follows.
     idle_timeout: Duration,
+    /// Times the session's waits for a pool slot (`query_wait_timeout`).
+    wait_timer: WaitTimer,
 }
 
 impl<S: ClientIo> Session<S> {
@@ -204,6 +206,7 @@ impl<S: ClientIo> Session<S> {
             custom_settings: BTreeSet::new(),
             skip_until_sync: false,
             left: None,
+            wait_timer: WaitTimer::default(),
         }
     }
 
