@@ -186,6 +186,36 @@ enum Kind {
     UntilReady,
 }
 
+/// What a server message does to the reply owed at the front of the queue.
+enum Effect {
+    /// Nothing: it is part of the reply.
+    None,
+    /// It is the reply (or its last message).
+    Answers,
+    /// An ErrorResponse: this reply and the rest up to Sync are cut short.
+    Error,
+    /// The Execute started COPY FROM STDIN.
+    CopyStarts,
+    /// A ReadyForQuery before the reply came.
+    OutOfStep,
+}
+
+fn effect(tag: u8, kind: Kind) -> Effect {
+    match (tag, kind) {
+        (b'E', Kind::UntilReady) => Effect::None,
+        (b'E', _) => Effect::Error,
+        (b'G', Kind::Execute) => Effect::CopyStarts,
+        (b'1', Kind::Parse)
+        | (b'2', Kind::Bind)
+        | (b'3', Kind::Close)
+        | (b'T' | b'n', Kind::DescribeStatement | Kind::DescribePortal)
+        | (b'C' | b'I' | b's', Kind::Execute)
+        | (b'Z', Kind::Sync | Kind::UntilReady) => Effect::Answers,
+        (b'Z', _) => Effect::OutOfStep,
+        _ => Effect::None,
+    }
+}
+
 #[derive(Debug)]
 enum Expect {
     Reply {
@@ -397,34 +427,57 @@ impl Exchange {
         };
         let (kind, hidden) = (*kind, *hidden);
         let disposition = if hidden { Disposition::Hide } else { Disposition::Forward };
-        match (tag, kind) {
-            (b'E', Kind::UntilReady) => Disposition::Forward,
-            (b'E', _) => {
+        match effect(tag, kind) {
+            Effect::None => disposition,
+            Effect::Error => {
                 self.on_error(body, ctx);
                 Disposition::Forward // an error always reaches the client
             }
-            (b'G', Kind::Execute) => {
-                if let Some(Expect::Reply { copying, .. }) = self.queue.front_mut() {
-                    *copying = true;
-                }
+            Effect::CopyStarts => {
+                self.copy_starts();
                 disposition
             }
-            (b'1', Kind::Parse)
-            | (b'2', Kind::Bind)
-            | (b'3', Kind::Close)
-            | (b'T' | b'n', Kind::DescribeStatement | Kind::DescribePortal)
-            | (b'C' | b'I' | b's', Kind::Execute)
-            | (b'Z', Kind::Sync | Kind::UntilReady) => {
+            Effect::Answers => {
                 self.queue.pop_front();
                 disposition
             }
-            (b'Z', _) => {
+            Effect::OutOfStep => {
                 // out of step (should not happen): stop rewriting answers for this request
                 tracing::warn!(expected = ?kind, "ReadyForQuery arrived early; dropping the reply queue");
                 self.queue.clear();
                 Disposition::Forward
             }
-            _ => disposition,
+        }
+    }
+
+    /// Takes a server message of type `tag` as it goes by, when its type alone says what it
+    /// does: true if taken (it goes to the client untouched and unread), false if it must be
+    /// handed whole to `server_message` (its body matters, it is not forwarded, or an answer
+    /// of the proxy's own falls due right after it). False changes nothing. Most answers are
+    /// taken so: handling each whole cost as much as the rest of the relay.
+    pub fn pass(&mut self, tag: u8) -> bool {
+        let kind = match self.queue.front() {
+            None => return true,
+            Some(Expect::Reply { kind, hidden: false, .. }) => *kind,
+            Some(_) => return !self.watches(tag),
+        };
+        match effect(tag, kind) {
+            Effect::None => true,
+            Effect::CopyStarts => {
+                self.copy_starts();
+                true
+            }
+            Effect::Answers if !matches!(self.queue.get(1), Some(Expect::Local(_))) => {
+                self.queue.pop_front();
+                true
+            }
+            Effect::Answers | Effect::Error | Effect::OutOfStep => false,
+        }
+    }
+
+    fn copy_starts(&mut self) {
+        if let Some(Expect::Reply { copying, .. }) = self.queue.front_mut() {
+            *copying = true;
         }
     }
 

@@ -360,10 +360,12 @@ impl Pump {
         renaming: &mut Option<Renaming<'_>>,
         metrics: Option<(&DatabaseMetrics, RouteLabel)>,
     ) -> Result<(), Error> {
+        let renames = renaming.is_some();
         while self.to_client.len() < HIGH_WATER {
+            let exchange = &mut self.exchange;
             let piece = self
                 .scanner
-                .next(rbuf, SERVER_CONTROL_MAX, |t| t == b'S' || flow.watches(t) || self.exchange.watches(t))
+                .next(rbuf, SERVER_CONTROL_MAX, |t| t == b'S' || flow.watches(t) || (renames && !exchange.pass(t)))
                 .map_err(|e| Error::ServerProtocol { server: server.addr.to_string(), what: e.to_string() })?;
             match piece {
                 Piece::NeedMore => break,

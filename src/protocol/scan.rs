@@ -34,8 +34,9 @@ impl Scanner {
 
     /// Classifies the front of `buf`. `wanted(tag)` says which message types must be shown
     /// whole; those are limited to `max` bytes. Consecutive uninteresting messages are
-    /// merged into one `Pass`.
-    pub fn next(&mut self, buf: &[u8], max: usize, wanted: impl Fn(u8) -> bool) -> Result<Piece, FrameError> {
+    /// merged into one `Pass`. `wanted` is asked once about a message it declines (which is
+    /// then passed for sure), and again about one it wants until that one is shown.
+    pub fn next(&mut self, buf: &[u8], max: usize, mut wanted: impl FnMut(u8) -> bool) -> Result<Piece, FrameError> {
         let mut pass = 0;
         loop {
             if self.remaining > 0 {

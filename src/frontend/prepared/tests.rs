@@ -60,12 +60,18 @@ fn send(ex: &mut Exchange, conn: &mut Conn, frames: Vec<Frame>) -> (Vec<u8>, Vec
     (s.to_vec(), c.to_vec())
 }
 
-/// Server replies (tag, body); returns what the client gets.
+/// Server replies (tag, body); returns what the client gets. As in the relay, a message is
+/// handled whole if the flow watches it (ReadyForQuery, the COPY responses) or the exchange
+/// does not take it as it passes.
 fn reply(ex: &mut Exchange, conn: &mut Conn, replies: &[(u8, &[u8])]) -> Vec<u8> {
     let mut c = BytesMut::new();
     for (tag, body) in replies {
-        let watched = ex.watches(*tag);
-        let d = if watched { ex.server_message(*tag, body, &mut conn.ctx()) } else { Disposition::Forward };
+        let whole = matches!(tag, b'Z' | b'G') || !ex.pass(*tag);
+        let d = if whole && ex.watches(*tag) {
+            ex.server_message(*tag, body, &mut conn.ctx())
+        } else {
+            Disposition::Forward
+        };
         if d == Disposition::Forward {
             c.extend_from_slice(Frame::new(*tag, body).as_bytes());
         }
@@ -266,4 +272,33 @@ fn full_servers_close_their_least_recently_used_statement() {
     let out = reply(&mut ex, &mut conn, &[(b'3', b""), (b'1', b""), (b'Z', b"I")]);
     assert_eq!(tags(&out), "1Z", "the eviction's CloseComplete is hidden");
     assert_eq!(conn.server.len(), SERVER_STATEMENTS);
+}
+
+#[test]
+fn answers_whose_type_says_enough_are_taken_as_they_pass() {
+    let (mut ex, mut conn) = (Exchange::default(), Conn::new());
+    send(&mut ex, &mut conn, vec![frame(b'Q', b"select 1\0")]);
+    for tag in [b'T', b'D', b'C', b'N', b'E'] {
+        assert!(ex.pass(tag), "{}", char::from(tag));
+    }
+    assert!(!ex.is_empty(), "the query is answered only by its ReadyForQuery");
+    send(&mut ex, &mut conn, vec![parse("", "select 1"), bind("", ""), execute(), sync()]);
+    // the simple query's ReadyForQuery comes first (handled whole), then the batch's answers
+    assert_eq!(tags(&reply(&mut ex, &mut conn, &[(b'Z', b"I")])), "Z");
+    for tag in [b'1', b'2', b'D', b'C'] {
+        assert!(ex.pass(tag), "{}", char::from(tag));
+    }
+    assert!(!ex.pass(b'E'), "an error's body is read");
+}
+
+#[test]
+fn an_answer_followed_by_one_of_the_proxys_own_is_handled_whole() {
+    let (mut ex, mut conn) = (Exchange::default(), Conn::new());
+    send(&mut ex, &mut conn, vec![parse("a", "select 1"), sync()]);
+    reply(&mut ex, &mut conn, &[(b'1', b""), (b'Z', b"I")]);
+    // the Close of a named statement is answered by the proxy, right after the Execute's answer
+    send(&mut ex, &mut conn, vec![bind("", "a"), execute(), frame(b'C', b"Sa\0"), sync()]);
+    assert!(ex.pass(b'2'));
+    assert!(!ex.pass(b'C'), "the CloseComplete due after it must follow it in the stream");
+    assert_eq!(tags(&reply(&mut ex, &mut conn, &[(b'C', b"SELECT 1\0"), (b'Z', b"I")])), "C3Z");
 }
