@@ -108,6 +108,9 @@ pub struct App {
     pub cancels: Arc<CancelRegistry>,
     /// Fired when the proxy stops accepting; sessions close at their next safe point.
     pub shutdown: CancellationToken,
+    /// Set just before `shutdown` fires: what a session checks after each request (a token's
+    /// own check takes its lock).
+    draining: std::sync::atomic::AtomicBool,
     /// Every client session, so a drain can wait for them.
     pub tracker: TaskTracker,
     /// Connected clients, for max_client_connections.
@@ -177,6 +180,7 @@ impl App {
             router: Router::new(SHAPE_CACHE_CAPACITY),
             cancels: Arc::new(CancelRegistry::new(instance_id)),
             shutdown,
+            draining: std::sync::atomic::AtomicBool::new(false),
             tracker: TaskTracker::new(),
             clients: AtomicUsize::new(0),
             pinned_clients: AtomicUsize::new(0),
@@ -225,6 +229,12 @@ impl App {
         }
     }
 
+    /// The proxy is draining (`shutdown` has fired or is about to).
+    #[must_use]
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     #[must_use]
     pub fn is_paused(&self, database: &str) -> bool {
         self.any_paused.load(std::sync::atomic::Ordering::Acquire)
@@ -253,6 +263,7 @@ impl Running {
     /// `shutdown_timeout`. Returns whether every session ended in time.
     pub async fn drain(&self) -> bool {
         let app = &self.app;
+        app.draining.store(true, std::sync::atomic::Ordering::Release);
         app.shutdown.cancel();
         let accepting = self.accepting.lock().expect("accept lock").take();
         if let Some(accepting) = accepting {

@@ -151,11 +151,12 @@ impl Pool {
     /// Waits (up to `query_wait_timeout`) for a free slot, then hands out a clean idle
     /// connection or opens a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, Error> {
-        self.checkout_timed(&mut WaitTimer::default()).await
+        self.checkout_timed(&mut WaitTimer::default(), Instant::now()).await
     }
 
-    /// [`Pool::checkout`], timing the wait with the caller's reusable `timer`.
-    pub async fn checkout_timed(self: &Arc<Self>, timer: &mut WaitTimer) -> Result<Checkout, Error> {
+    /// [`Pool::checkout`], timing the wait with the caller's reusable `timer`; a wait counts
+    /// from `started`.
+    pub async fn checkout_timed(self: &Arc<Self>, timer: &mut WaitTimer, started: Instant) -> Result<Checkout, Error> {
         if let Some(checkout) = self.try_checkout() {
             return Ok(checkout);
         }
@@ -164,7 +165,7 @@ impl Pool {
                 self.metrics.wait.record(0.0);
                 permit
             }
-            Err(_) => self.wait_for_slot(timer).await?,
+            Err(_) => self.wait_for_slot(timer, started).await?,
         };
         if self.retired.load(Ordering::Acquire) {
             // a reload removed the pool while this client waited: no new connection to it
@@ -183,8 +184,7 @@ impl Pool {
     }
 
     /// Waits up to `query_wait_timeout` for a free slot.
-    async fn wait_for_slot(&self, timer: &mut WaitTimer) -> Result<OwnedSemaphorePermit, Error> {
-        let started = Instant::now();
+    async fn wait_for_slot(&self, timer: &mut WaitTimer, started: Instant) -> Result<OwnedSemaphorePermit, Error> {
         let deadline = started + self.settings().wait_timeout;
         let _waiting = Gauge::enter(&self.stats.waiting);
         let mut acquire = std::pin::pin!(Arc::clone(&self.permits).acquire_owned());

@@ -49,10 +49,17 @@ pub struct ClientEntry {
 impl ClientEntry {
     pub fn set_state(&self, state: ClientState) {
         if state == ClientState::Waiting {
-            let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.waiting_since_us.store(now, Ordering::Relaxed);
+            self.set_waiting_since(Instant::now());
+        } else {
+            self.state.store(state as u8, Ordering::Relaxed);
         }
-        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// The client began waiting at `since` (a clock reading the caller has anyway).
+    pub fn set_waiting_since(&self, since: Instant) {
+        let us = u64::try_from(since.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX);
+        self.waiting_since_us.store(us, Ordering::Relaxed);
+        self.state.store(ClientState::Waiting as u8, Ordering::Relaxed);
     }
 
     #[must_use]

@@ -99,10 +99,13 @@ impl Prepared {
         Self { sql: Bytes::copy_from_slice(sql), class, types: types.into() }
     }
 
-    /// Whether `parse` prepares exactly this again (same text, same declared types): drivers
-    /// that use the unnamed statement send the same Parse with every execution.
-    fn is(&self, sql: &[u8], parse: &Frame) -> bool {
-        self.sql == sql && messages::parse_param_types_eq(parse.body(), &self.types)
+    /// Whether the Parse of `name` and `sql` (`parse`) prepares exactly this again (same
+    /// text, same declared types): drivers that use the unnamed statement send the same Parse
+    /// with every execution.
+    fn is(&self, name: &[u8], sql: &[u8], parse: &Frame) -> bool {
+        // the types follow the name and the text, each ended by a zero byte
+        let types = parse.body().get(name.len() + sql.len() + 2..).unwrap_or_default();
+        self.sql == sql && messages::parse_param_types_eq(types, &self.types)
     }
 }
 
@@ -440,7 +443,7 @@ impl RoutingState {
     /// Remembers what the Parse `frame` prepares as `name`; returns its text.
     fn remember(&mut self, name: &[u8], sql: &[u8], class: &Arc<Classification>, frame: &Frame) -> Bytes {
         if let Some(known) = self.prepared.get_mut(name) {
-            if !known.is(sql, frame) {
+            if !known.is(name, sql, frame) {
                 *known = Prepared::new(sql, Arc::clone(class), frame);
             }
             return known.sql.clone();

@@ -175,13 +175,11 @@ pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
         .collect()
 }
 
-/// Whether a Parse body declares exactly the parameter types `types` (no allocation).
+/// Whether the part of a Parse body after its two strings (`rest`) declares exactly the
+/// parameter types `types` (no allocation).
 #[must_use]
-pub fn parse_param_types_eq(body: &[u8], types: &[u32]) -> bool {
-    let mut b = body;
-    if get_cstr(&mut b).is_none() || get_cstr(&mut b).is_none() {
-        return false;
-    }
+pub fn parse_param_types_eq(rest: &[u8], types: &[u32]) -> bool {
+    let mut b = rest;
     let Some(n) = read_i16(&mut b).and_then(|n| usize::try_from(n).ok()) else {
         return false;
     };

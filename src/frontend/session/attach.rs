@@ -253,10 +253,11 @@ impl<S: ClientIo> Session<S> {
             self.me.entry.set_state(ClientState::Active);
             return Ok(Some(checkout));
         }
-        self.me.entry.set_state(ClientState::Waiting);
+        let started = Instant::now();
+        self.me.entry.set_waiting_since(started);
         let checkout = tokio::select! {
             biased;
-            checkout = pool.checkout_timed(&mut self.wait_timer) => checkout.map(Some),
+            checkout = pool.checkout_timed(&mut self.wait_timer, started) => checkout.map(Some),
             said_goodbye = self.client.closed() => {
                 if said_goodbye { pool.checkout().await.map(Some) } else { Ok(None) }
             }

@@ -352,7 +352,7 @@ impl<S: ClientIo> Session<S> {
                             self.detach();
                         }
                     }
-                    if self.shutdown.is_cancelled() {
+                    if self.app.draining() {
                         return Ok(Exit::Shutdown);
                     }
                 }
