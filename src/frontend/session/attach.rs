@@ -54,7 +54,7 @@ impl<S: ClientIo> Session<S> {
             return Ok(false);
         }
         let Routed { mut decision, prelude } = routed;
-        let policy = Arc::clone(&self.params.policy);
+        let balance = self.params.policy.load_balance;
         let pools = Arc::clone(&self.params.pools);
         let shard =
             pools.shard(decision.shard).ok_or_else(|| Error::Internal(format!("no shard {}", decision.shard)))?;
@@ -64,14 +64,18 @@ impl<S: ClientIo> Session<S> {
         let mut attempts = shard.replicas.len() + 1;
         let checkout = loop {
             attempts -= 1;
-            let pool = match shard.pick(decision.target, needs, policy.load_balance) {
-                Some(pool) => Arc::clone(pool),
-                None => self.fallback(&mut decision, shard)?,
+            let fallback;
+            let pool = match shard.pick(decision.target, needs, balance) {
+                Some(pool) => pool,
+                None => {
+                    fallback = self.fallback(&mut decision, shard)?;
+                    &fallback
+                }
             };
             if pool.key.role == Role::Primary && decision.why.writes() && pool.health.in_recovery() {
                 return Err(Error::PrimaryInRecovery { server: pool.key.server.to_string() });
             }
-            match self.checkout(&pool).await {
+            match self.checkout(pool).await {
                 Ok(Some(checkout)) => break checkout,
                 Ok(None) => return Ok(false),
                 // nothing was sent yet: ban the replica and route again

@@ -427,9 +427,9 @@ impl<S: ClientIo> Session<S> {
 
     /// Decides where a request goes; `None` when the proxy answered it itself.
     async fn route(&mut self, request: &Request) -> Result<Option<Routed>, Error> {
-        let policy = Arc::clone(&self.params.policy);
         if self.params.mode == PoolMode::Session {
-            let decision = Decision { shard: policy.home(), target: Target::Primary, why: Why::SessionPooling };
+            let decision =
+                Decision { shard: self.params.policy.home(), target: Target::Primary, why: Why::SessionPooling };
             return Ok(Some(Routed::primary(decision)));
         }
         if let Some(answer) =
@@ -446,7 +446,7 @@ impl<S: ClientIo> Session<S> {
             return Ok(None);
         }
         for _ in 0..2 {
-            match self.routing.plan(&self.app.router, &policy, request) {
+            match self.routing.plan(&self.app.router, &self.params.policy, request) {
                 Ok(Plan::Local(answer)) => {
                     self.client.send(&answer).await?;
                     return Ok(None);
@@ -478,6 +478,7 @@ impl<S: ClientIo> Session<S> {
                 }
                 Err(PlanError::Undecided(Undecided::NeedVolatility(names))) => {
                     if let Err(e) = Box::pin(self.look_up_volatility(&names)).await {
+                        let policy = &self.params.policy;
                         tracing::warn!(database = %policy.database, error = %e, "cannot look up function volatility; treating the call as a write");
                         let why = Why::VolatileFunction(format!("{} (volatility unknown: {e})", names.join(", ")));
                         let decision = Decision { shard: policy.home(), target: Target::Primary, why };
