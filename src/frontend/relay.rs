@@ -164,6 +164,9 @@ struct Pump {
     /// Bytes relayed from the client, and to it.
     received: u64,
     sent: u64,
+    /// The client's last read came back Pending (in an earlier poll, too): this task is
+    /// woken when the client sends more.
+    client_waits: bool,
 }
 
 impl Pump {
@@ -179,9 +182,12 @@ impl Pump {
         // A side whose read came back Pending has this task's waker registered: reading it
         // again before this poll returns would only register the waker again. A side whose
         // read was short is drained: tokio then knows it is not ready, so it is read again
-        // only before this poll returns Pending (to register the waker), not at once.
+        // only before this poll returns Pending (to register the waker), not at once. A
+        // client that was waiting at the last poll counts as drained: the poll the server's
+        // answer wakes usually ends with the pair idle, and the session reads the client
+        // next anyway.
         let (mut client_waits, mut server_waits) = (false, false);
-        let (mut client_drained, mut server_drained) = (false, false);
+        let (mut client_drained, mut server_drained) = (self.client_waits, false);
         loop {
             if let Some(frame) = self.take_intercepted(client, flow, opts)? {
                 return Poll::Ready(Ok(RelayEnd::Intercepted(frame)));
@@ -202,6 +208,7 @@ impl Pump {
                 && !self.gated
                 && !self.client_eof
             {
+                self.client_waits = false;
                 match read_some(cx, &mut client.io, &mut client.rbuf) {
                     Poll::Ready(Ok((n, short))) => {
                         self.client_eof = n == 0;
@@ -209,7 +216,7 @@ impl Pump {
                         client_drained = short;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::ClientIo(e))),
-                    Poll::Pending => client_waits = true,
+                    Poll::Pending => (client_waits, self.client_waits) = (true, true),
                 }
             }
             if !server_waits && !server_drained && self.to_client.len() < HIGH_WATER && !self.server_closed {
