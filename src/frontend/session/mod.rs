@@ -21,9 +21,11 @@ mod scatter;
 mod schema;
 
 use std::collections::BTreeSet;
+use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use super::cancel::Registration;
@@ -165,13 +167,35 @@ pub struct Session<S> {
     /// The app's shutdown signal, as a child token of its own: waiting on it between requests
     /// then touches only this session's state, not a lock every session shares.
     shutdown: CancellationToken,
-    /// Waiting for `shutdown`, made once: a wait made per request would join and leave the
-    /// token's list of waiters each time.
-    shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Waiting for `shutdown` between requests.
+    shutdown_wait: ShutdownWait,
     /// `client_idle_timeout` of the config snapshot the session follows.
     idle_timeout: Duration,
     /// Times the session's waits for a pool slot (`query_wait_timeout`).
     wait_timer: WaitTimer,
+}
+
+/// A session's wait for the app's drain, made once: a wait made per request would join and
+/// leave the token's list of waiters each time, and even polling the token's future takes
+/// two locks, after every request. Once the future holds this task's waker, a poll reads
+/// only the app's draining flag (set before the token fires, whose firing wakes the task).
+struct ShutdownWait {
+    token: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker the token's future last took.
+    registered: Option<Waker>,
+}
+
+impl ShutdownWait {
+    fn poll(&mut self, cx: &mut Context<'_>, app: &App) -> Poll<()> {
+        if !app.draining() && self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let poll = self.token.as_mut().poll(cx);
+        if poll.is_pending() {
+            self.registered = Some(cx.waker().clone());
+        }
+        poll
+    }
 }
 
 impl<S: ClientIo> Session<S> {
@@ -189,7 +213,7 @@ impl<S: ClientIo> Session<S> {
         Self {
             me,
             metrics,
-            shutdown_wait: Box::pin(shutdown.clone().cancelled_owned()),
+            shutdown_wait: ShutdownWait { token: Box::pin(shutdown.clone().cancelled_owned()), registered: None },
             shutdown,
             idle_timeout: snapshot.config.proxy.client_idle_timeout,
             app,
@@ -375,7 +399,9 @@ impl<S: ClientIo> Session<S> {
             let read = tokio::select! {
                 biased;
                 read = self.client.read_frame() => read?,
-                () = &mut self.shutdown_wait, if self.routing.held.is_none() => return Ok(Waited::Exit(Exit::Shutdown)),
+                () = poll_fn(|cx| self.shutdown_wait.poll(cx, &self.app)), if self.routing.held.is_none() => {
+                    return Ok(Waited::Exit(Exit::Shutdown));
+                }
                 () = sleep_unless_zero(self.idle_timeout) => return Ok(Waited::Exit(Exit::IdleTimeout)),
             };
             let Some(frame) = read else {
