@@ -277,7 +277,7 @@ impl<S: ClientIo> Session<S> {
 
     /// After an idle point on the primary following a write: remember it for read-your-writes.
     pub(super) async fn note_write(&mut self) {
-        let policy = Arc::clone(&self.params.policy);
+        let policy = &self.params.policy;
         let Some(attached) = self.server.as_mut() else {
             return;
         };
