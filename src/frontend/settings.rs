@@ -135,6 +135,13 @@ pub fn apply_sql(desired: &Settings, current: &Settings) -> Option<String> {
     (!statements.is_empty()).then(|| statements.join("; "))
 }
 
+/// Whether the connection's settings `current` carry a statement_timeout: the statement that
+/// applies other settings then runs under it.
+#[must_use]
+pub fn times_out(current: &Settings) -> bool {
+    current.contains_key("statement_timeout")
+}
+
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

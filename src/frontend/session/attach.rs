@@ -18,6 +18,10 @@ use crate::protocol::messages::TxStatus;
 use crate::router::policy::volatility_query;
 use crate::router::{Decision, Role, Target, Why};
 
+/// How often applying a client's settings is tried on a connection with a statement_timeout
+/// (see `apply_settings`).
+const APPLY_ATTEMPTS: usize = 5;
+
 impl<S: ClientIo> Session<S> {
     /// Asks the primary which of `names` are VOLATILE user functions, once per name.
     pub(super) async fn look_up_volatility(&mut self, names: &[String]) -> Result<(), Error> {
@@ -128,7 +132,22 @@ impl<S: ClientIo> Session<S> {
         let Some(sql) = settings::apply_sql(&self.settings, &conn.settings) else {
             return Ok(());
         };
-        match Box::pin(conn.run_simple(&sql, RESET_TIMEOUT)).await {
+        // A statement_timeout on the connection (another client's, say) applies to this
+        // statement too, until it resets it: a server that stalls longer (a busy machine, a
+        // timeout of a millisecond) cancels it, and nothing changed. It is tried again then, a
+        // few times, before the client gets the error.
+        let mut attempts = if settings::times_out(&conn.settings) { APPLY_ATTEMPTS } else { 1 };
+        let outcome = loop {
+            let outcome = Box::pin(conn.run_simple(&sql, RESET_TIMEOUT)).await;
+            attempts -= 1;
+            match &outcome {
+                Err(reason) if attempts > 0 && !conn.broken && conn.status == TxStatus::Idle => {
+                    tracing::debug!(server = %conn.addr, %reason, "applying session settings failed on a connection with a statement_timeout; trying again");
+                }
+                _ => break outcome,
+            }
+        };
+        match outcome {
             Ok(TxStatus::Idle) => {
                 conn.settings.clone_from(&self.settings);
                 Ok(())
