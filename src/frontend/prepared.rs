@@ -26,6 +26,10 @@ pub use crate::backend::statements::{SERVER_STATEMENTS, ServerStatements};
 use crate::protocol::framing::{Frame, get_cstr};
 use crate::protocol::messages::parse_error_fields;
 
+mod deallocate;
+
+pub use deallocate::{Deallocate, deallocate};
+
 /// Proxy-wide statement ids, by statement (query text and parameter types).
 #[derive(Default)]
 pub struct Registry {
@@ -526,62 +530,6 @@ impl Exchange {
     }
 }
 
-/// What a `DEALLOCATE` statement names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Deallocate {
-    All,
-    Name(Vec<u8>),
-}
-
-/// Recognises `DEALLOCATE [PREPARE] name | ALL` (which PostgreSQL applies to protocol-level
-/// statements too, so the proxy answers it for the client's renamed ones).
-#[must_use]
-pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
-    if !crate::router::hint::first_word(sql).eq_ignore_ascii_case(b"deallocate") {
-        return None;
-    }
-    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
-    let mut words = text.split_whitespace();
-    if !words.next()?.eq_ignore_ascii_case("deallocate") {
-        return None;
-    }
-    let mut name = words.next()?;
-    if name.eq_ignore_ascii_case("prepare") {
-        name = words.next()?;
-    }
-    if words.next().is_some() {
-        return None;
-    }
-    if name.eq_ignore_ascii_case("all") {
-        return Some(Deallocate::All);
-    }
-    let name = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
-        Some(quoted) => quoted.replace("\"\"", "\""),
-        None => name.to_ascii_lowercase(),
-    };
-    Some(Deallocate::Name(name.into_bytes()))
-}
-
-impl ClientStatements {
-    /// Whether the client has a statement of this name.
-    #[must_use]
-    pub fn contains(&self, name: &[u8]) -> bool {
-        self.by_name.contains_key(name)
-    }
-
-    /// Applies a DEALLOCATE the proxy answers itself; false if the statement is not one of
-    /// the client's protocol-level ones (then the server must see it).
-    pub fn deallocate(&mut self, what: &Deallocate) -> bool {
-        match what {
-            Deallocate::All => {
-                self.clear();
-                true
-            }
-            Deallocate::Name(name) => self.remove(name),
-        }
-    }
-}
-
 /// "cached plan must not change result type" (SQLSTATE 0A000).
 fn is_stale_plan(error_body: &[u8]) -> bool {
     let f = parse_error_fields(error_body);
@@ -597,19 +545,3 @@ pub struct Context<'a> {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod deallocate_tests {
-    use super::*;
-
-    #[test]
-    fn deallocate_statements() {
-        assert_eq!(deallocate(b"DEALLOCATE ALL"), Some(Deallocate::All));
-        assert_eq!(deallocate(b"deallocate prepare S_1;"), Some(Deallocate::Name(b"s_1".to_vec())));
-        assert_eq!(deallocate(b"DEALLOCATE \"S_1\""), Some(Deallocate::Name(b"S_1".to_vec())));
-        assert_eq!(deallocate(b"DEALLOCATE a; select 1"), None);
-        assert_eq!(deallocate(b"select 1"), None);
-        assert_eq!(deallocate(b"\n  Deallocate all"), Some(Deallocate::All));
-        assert_eq!(deallocate(b"DEALLOCATEX ALL"), None);
-    }
-}

@@ -19,20 +19,19 @@ mod copy;
 mod dispose;
 mod scatter;
 mod schema;
+mod shutdown;
 
 use std::collections::BTreeSet;
-use std::future::{Future, poll_fn};
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
 use super::clients::{ClientState, Registered};
 use super::flow::Flow;
-use super::prepared::{self, ClientStatements, Deallocate, Exchange};
+use super::prepared::{ClientStatements, Deallocate, Exchange};
 use super::relay::Renaming;
 use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
@@ -49,7 +48,8 @@ use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Role, Target, Why};
 use crate::telemetry::{DatabaseMetrics, RouteLabel};
 use bytes::BytesMut;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use shutdown::ShutdownWait;
+use tokio_util::sync::CancellationToken;
 
 /// How long the proxy waits for a server to roll back or reset before closing it instead.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,29 +175,6 @@ pub struct Session<S> {
     wait_timer: WaitTimer,
 }
 
-/// A session's wait for the app's drain, made once: a wait made per request would join and
-/// leave the token's list of waiters each time, and even polling the token's future takes
-/// two locks, after every request. Once the future holds this task's waker, a poll reads
-/// only the app's draining flag (set before the token fires, whose firing wakes the task).
-struct ShutdownWait {
-    token: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// The waker the token's future last took.
-    registered: Option<Waker>,
-}
-
-impl ShutdownWait {
-    fn poll(&mut self, cx: &mut Context<'_>, app: &App) -> Poll<()> {
-        if !app.draining() && self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return Poll::Pending;
-        }
-        let poll = self.token.as_mut().poll(cx);
-        if poll.is_pending() {
-            self.registered = Some(cx.waker().clone());
-        }
-        poll
-    }
-}
-
 impl<S: ClientIo> Session<S> {
     pub fn new(app: Arc<App>, client: ClientStream<S>, params: SessionParams, me: Registered) -> Self {
         let settings = params.settings.clone();
@@ -213,7 +190,7 @@ impl<S: ClientIo> Session<S> {
         Self {
             me,
             metrics,
-            shutdown_wait: ShutdownWait { token: Box::pin(shutdown.clone().cancelled_owned()), registered: None },
+            shutdown_wait: ShutdownWait::new(&shutdown),
             shutdown,
             idle_timeout: snapshot.config.proxy.client_idle_timeout,
             app,
@@ -321,7 +298,7 @@ impl<S: ClientIo> Session<S> {
                 shutdown: &self.shutdown,
                 intercept: |sql, statements| {
                     hint::session_command(sql).is_some()
-                        || statements.is_some_and(|s| local_deallocate(sql, s).is_some())
+                        || statements.is_some_and(|s| s.local_deallocate(sql).is_some())
                 },
                 intercept_commit: Some(&commit_elsewhere),
                 metrics: Some((&self.metrics, route)),
@@ -582,7 +559,7 @@ impl<S: ClientIo> Session<S> {
         if self.params.mode != PoolMode::Transaction {
             return None;
         }
-        let what = local_deallocate(sql, &self.statements)?;
+        let what = self.statements.local_deallocate(sql)?;
         self.statements.deallocate(&what);
         let tag = if what == Deallocate::All { "DEALLOCATE ALL" } else { "DEALLOCATE" };
         let mut out = BytesMut::from(&messages::command_complete(tag)[..]);
@@ -606,14 +583,6 @@ impl<S: ClientIo> Session<S> {
             Ok(())
         }
     }
-}
-
-/// A DEALLOCATE of the client's protocol-level statements, which the proxy answers itself.
-fn local_deallocate(sql: &[u8], statements: &ClientStatements) -> Option<Deallocate> {
-    prepared::deallocate(sql).filter(|d| match d {
-        Deallocate::All => true,
-        Deallocate::Name(name) => statements.contains(name),
-    })
 }
 
 async fn sleep_unless_zero(d: Duration) {
