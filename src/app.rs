@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant;
@@ -99,6 +99,9 @@ impl Snapshot {
 pub struct App {
     /// The config in effect and what it makes; replaced whole by a reload.
     current: ArcSwap<Snapshot>,
+    /// `current`'s generation, which every request compares with its session's: an atomic
+    /// read is cheaper than loading the snapshot. Stored after the snapshot it names.
+    generation: AtomicU64,
     /// Where the config was read from, to read it again on reload.
     config_path: Option<PathBuf>,
     /// Held while a reload builds its snapshot, so two reloads cannot interleave.
@@ -167,6 +170,7 @@ impl App {
         let instance_id = config.proxy.instance_id;
         let snapshot = Snapshot::build(config, &telemetry, None, &shutdown).map_err(std::io::Error::other)?;
         let app = Arc::new(Self {
+            generation: AtomicU64::new(snapshot.generation),
             current: ArcSwap::from_pointee(snapshot),
             config_path,
             reloading: Mutex::new(()),
@@ -208,7 +212,7 @@ impl App {
     /// The current snapshot's generation (cheaper than [`App::now`]).
     #[must_use]
     pub fn generation(&self) -> u64 {
-        self.current.load().generation
+        self.generation.load(Ordering::Acquire)
     }
 
     /// PAUSE (`on`) or RESUME the databases: while paused, a client that needs a server

@@ -42,6 +42,7 @@ impl App {
         let (databases, users, generation) =
             (snapshot.config.databases.len(), snapshot.config.users.len(), snapshot.generation);
         self.current.store(Arc::new(snapshot));
+        self.generation.store(generation, std::sync::atomic::Ordering::Release);
         old.checkers.cancel();
         tracing::info!(config = %path.display(), generation, databases, users, "config reloaded");
         Ok(())

@@ -91,6 +91,10 @@ pub struct Pool {
     pub(super) spec: ConnectSpec,
     /// Changed by a config reload (`resize`).
     settings: ArcSwap<PoolSettings>,
+    /// The two settings each request reads, copied out of `settings` (loading that costs
+    /// more): `wait_timeout` and `lifetime`, in microseconds.
+    wait_timeout_us: AtomicU64,
+    lifetime_us: AtomicU64,
     permits: Arc<Semaphore>,
     /// Permits to take out of circulation as they come back (a reload shrank the pool
     /// while they were lent).
@@ -127,6 +131,8 @@ impl Pool {
             retired: AtomicBool::new(false),
             key,
             spec,
+            wait_timeout_us: AtomicU64::new(crate::telemetry::micros(settings.wait_timeout)),
+            lifetime_us: AtomicU64::new(crate::telemetry::micros(settings.lifetime)),
             settings: ArcSwap::from_pointee(settings),
             idle: Mutex::new(VecDeque::new()),
             params: Mutex::new(None),
@@ -185,7 +191,7 @@ impl Pool {
 
     /// Waits up to `query_wait_timeout` for a free slot.
     async fn wait_for_slot(&self, timer: &mut WaitTimer, started: Instant) -> Result<OwnedSemaphorePermit, Error> {
-        let deadline = started + self.settings().wait_timeout;
+        let deadline = started + Duration::from_micros(self.wait_timeout_us.load(Ordering::Relaxed));
         let _waiting = Gauge::enter(&self.stats.waiting);
         let mut acquire = std::pin::pin!(Arc::clone(&self.permits).acquire_owned());
         let waited = loop {
@@ -228,7 +234,8 @@ impl Pool {
     }
 
     fn fit(&self, conn: &ServerConn, now: Instant) -> bool {
-        conn.is_clean() && now.duration_since(conn.created) < self.settings().lifetime
+        conn.is_clean()
+            && now.duration_since(conn.created) < Duration::from_micros(self.lifetime_us.load(Ordering::Relaxed))
     }
 
     async fn open(&self) -> Result<Box<ServerConn>, Error> {
@@ -334,6 +341,8 @@ impl Pool {
     /// smaller one as lent connections come back.
     pub fn resize(&self, settings: PoolSettings) {
         let old = self.settings.swap(Arc::new(settings));
+        self.wait_timeout_us.store(crate::telemetry::micros(settings.wait_timeout), Ordering::Relaxed);
+        self.lifetime_us.store(crate::telemetry::micros(settings.lifetime), Ordering::Relaxed);
         if settings.size > old.size {
             let mut grow = settings.size - old.size;
             // permits still owed from an earlier shrink are cancelled first

@@ -73,13 +73,15 @@ pub struct RelayOptions<'a> {
     pub renaming: Option<Renaming<'a>>,
     /// Sees every client message before it goes on (transaction pooling notes what each
     /// statement does to the session), and may replace it (a statement for another shard).
+    /// Told whether the message is one of the request the session routed (`first` of `run`).
     pub observe: Option<&'a mut Observer<'a>>,
     /// Where each answered request is counted, with its latency.
     pub metrics: Option<(&'a DatabaseMetrics, RouteLabel)>,
 }
 
-/// Sees a client message before it is relayed; returns a replacement, if any.
-pub type Observer<'a> = dyn FnMut(&Frame) -> Option<Frame> + Send + 'a;
+/// Sees a client message before it is relayed (and whether routing saw it already); returns
+/// a replacement, if any.
+pub type Observer<'a> = dyn FnMut(&Frame, bool) -> Option<Frame> + Send + 'a;
 
 /// Relays until the pair is idle or the client is gone. `first` are messages already read
 /// from the client that go to the server first.
@@ -95,7 +97,7 @@ pub async fn run<S: ClientIo>(
     let exchange = opts.renaming.as_mut().map(|r| std::mem::take(&mut *r.exchange)).unwrap_or_default();
     let mut pump = Pump { to_server, to_client, exchange, ..Pump::default() };
     for frame in first {
-        pump.forward(frame, flow, server, &mut opts);
+        pump.forward(frame, flow, server, &mut opts, true);
     }
     let shutdown = opts.shutdown.cancelled();
     tokio::pin!(shutdown);
@@ -297,10 +299,17 @@ impl Pump {
     }
 
     /// Sends one client message on, noting it in the flow and renaming statements if asked.
-    fn forward(&mut self, frame: Frame, flow: &mut Flow, server: &mut ServerConn, opts: &mut RelayOptions<'_>) {
+    fn forward(
+        &mut self,
+        frame: Frame,
+        flow: &mut Flow,
+        server: &mut ServerConn,
+        opts: &mut RelayOptions<'_>,
+        routed: bool,
+    ) {
         flow.on_client(frame.tag());
         self.received += frame.as_bytes().len() as u64;
-        let frame = match opts.observe.as_mut().and_then(|observe| observe(&frame)) {
+        let frame = match opts.observe.as_mut().and_then(|observe| observe(&frame, routed)) {
             Some(replacement) => replacement,
             None => frame,
         };
@@ -334,7 +343,7 @@ impl Pump {
             };
             match frame.tag() {
                 b'X' => self.terminated = true,
-                tag if is_frontend_tag(tag) => self.forward(frame, flow, server, opts),
+                tag if is_frontend_tag(tag) => self.forward(frame, flow, server, opts, false),
                 tag => return Err(unexpected_message(tag)),
             }
         }

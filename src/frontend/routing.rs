@@ -323,6 +323,9 @@ impl RoutingState {
                 out.push((Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")), None));
             }
             Request::Batch(frames) => {
+                // the name the last statement in `out` was prepared under by this batch, while
+                // no Bind has executed it yet
+                let mut parsed: Option<&[u8]> = None;
                 for frame in frames {
                     match frame.tag() {
                         b'P' => {
@@ -338,10 +341,18 @@ impl RoutingState {
                             let class = self.classify(router, sql);
                             let sql = self.remember(name, sql, &class, frame);
                             out.push((sql, class, None));
+                            parsed = Some(name);
                         }
                         b'B' => {
                             let (_, name) =
                                 messages::parse_bind_names(frame.body()).ok_or_else(|| malformed("Bind"))?;
+                            // the Bind of the statement just parsed: one statement, routed once
+                            if parsed.take() == Some(name)
+                                && let Some((_, _, bind @ None)) = out.last_mut()
+                            {
+                                *bind = Some(frame.clone());
+                                continue;
+                            }
                             let known = self.prepared.get(name).cloned();
                             out.push(known.map_or_else(
                                 || {
@@ -404,7 +415,8 @@ impl RoutingState {
 
     /// What a message relayed on an attached connection (a later request of a transaction,
     /// say) does to the session: its statement's classification, for Query, Parse and the
-    /// Bind of a named statement. Parses are remembered for later routing too.
+    /// Bind of a named statement. Parses are remembered for later routing too, unless `plan`
+    /// remembered them already (`routed`: the frame is of the request it routed).
     /// Names of custom settings a statement that changes settings mentions are added to
     /// `custom` (see `settings::custom_names`).
     pub fn observe(
@@ -412,6 +424,7 @@ impl RoutingState {
         router: &Router,
         frame: &Frame,
         custom: &mut BTreeSet<String>,
+        routed: bool,
     ) -> Option<Arc<Classification>> {
         let (class, sql) = match frame.tag() {
             b'Q' => {
@@ -421,7 +434,9 @@ impl RoutingState {
             b'P' => {
                 let (name, sql) = messages::parse_parse(frame.body())?;
                 let class = self.classify(router, sql);
-                self.remember(name, sql, &class, frame);
+                if !routed {
+                    self.remember(name, sql, &class, frame);
+                }
                 (class, sql)
             }
             b'B' => {

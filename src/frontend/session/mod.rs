@@ -283,8 +283,8 @@ impl<S: ClientIo> Session<S> {
             let (effects, shard, policy) = (&mut attached.effects, attached.decision.shard, &self.params.policy);
             let commit_elsewhere = AtomicBool::new(!attached.elsewhere.is_empty());
             let elsewhere = &mut attached.elsewhere;
-            let mut observe = |frame: &Frame| {
-                let class = routing.observe(router, frame, custom)?;
+            let mut observe = |frame: &Frame, routed: bool| {
+                let class = routing.observe(router, frame, custom, routed)?;
                 if matches!(frame.tag(), b'Q' | b'B') {
                     class.usage.note(route.code());
                 }
