@@ -309,7 +309,10 @@ impl Exchange {
                         push_named(to_server, b'B', &body[..=portal.len()], id, rest);
                     }
                     None => {
-                        self.portals.remove(portal);
+                        // (removing hashes the name even from an empty map)
+                        if !self.portals.is_empty() {
+                            self.portals.remove(portal);
+                        }
                         to_server.extend_from_slice(frame.as_bytes());
                     }
                 }

@@ -99,7 +99,8 @@ pub async fn run<S: ClientIo>(
     for frame in first {
         pump.forward(frame, flow, server, &mut opts, true);
     }
-    let shutdown = opts.shutdown.cancelled();
+    // only session pooling waits for it (transaction pooling returns whenever idle)
+    let shutdown = (!opts.release_when_idle).then(|| opts.shutdown.cancelled());
     tokio::pin!(shutdown);
     let end = poll_fn(|cx| pump.poll(cx, client, server, flow, &mut opts, shutdown.as_mut())).await;
     if let Some((metrics, _)) = opts.metrics {
@@ -179,7 +180,7 @@ impl Pump {
         server: &mut ServerConn,
         flow: &mut Flow,
         opts: &mut RelayOptions<'_>,
-        mut shutdown: Pin<&mut impl Future<Output = ()>>,
+        mut shutdown: Pin<&mut Option<impl Future<Output = ()>>>,
     ) -> Poll<Result<RelayEnd, Error>> {
         // A side whose read came back Pending has this task's waker registered: reading it
         // again before this poll returns would only register the waker again. A side whose
@@ -252,7 +253,10 @@ impl Pump {
                 && !self.client_flush
                 && self.scanner.at_boundary()
                 && server.rbuf.is_empty();
-            if settled && flow.idle() && (opts.release_when_idle || shutdown.as_mut().poll(cx).is_ready()) {
+            if settled
+                && flow.idle()
+                && (opts.release_when_idle || shutdown.as_mut().as_pin_mut().is_some_and(|s| s.poll(cx).is_ready()))
+            {
                 return Poll::Ready(Ok(RelayEnd::Idle));
             }
             if !wrote {

@@ -109,7 +109,8 @@ pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameErro
 
 /// Reads a NUL-terminated string at the front of `buf` and advances past it.
 pub fn get_cstr<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let end = memchr::memchr(0, buf)?;
+    // most statement and portal names are empty: no search for those
+    let end = if buf.first() == Some(&0) { 0 } else { memchr::memchr(0, buf)? };
     let s = &buf[..end];
     buf.advance(end + 1);
     Some(s)
