@@ -68,7 +68,9 @@ pub struct ServerConn {
     pub created: Instant,
     pub last_used: Instant,
     /// Session-level settings in effect beyond the connection's defaults (source "session").
-    pub settings: Settings,
+    /// Shared: equal settings are kept as one copy where they meet (see
+    /// `Session::apply_settings`), so the check on every lending compares pointers.
+    pub settings: Arc<Settings>,
     /// The proxy-wide prepared statements this connection has (transaction pooling).
     pub statements: super::statements::ServerStatements,
     /// A request of the proxy's own failed midway (timeout, read error): the answer may still
@@ -111,7 +113,7 @@ impl ServerConn {
             created: now,
             last_used: now,
             broken: false,
-            settings: Settings::new(),
+            settings: Arc::default(),
             statements: super::statements::ServerStatements::default(),
         };
         let mut out = BytesMut::new();
@@ -298,6 +300,13 @@ impl ServerConn {
         })
     }
 
+    /// Nothing unread, outside a transaction, not known to be broken: what [`Self::is_clean`]
+    /// checks before it asks the socket.
+    #[must_use]
+    pub fn is_settled(&self) -> bool {
+        !self.broken && self.rbuf.is_empty() && self.status == TxStatus::Idle
+    }
+
     /// True if the connection can be handed to a client: nothing unread, outside a
     /// transaction, and the server has neither closed it nor sent anything (an idle server
     /// sends nothing unless it is going away).
@@ -309,7 +318,7 @@ impl ServerConn {
     /// not seen yet passes, as it would pass a peek made a moment earlier: the first request
     /// then finds the connection gone (`ServerLost`).
     pub fn is_clean(&self) -> bool {
-        if self.broken || !self.rbuf.is_empty() || self.status != TxStatus::Idle {
+        if !self.is_settled() {
             return false;
         }
         let tcp = self.stream.tcp();

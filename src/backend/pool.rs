@@ -234,8 +234,12 @@ impl Pool {
     }
 
     fn fit(&self, conn: &ServerConn, now: Instant) -> bool {
-        conn.is_clean()
-            && now.duration_since(conn.created) < Duration::from_micros(self.lifetime_us.load(Ordering::Relaxed))
+        conn.is_clean() && self.young(conn, now)
+    }
+
+    /// Within server_lifetime at `now`.
+    fn young(&self, conn: &ServerConn, now: Instant) -> bool {
+        now.duration_since(conn.created) < Duration::from_micros(self.lifetime_us.load(Ordering::Relaxed))
     }
 
     async fn open(&self) -> Result<Box<ServerConn>, Error> {
@@ -268,7 +272,8 @@ impl Pool {
             self.close(conn, "pool removed by a config reload");
             return;
         }
-        if !self.fit(&conn, last_used) {
+        // the socket is asked when the connection is next lent (`take_idle`)
+        if !conn.is_settled() || !self.young(&conn, last_used) {
             self.close(conn, "not clean or past server_lifetime");
             return;
         }

@@ -206,7 +206,7 @@ async fn greeting_params(pool: &Arc<Pool>, settings: &mut Settings) -> Result<Se
     let conn = checkout.conn();
     if let Some(sql) = settings::apply_sql(settings, &conn.settings) {
         match conn.run_simple(&sql, SETTINGS_TIMEOUT).await {
-            Ok(TxStatus::Idle) => conn.settings.clone_from(settings),
+            Ok(TxStatus::Idle) => conn.settings = Arc::new(settings.clone()),
             Ok(_) => {
                 return Err(Error::Internal("applying startup parameters left a transaction open".into()));
             }

@@ -129,7 +129,18 @@ impl<S: ClientIo> Session<S> {
     /// differ). A setting the server refuses is the client's error, as at PostgreSQL's login.
     pub(super) async fn apply_settings(&mut self, checkout: &mut Checkout) -> Result<(), Error> {
         let conn = checkout.conn();
+        if Arc::ptr_eq(&self.settings, &conn.settings) {
+            return Ok(());
+        }
         let Some(sql) = settings::apply_sql(&self.settings, &conn.settings) else {
+            // Equal settings in two copies: both sides keep the one at the lower address (any
+            // fixed choice would do), so clients and connections with the same settings
+            // converge on one copy and later checks compare pointers only.
+            if Arc::as_ptr(&conn.settings) < Arc::as_ptr(&self.settings) {
+                self.settings = Arc::clone(&conn.settings);
+            } else {
+                conn.settings = Arc::clone(&self.settings);
+            }
             return Ok(());
         };
         // A statement_timeout on the connection (another client's, say) applies to this
@@ -149,7 +160,7 @@ impl<S: ClientIo> Session<S> {
         };
         match outcome {
             Ok(TxStatus::Idle) => {
-                conn.settings.clone_from(&self.settings);
+                conn.settings = Arc::clone(&self.settings);
                 Ok(())
             }
             Ok(_) | Err(_) if conn.broken => Err(Error::ServerLost {
@@ -178,8 +189,8 @@ impl<S: ClientIo> Session<S> {
                 settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
             match Box::pin(conn.query_rows(&sql, LOOKUP_TIMEOUT)).await {
                 Ok(rows) => {
-                    self.settings = settings::from_rows(rows);
-                    conn.settings.clone_from(&self.settings);
+                    self.settings = Arc::new(settings::from_rows(rows));
+                    conn.settings = Arc::clone(&self.settings);
                     self.statements.set_search_path(self.settings.get("search_path").map(String::as_str));
                 }
                 Err(e) if conn.broken => {

@@ -2,6 +2,8 @@
 //! mid-request (`survive_lost_server`), or the client gone (`dispose_server`, which returns
 //! the connection to the pool only if it can be made clean).
 
+use std::sync::Arc;
+
 use super::{DRAIN_TIMEOUT, Departure, RESET_TIMEOUT, Session};
 use crate::backend::conn::send_cancel;
 use crate::backend::health::BanReason;
@@ -73,14 +75,14 @@ impl<S: ClientIo> Session<S> {
             if conn.run_simple("DISCARD ALL", RESET_TIMEOUT).await != Ok(TxStatus::Idle) {
                 return;
             }
-            conn.settings.clear();
+            conn.settings = Arc::default();
             conn.statements.clear();
         } else if attached.effects.session_state {
             // the client changed settings and left before they were read back
             let sql =
                 settings::capture_sql(self.custom_settings.iter().chain(conn.settings.keys()).map(String::as_str));
             match conn.query_rows(&sql, RESET_TIMEOUT).await {
-                Ok(rows) => conn.settings = settings::from_rows(rows),
+                Ok(rows) => conn.settings = Arc::new(settings::from_rows(rows)),
                 Err(_) => return,
             }
         }

@@ -148,7 +148,7 @@ pub struct Session<S> {
     left: Option<Departure>,
     /// The session settings the client has made (from startup, SET, RESET, set_config),
     /// applied to each server connection it borrows.
-    settings: Settings,
+    settings: Arc<Settings>,
     /// Why the client keeps its server connection for good (transaction pooling), if it does.
     pinned: Option<&'static str>,
     /// The client's named prepared statements (transaction pooling renames them).
@@ -177,7 +177,7 @@ pub struct Session<S> {
 
 impl<S: ClientIo> Session<S> {
     pub fn new(app: Arc<App>, client: ClientStream<S>, params: SessionParams, me: Registered) -> Self {
-        let settings = params.settings.clone();
+        let settings = Arc::new(params.settings.clone());
         let mut statements = ClientStatements::default();
         statements.set_search_path(settings.get("search_path").map(String::as_str));
         let snapshot = app.now();
