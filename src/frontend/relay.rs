@@ -363,6 +363,10 @@ impl Pump {
         renaming: &mut Option<Renaming<'_>>,
         metrics: Option<(&DatabaseMetrics, RouteLabel)>,
     ) -> Result<(), Error> {
+        if server.rbuf.is_empty() {
+            // most calls: nothing read since the last one
+            return Ok(());
+        }
         // The read buffer is taken out while its messages are handled, so a message is a
         // slice of it: splitting it off instead made the buffer shared and cost atomic
         // reference counting per message.
