@@ -167,6 +167,15 @@ fn reads_go_to_the_replica_and_writes_to_the_primary() {
         assert_eq!(recovery(c.simple_query("SHOW pgrouter.route").await.unwrap()), "primary");
         assert_eq!(recovery(c.simple_query("select pg_is_in_recovery()").await.unwrap()), "f");
         c.simple_query("RESET pgrouter.route").await.unwrap();
+        // behind a comment it is still pgrouter's; prepared, or for another pgrouter setting,
+        // it is refused, never passed to the server
+        c.simple_query("/* c */ SET pgrouter.route TO replica").await.unwrap();
+        assert_eq!(recovery(c.simple_query("show pgrouter.route").await.unwrap()), "replica");
+        c.simple_query("RESET pgrouter.route").await.unwrap();
+        let prepared = c.query("SHOW pgrouter.route", &[]).await.map_err(|e| format!("{e:?}"));
+        assert!(prepared.as_ref().is_err_and(|e| e.contains("as a simple query")), "{prepared:?}");
+        let other = c.simple_query("SET pgrouter.nope = 1").await.map_err(|e| format!("{e:?}"));
+        assert!(other.as_ref().is_err_and(|e| e.contains("pgrouter.nope")), "{other:?}");
         // pipelined requests are routed one by one: a write behind a read still reaches the primary
         let p = connect(&url).await.unwrap(); // no earlier write: read-your-writes stays out of it
         let (read, write) = tokio::join!(

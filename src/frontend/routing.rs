@@ -188,6 +188,17 @@ impl RoutingState {
         class
     }
 
+    /// `sql` as a command about pgrouter's own settings (`hint::session_command`), if it is
+    /// one. `sql` must be the text just classified: its shape, in `scratch`, turns away most
+    /// statements by their first word.
+    fn pgrouter_command(&self, sql: &[u8]) -> Option<Result<SessionCommand, String>> {
+        let shape = &self.scratch.text;
+        if !(shape.starts_with(b"set ") || shape.starts_with(b"reset ") || shape.starts_with(b"show ")) {
+            return None;
+        }
+        hint::session_command(sql)
+    }
+
     /// Leaves `sql`'s shape in `scratch`, shaping it only if it is not there already.
     fn shape(&mut self, sql: &[u8]) {
         if self.shaped != sql {
@@ -217,10 +228,10 @@ impl RoutingState {
         if let Request::Query(frame) = request {
             let sql =
                 messages::query_text(frame.body()).ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
-            if let Some(cmd) = hint::session_command(sql) {
+            let class = self.classify(router, sql);
+            if let Some(cmd) = self.pgrouter_command(sql) {
                 return Ok(Plan::Local(self.session_command(cmd.map_err(Error::Invalid)?, self.client_status())));
             }
-            let class = self.classify(router, sql);
             if let Some(tx) = class.tx
                 && let Some(answer) = self.transaction_control(tx, sql)
             {
@@ -330,7 +341,8 @@ impl RoutingState {
                     match frame.tag() {
                         b'P' => {
                             let (name, sql) = messages::parse_parse(frame.body()).ok_or_else(|| malformed("Parse"))?;
-                            if hint::session_command(sql).is_some() {
+                            let class = self.classify(router, sql);
+                            if self.pgrouter_command(sql).is_some() {
                                 // answering it would mean emulating the extended protocol:
                                 // refuse rather than let the server silently accept it
                                 return Err(Error::NotSupported(
@@ -338,7 +350,6 @@ impl RoutingState {
                                         .into(),
                                 ));
                             }
-                            let class = self.classify(router, sql);
                             let sql = self.remember(name, sql, &class, frame);
                             out.push((sql, class, None));
                             parsed = Some(name);
