@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 
 use super::conn::{ConnectSpec, ServerConn};
@@ -95,7 +95,9 @@ pub struct Pool {
     /// more): `wait_timeout` and `lifetime`, in microseconds.
     wait_timeout_us: AtomicU64,
     lifetime_us: AtomicU64,
-    permits: Arc<Semaphore>,
+    /// A lent connection's permit is forgotten when taken and added back by its
+    /// [`Checkout`]'s drop: borrowing the semaphore costs no reference count.
+    permits: Semaphore,
     /// Permits to take out of circulation as they come back (a reload shrank the pool
     /// while they were lent).
     owed: AtomicUsize,
@@ -126,7 +128,7 @@ impl Pool {
             metrics,
             open_since: Mutex::new(std::collections::BTreeMap::new()),
             health,
-            permits: Arc::new(Semaphore::new(settings.size)),
+            permits: Semaphore::new(settings.size),
             owed: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
             key,
@@ -144,14 +146,15 @@ impl Pool {
     /// A clean idle connection if one is free right now, taken without waiting, a clock
     /// reading or a timer (the usual case under transaction pooling).
     pub fn try_checkout(self: &Arc<Self>) -> Option<Checkout> {
-        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        let permit = self.permits.try_acquire().ok()?;
         if self.retired.load(Ordering::Acquire) {
             return None;
         }
         let conn = self.take_idle()?;
+        permit.forget();
         self.metrics.wait.record(0.0);
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        Some(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: Some(permit) })
+        Some(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: true })
     }
 
     /// Waits (up to `query_wait_timeout`) for a free slot, then hands out a clean idle
@@ -161,18 +164,17 @@ impl Pool {
     }
 
     /// [`Pool::checkout`], timing the wait with the caller's reusable `timer`; a wait counts
-    /// from `started`.
+    /// from `started`. (Callers try [`Pool::try_checkout`] first.)
     pub async fn checkout_timed(self: &Arc<Self>, timer: &mut WaitTimer, started: Instant) -> Result<Checkout, Error> {
-        if let Some(checkout) = self.try_checkout() {
-            return Ok(checkout);
-        }
-        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+        match self.permits.try_acquire() {
             Ok(permit) => {
+                permit.forget();
                 self.metrics.wait.record(0.0);
-                permit
             }
             Err(_) => self.wait_for_slot(timer, started).await?,
-        };
+        }
+        // holds the permit from here: an early return gives it back
+        let mut checkout = Checkout { conn: None, pool: Arc::clone(self), permit: true };
         if self.retired.load(Ordering::Acquire) {
             // a reload removed the pool while this client waited: no new connection to it
             return Err(Error::Connect {
@@ -186,14 +188,16 @@ impl Pool {
             None => Box::pin(self.open()).await?,
         };
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        Ok(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: Some(permit) })
+        checkout.conn = Some(conn);
+        Ok(checkout)
     }
 
-    /// Waits up to `query_wait_timeout` for a free slot.
-    async fn wait_for_slot(&self, timer: &mut WaitTimer, started: Instant) -> Result<OwnedSemaphorePermit, Error> {
+    /// Waits up to `query_wait_timeout` for a free slot; the permit is the caller's then
+    /// (forgotten here, to be added back by a [`Checkout`]).
+    async fn wait_for_slot(&self, timer: &mut WaitTimer, started: Instant) -> Result<(), Error> {
         let deadline = started + Duration::from_micros(self.wait_timeout_us.load(Ordering::Relaxed));
         let _waiting = Gauge::enter(&self.stats.waiting);
-        let mut acquire = std::pin::pin!(Arc::clone(&self.permits).acquire_owned());
+        let mut acquire = std::pin::pin!(self.permits.acquire());
         let waited = loop {
             tokio::select! {
                 biased;
@@ -201,7 +205,7 @@ impl Pool {
                     let waited = started.elapsed();
                     self.metrics.wait.record(waited.as_secs_f64());
                     self.stats.wait_us.fetch_add(crate::telemetry::micros(waited), Ordering::Relaxed);
-                    return permit.map_err(|_| Error::Internal("pool semaphore closed".into()));
+                    return permit.map(tokio::sync::SemaphorePermit::forget).map_err(|_| Error::Internal("pool semaphore closed".into()));
                 }
                 // the timer may have been set by an earlier wait, to fire before this deadline
                 () = timer.by(deadline) => {
@@ -426,7 +430,8 @@ impl WaitTimer {
 pub struct Checkout {
     conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
-    permit: Option<OwnedSemaphorePermit>,
+    /// Holds one of the pool's permits (forgotten when taken; added back on drop).
+    permit: bool,
 }
 
 impl Checkout {
@@ -464,10 +469,9 @@ impl Checkout {
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        if let Some(permit) = self.permit.take()
-            && self.pool.take_owed()
-        {
-            permit.forget();
+        // a permit owed to a shrink is kept out of circulation
+        if std::mem::take(&mut self.permit) && !self.pool.take_owed() {
+            self.pool.permits.add_permits(1);
         }
         if let Some(conn) = self.conn.take() {
             self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
