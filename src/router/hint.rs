@@ -47,6 +47,10 @@ impl Hints {
 /// error (a hint silently ignored would be a silent misroute).
 pub fn parse_hints(sql: &[u8]) -> Result<Hints, String> {
     let mut hints = Hints::default();
+    if !matches!(sql.trim_ascii_start().first(), Some(b'/' | b'-')) {
+        // no comment first: the usual case, settled by one byte
+        return Ok(hints);
+    }
     let (comments, _) = leading_comments(sql);
     for body in comments {
         let text = String::from_utf8_lossy(body);

@@ -295,6 +295,10 @@ impl Policy {
     /// Applies write_functions, read_only_functions and the VOLATILE cache to the called
     /// functions: `Some(why)` if one makes the statement a write.
     fn function_verdict(&self, functions: &[String]) -> Result<Option<Why>, Undecided> {
+        if functions.is_empty() {
+            // most statements: no lock taken
+            return Ok(None);
+        }
         let mut unknown = Vec::new();
         let volatile = self.volatile.read().expect("volatility lock");
         let fresh = |f: &String| volatile.get(f).filter(|(_, at)| at.elapsed() < VOLATILITY_TTL).map(|(v, _)| *v);

@@ -14,7 +14,10 @@ pub enum Deallocate {
 /// statements too, so the proxy answers it for the client's renamed ones).
 #[must_use]
 pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
-    if !crate::router::hint::first_word(sql).eq_ignore_ascii_case(b"deallocate") {
+    // asked of every Query: most are turned away by their first letter
+    if !matches!(sql.trim_ascii_start().first(), Some(b'd' | b'D'))
+        || !crate::router::hint::first_word(sql).eq_ignore_ascii_case(b"deallocate")
+    {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
