@@ -205,7 +205,9 @@ impl Pool {
                     let waited = started.elapsed();
                     self.metrics.wait.record(waited.as_secs_f64());
                     self.stats.wait_us.fetch_add(crate::telemetry::micros(waited), Ordering::Relaxed);
-                    return permit.map(tokio::sync::SemaphorePermit::forget).map_err(|_| Error::Internal("pool semaphore closed".into()));
+                    return permit
+                        .map(tokio::sync::SemaphorePermit::forget)
+                        .map_err(|_| Error::Internal("pool semaphore closed".into()));
                 }
                 // the timer may have been set by an earlier wait, to fire before this deadline
                 () = timer.by(deadline) => {
