@@ -6,6 +6,7 @@
 //!
 //! Readers (the routing path) only load atomics: no lock per query.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -216,24 +217,74 @@ pub async fn run_checks(shard: Arc<ShardHealth>, settings: CheckSettings, shutdo
     let servers: Vec<Arc<ServerHealth>> = std::iter::once(&shard.primary).chain(&shard.replicas).cloned().collect();
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut previous_primary_lsn: Lsn = 0;
+    let mut primary = PrimaryHistory::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // before the checks: the primary's position is read after this
+        let started = Instant::now();
         let checks =
             servers.iter().zip(conns.iter_mut()).map(|(server, conn)| check_one(&shard.spec, server, conn, settings));
         let results = futures_util::future::join_all(checks).await;
-        let primary_lsn = results[0].as_ref().map_or(previous_primary_lsn, |r| r.lsn);
-        if previous_primary_lsn == 0 {
+        let primary_lsn = results[0].as_ref().ok().map(|r| r.lsn);
+        if let Some(lsn) = primary_lsn
+            && primary.0.is_empty()
+        {
             // first round: compare with the primary's position now rather than with nothing
-            previous_primary_lsn = primary_lsn;
+            primary.push(started, lsn);
         }
+        let now = Instant::now();
         for (server, result) in servers.iter().zip(results) {
-            judge(server, result, previous_primary_lsn, settings);
+            judge(server, result, &primary, now, settings);
         }
-        previous_primary_lsn = primary_lsn;
+        if let Some(lsn) = primary_lsn {
+            primary.push(started, lsn);
+        }
+    }
+}
+
+/// Checks of the primary remembered for [`PrimaryHistory`]; an idle primary fills one.
+const PRIMARY_HISTORY: usize = 128;
+
+/// The primary's WAL position at its recent checks (oldest first, with when each check
+/// began), to bound a replica's lag: WAL beyond the position a replica has replayed was
+/// written after the last check that found the primary no further than that.
+#[derive(Debug, Default)]
+struct PrimaryHistory(VecDeque<(Instant, Lsn)>);
+
+impl PrimaryHistory {
+    fn push(&mut self, at: Instant, lsn: Lsn) {
+        match self.0.back_mut() {
+            // the primary has not moved: its newest check is the one to remember
+            Some(last) if last.1 == lsn => last.0 = at,
+            _ => {
+                if self.0.len() == PRIMARY_HISTORY {
+                    self.0.pop_front();
+                }
+                self.0.push_back((at, lsn));
+            }
+        }
+    }
+
+    /// The lag at `now` of a replica that has replayed up to `lsn`, the last transaction it
+    /// replayed being `replay_age` old (`None`: none yet). None at all if it has what the
+    /// primary had at the previous check. Otherwise the smaller of two upper bounds: the
+    /// age of the last replayed transaction (which alone overstates the lag of a replica of
+    /// an idle primary whose WAL moved without a commit: a checkpoint, say), and the time
+    /// since the primary was last seen no further than the replica is. Unknown (`MAX`)
+    /// when neither exists.
+    fn lag(&self, lsn: Lsn, replay_age: Option<Duration>, now: Instant) -> Duration {
+        if self.0.back().is_none_or(|&(_, primary)| lsn >= primary) {
+            return Duration::ZERO;
+        }
+        let since =
+            self.0.iter().rev().find(|&&(_, primary)| primary <= lsn).map(|&(at, _)| now.saturating_duration_since(at));
+        match (since, replay_age) {
+            (Some(since), Some(age)) => since.min(age),
+            (bound, age) => bound.or(age).unwrap_or(Duration::MAX),
+        }
     }
 }
 
@@ -273,7 +324,13 @@ async fn check_one(
 }
 
 /// Applies one observation: records it, bans on failure or lag, logs returns to rotation.
-fn judge(server: &ServerHealth, result: Result<Observation, String>, primary_lsn: Lsn, settings: CheckSettings) {
+fn judge(
+    server: &ServerHealth,
+    result: Result<Observation, String>,
+    primary: &PrimaryHistory,
+    now: Instant,
+    settings: CheckSettings,
+) {
     let obs = match result {
         Ok(obs) => obs,
         Err(error) => {
@@ -284,10 +341,8 @@ fn judge(server: &ServerHealth, result: Result<Observation, String>, primary_lsn
     };
     let was_in_recovery = server.in_recovery.swap(obs.in_recovery, Ordering::AcqRel);
     server.lsn.store(obs.lsn, Ordering::Release);
-    // Caught up with where the primary was one check ago: no lag worth the name. Otherwise
-    // the lag is the age of the last transaction the replica replayed; behind with nothing
-    // replayed yet, it is unknown, which counts as too much.
-    let lag = if obs.lsn >= primary_lsn { Duration::ZERO } else { obs.replay_age.unwrap_or(Duration::MAX) };
+    // unknown counts as too much
+    let lag = primary.lag(obs.lsn, obs.replay_age, now);
     server.lag_ms.store(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX), Ordering::Release);
     server.ok.store(true, Ordering::Release);
     server.checked.store(true, Ordering::Release);
@@ -344,45 +399,74 @@ mod tests {
         assert!(!replica().usable_replica(Duration::from_secs(10)));
     }
 
+    /// The primary's checks: positions with how long before now each check began.
+    fn primary(checks: &[(u64, Lsn)]) -> PrimaryHistory {
+        let now = Instant::now();
+        let mut history = PrimaryHistory::default();
+        for &(ms_ago, lsn) in checks {
+            history.push(now - Duration::from_millis(ms_ago), lsn);
+        }
+        history
+    }
+
+    fn seen(r: &ServerHealth, lsn: Lsn, replay_age: Option<Duration>, checks: &[(u64, Lsn)]) {
+        judge(r, Ok(Observation { in_recovery: true, lsn, replay_age }), &primary(checks), Instant::now(), SETTINGS);
+    }
+
     #[test]
     fn lag_and_failures_ban() {
         let r = replica();
-        judge(
-            &r,
-            Ok(Observation { in_recovery: true, lsn: 100, replay_age: Some(Duration::from_secs(30)) }),
-            100,
-            SETTINGS,
-        );
+        seen(&r, 100, Some(Duration::from_secs(30)), &[(100, 100)]);
         assert!(r.usable_replica(SETTINGS.max_lag), "caught up with the primary: no lag");
-        judge(
-            &r,
-            Ok(Observation { in_recovery: true, lsn: 100, replay_age: Some(Duration::from_secs(3)) }),
-            200,
-            SETTINGS,
-        );
+        seen(&r, 100, Some(Duration::from_secs(3)), &[(100, 200)]);
         assert!(!r.usable_replica(SETTINGS.max_lag) && r.is_banned(), "3s behind: banned");
         let r = replica();
-        judge(&r, Err("connection refused".into()), 0, SETTINGS);
+        judge(&r, Err("connection refused".into()), &primary(&[]), Instant::now(), SETTINGS);
         assert!(r.is_banned() && r.describe().contains("connection refused"), "{}", r.describe());
         let r = replica();
-        judge(&r, Ok(Observation { in_recovery: false, lsn: 1, replay_age: Some(Duration::ZERO) }), 0, SETTINGS);
+        let promoted = Observation { in_recovery: false, lsn: 1, replay_age: Some(Duration::ZERO) };
+        judge(&r, Ok(promoted), &primary(&[]), Instant::now(), SETTINGS);
         assert!(r.is_banned(), "a promoted replica is not a replica");
+    }
+
+    #[test]
+    fn lag_is_bounded_by_when_the_primary_was_where_the_replica_is() {
+        // an idle primary whose WAL moved without a commit (a checkpoint): the replica's last
+        // replayed transaction is old, but it had all the primary had 300 ms ago
+        let r = replica();
+        seen(&r, 120, Some(Duration::from_secs(30)), &[(300, 100), (100, 150)]);
+        assert!(r.usable_replica(SETTINGS.max_lag), "{}", r.describe());
+        assert!(r.lag() >= Duration::from_millis(300) && r.lag() < Duration::from_secs(1), "{:?}", r.lag());
+        // really behind: the primary passed the replica's position 5 s ago
+        let r = replica();
+        seen(&r, 120, Some(Duration::from_secs(30)), &[(5000, 100), (4000, 150), (100, 300)]);
+        assert!(r.is_banned() && r.lag() >= Duration::from_secs(5), "{:?}", r.lag());
+        // older than anything remembered: the replay age is all there is
+        let r = replica();
+        seen(&r, 50, Some(Duration::from_secs(3)), &[(100, 100)]);
+        assert!(r.is_banned() && r.lag() == Duration::from_secs(3), "{:?}", r.lag());
+        // a primary that stays put keeps one entry, timed by its newest check
+        let mut history = primary(&[(500, 100), (200, 100)]);
+        history.push(Instant::now(), 110);
+        assert_eq!(history.0.len(), 2);
+        let lag = history.lag(105, None, Instant::now());
+        assert!(lag >= Duration::from_millis(200) && lag < Duration::from_millis(500), "{lag:?}");
     }
 
     #[test]
     fn unknown_lag_keeps_a_replica_out() {
         let r = replica();
-        judge(&r, Ok(Observation { in_recovery: true, lsn: 10, replay_age: None }), 100, SETTINGS);
+        seen(&r, 10, None, &[(100, 100)]);
         assert!(!r.usable_replica(SETTINGS.max_lag) && r.describe().contains("unknown"), "{}", r.describe());
         let r = replica();
-        judge(&r, Ok(Observation { in_recovery: true, lsn: 100, replay_age: None }), 100, SETTINGS);
+        seen(&r, 100, None, &[(100, 100)]);
         assert!(r.usable_replica(SETTINGS.max_lag), "caught up, nothing to replay");
     }
 
     #[test]
     fn bans_expire() {
         let r = replica();
-        judge(&r, Ok(Observation { in_recovery: true, lsn: 1, replay_age: Some(Duration::ZERO) }), 0, SETTINGS);
+        seen(&r, 1, Some(Duration::ZERO), &[]);
         r.ban(Duration::from_millis(30), BanReason::Lag, "test");
         assert!(!r.usable_replica(SETTINGS.max_lag));
         std::thread::sleep(Duration::from_millis(40));
