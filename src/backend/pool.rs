@@ -164,7 +164,8 @@ impl Pool {
     }
 
     /// [`Pool::checkout`], timing the wait with the caller's reusable `timer`; a wait counts
-    /// from `started`. (Callers try [`Pool::try_checkout`] first.)
+    /// from `started`. It goes straight to the semaphore: a caller that wants the clock-free
+    /// path for a free connection tries [`Pool::try_checkout`] first (the session does).
     pub async fn checkout_timed(self: &Arc<Self>, timer: &mut WaitTimer, started: Instant) -> Result<Checkout, Error> {
         match self.permits.try_acquire() {
             Ok(permit) => {
