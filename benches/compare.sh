@@ -25,6 +25,10 @@
 #   MODES="simple" CLIENTS=32 benches/compare.sh       a subset
 #   CONNECT=0 benches/compare.sh                        skip the -C cells
 #   IDLE=0 benches/compare.sh                           skip the idle clients
+#   BARE=1 benches/compare.sh            also run the -S cells through examples/bare_relay.rs
+#                                        (target "bare"): a tokio relay that only copies bytes,
+#                                        one server connection per client, no parsing or pool;
+#                                        the floor for any proxy on tokio's current-thread runtime
 #   HOLD=1 benches/compare.sh            start everything, print the addresses and pids, and
 #                                        wait (for profiling by hand) until Ctrl-C
 #   PERF=/tmp/prof benches/compare.sh    record pgrouter with `perf record` during each of its
@@ -40,11 +44,13 @@ CLIENTS=${CLIENTS:-1 32}
 MODES=${MODES:-simple extended prepared}
 CONNECT=${CONNECT:-1}
 PERF=${PERF:-}
+BARE=${BARE:-0}
 IDLE=${IDLE:-10000}
 # the idle clients need a descriptor each, in pgrouter and in the script holding them
 ulimit -n $((IDLE + 1024)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
+[ "$BARE" = 1 ] && cargo build --release --quiet --example bare_relay
 bindir=$(pg_config --bindir)
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # PostgreSQL and PgBouncer refuse to run as root: run them as the postgres OS user then.
@@ -156,6 +162,15 @@ if [ -n "$pgbouncer_pid" ]; then
     url[pgbouncer]="postgresql://app:app-secret@127.0.0.1:$pb_port/app"
     pid[pgbouncer]=$pgbouncer_pid
 fi
+if [ "$BARE" = 1 ]; then
+    br_port=$(free_port)
+    target/release/examples/bare_relay "127.0.0.1:$br_port" "127.0.0.1:$pg_port" >"$work/bare.log" 2>&1 &
+    pids+=("$!")
+    targets+=(bare)
+    url[bare]="postgresql://app:app-secret@127.0.0.1:$br_port/app"
+    pid[bare]=$!
+    for _ in $(seq 1 100); do psql -qtAX "${url[bare]}" -c 'select 1' >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 
 if [ -n "${HOLD:-}" ]; then
     for target in "${targets[@]}"; do echo "$target ${url[$target]} pid ${pid[$target]:-}"; done
@@ -216,13 +231,16 @@ for cell in "${cells[@]}"; do
     # the targets take turns, round after round, so that a noisy minute on this shared
     # machine falls on all of them rather than on whichever ran then
     declare -A runs=()
+    cell_targets=("${targets[@]}")
+    # the bare relay has no pool: a -C run through it is a direct run with one more hop
+    [ "$connect" != 0 ] && cell_targets=("${targets[@]/bare/}")
     for _ in $(seq 1 "$ROUNDS"); do
-        for target in "${targets[@]}"; do
+        for target in ${cell_targets[@]}; do
             runs[$target]+="$(bench "$target" "$mode" "$clients" "$connect")"$'\n'
         done
     done
     dtps= dmed=
-    for target in "${targets[@]}"; do
+    for target in ${cell_targets[@]}; do
         if grep -q '^failed' <<<"${runs[$target]}"; then
             printf '%-10s %7d %-9s %10s\n' "$label" "$clients" "$target" failed
             continue
