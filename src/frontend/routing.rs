@@ -225,24 +225,37 @@ impl RoutingState {
         if self.held.as_ref().is_some_and(|h| h.failed) {
             return self.in_failed_transaction(router, request);
         }
-        if let Request::Query(frame) = request {
-            let sql =
-                messages::query_text(frame.body()).ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
-            let class = self.classify(router, sql);
-            if let Some(cmd) = self.pgrouter_command(sql) {
-                return Ok(Plan::Local(self.session_command(cmd.map_err(Error::Invalid)?, self.client_status())));
+        // a Query or FunctionCall is one statement; a batch's are listed below
+        let query = match request {
+            Request::Query(frame) => {
+                let sql = messages::query_text(frame.body())
+                    .ok_or_else(|| Error::Protocol("malformed Query message".into()))?;
+                let class = self.classify(router, sql);
+                if let Some(cmd) = self.pgrouter_command(sql) {
+                    return Ok(Plan::Local(self.session_command(cmd.map_err(Error::Invalid)?, self.client_status())));
+                }
+                if let Some(tx) = class.tx
+                    && let Some(answer) = self.transaction_control(tx, sql)
+                {
+                    return Ok(Plan::Local(answer));
+                }
+                Some((frame.share(sql), class, None))
             }
-            if let Some(tx) = class.tx
-                && let Some(answer) = self.transaction_control(tx, sql)
-            {
-                return Ok(Plan::Local(answer));
+            Request::Function(_) => {
+                Some((Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")), None))
             }
-        }
+            Request::Batch(_) => None,
+        };
         // the lists of statements and hints are reused from request to request
         let mut statements = std::mem::take(&mut self.statements_buf);
         let mut hints = std::mem::take(&mut self.hints_buf);
-        let planned = self
-            .statements(router, request, &mut statements)
+        let listed = if let Request::Batch(frames) = request {
+            self.batch_statements(router, frames, &mut statements)
+        } else {
+            statements.extend(query);
+            Ok(())
+        };
+        let planned = listed
             .map_err(PlanError::from)
             .and_then(|()| self.plan_statements(policy, request, &statements, &mut hints));
         statements.clear();
@@ -319,68 +332,54 @@ impl RoutingState {
         routed(decision, None)
     }
 
-    /// The statements a request carries, with their classifications (and, for a Bind, the
-    /// Bind, whose parameters may be shard keys). Parses are remembered so later Binds of the
-    /// same statement route the same way.
-    fn statements(&mut self, router: &Router, request: &Request, out: &mut Vec<Statement>) -> Result<(), Error> {
+    /// The statements an extended-protocol batch carries, with their classifications (and,
+    /// for a Bind, the Bind, whose parameters may be shard keys). Parses are remembered so
+    /// later Binds of the same statement route the same way.
+    fn batch_statements(&mut self, router: &Router, frames: &[Frame], out: &mut Vec<Statement>) -> Result<(), Error> {
         let malformed = |what: &str| Error::Protocol(format!("malformed {what} message"));
-        match request {
-            Request::Query(frame) => {
-                let sql = messages::query_text(frame.body()).ok_or_else(|| malformed("Query"))?;
-                let class = self.classify(router, sql);
-                out.push((frame.share(sql), class, None));
-            }
-            Request::Function(_) => {
-                out.push((Bytes::new(), Arc::new(Classification::unparsable("a FunctionCall may write")), None));
-            }
-            Request::Batch(frames) => {
-                // the name the last statement in `out` was prepared under by this batch, while
-                // no Bind has executed it yet
-                let mut parsed: Option<&[u8]> = None;
-                for frame in frames {
-                    match frame.tag() {
-                        b'P' => {
-                            let (name, sql) = messages::parse_parse(frame.body()).ok_or_else(|| malformed("Parse"))?;
-                            let class = self.classify(router, sql);
-                            if self.pgrouter_command(sql).is_some() {
-                                // answering it would mean emulating the extended protocol:
-                                // refuse rather than let the server silently accept it
-                                return Err(Error::NotSupported(
-                                    "send SET/RESET/SHOW pgrouter.route as a simple query, not a prepared statement"
-                                        .into(),
-                                ));
-                            }
-                            let sql = self.remember(name, sql, &class, frame);
-                            out.push((sql, class, None));
-                            parsed = Some(name);
-                        }
-                        b'B' => {
-                            let (_, name) =
-                                messages::parse_bind_names(frame.body()).ok_or_else(|| malformed("Bind"))?;
-                            // the Bind of the statement just parsed: one statement, routed once
-                            if parsed.take() == Some(name)
-                                && let Some((_, _, bind @ None)) = out.last_mut()
-                            {
-                                *bind = Some(frame.clone());
-                                continue;
-                            }
-                            let known = self.prepared.get(name).cloned();
-                            out.push(known.map_or_else(
-                                || {
-                                    (
-                                        Bytes::new(),
-                                        Arc::new(Classification::unparsable(
-                                            "Bind of a statement pgrouter has not seen prepared",
-                                        )),
-                                        None,
-                                    )
-                                },
-                                |p| (p.sql, p.class, Some(frame.clone())),
-                            ));
-                        }
-                        _ => {}
+        // the name the last statement in `out` was prepared under by this batch, while
+        // no Bind has executed it yet
+        let mut parsed: Option<&[u8]> = None;
+        for frame in frames {
+            match frame.tag() {
+                b'P' => {
+                    let (name, sql) = messages::parse_parse(frame.body()).ok_or_else(|| malformed("Parse"))?;
+                    let class = self.classify(router, sql);
+                    if self.pgrouter_command(sql).is_some() {
+                        // answering it would mean emulating the extended protocol:
+                        // refuse rather than let the server silently accept it
+                        return Err(Error::NotSupported(
+                            "send SET/RESET/SHOW pgrouter.route as a simple query, not a prepared statement".into(),
+                        ));
                     }
+                    let sql = self.remember(name, sql, &class, frame);
+                    out.push((sql, class, None));
+                    parsed = Some(name);
                 }
+                b'B' => {
+                    let (_, name) = messages::parse_bind_names(frame.body()).ok_or_else(|| malformed("Bind"))?;
+                    // the Bind of the statement just parsed: one statement, routed once
+                    if parsed.take() == Some(name)
+                        && let Some((_, _, bind @ None)) = out.last_mut()
+                    {
+                        *bind = Some(frame.clone());
+                        continue;
+                    }
+                    let known = self.prepared.get(name).cloned();
+                    out.push(known.map_or_else(
+                        || {
+                            (
+                                Bytes::new(),
+                                Arc::new(Classification::unparsable(
+                                    "Bind of a statement pgrouter has not seen prepared",
+                                )),
+                                None,
+                            )
+                        },
+                        |p| (p.sql, p.class, Some(frame.clone())),
+                    ));
+                }
+                _ => {}
             }
         }
         Ok(())
