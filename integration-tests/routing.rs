@@ -257,6 +257,41 @@ fn writes_are_never_sent_to_a_server_in_recovery() {
     });
 }
 
+/// A route forced to the primary (`SET pgrouter.route`, a hint) says nothing about writing:
+/// only a statement that may write makes the client's next reads follow it there. With
+/// primary_after_write and a long max_replica_lag the window after a write is certain, so a
+/// forced read that counted as a write would fail this at once.
+#[test]
+fn a_read_forced_to_the_primary_is_not_a_write() {
+    let env = replica_env(
+        "",
+        &database("after_write", "read_your_writes = \"primary_after_write\"\nmax_replica_lag = \"60s\""),
+        &[],
+    );
+    assert_ok(&env.proxy.psql("app", &["-c", "create table forced (v int)"]), "DDL");
+    wait_replica_caught_up(&env);
+    wait_replica_in_rotation(&env, "after_write");
+    let reads = [
+        // a read on the replica first: pg_is_in_recovery's volatility is then known
+        "select pg_is_in_recovery()",
+        "set pgrouter.route = 'primary'",
+        "select pg_is_in_recovery()",
+        "reset pgrouter.route",
+        "select pg_is_in_recovery()",
+        "/* pgrouter: route=primary */ select pg_is_in_recovery()",
+        "select pg_is_in_recovery()",
+        "/* pgrouter: route=primary */ insert into forced values (1) returning pg_is_in_recovery()",
+        "select pg_is_in_recovery()",
+    ];
+    let args: Vec<&str> = ["-qAt"].into_iter().chain(reads.iter().flat_map(|sql| ["-c", *sql])).collect();
+    let out = env.proxy.psql("after_write", &args);
+    assert_ok(&out, "forced routes");
+    let printed = stdout(&out);
+    let answers: Vec<&str> = printed.split_whitespace().collect();
+    // replica; forced; replica again; hinted; replica again; a hinted write; read-your-writes
+    assert_eq!(answers, ["t", "f", "t", "f", "t", "f", "f"]);
+}
+
 /// Insert a row, read it back at once, 1,000 times. With read_your_writes = lsn or
 /// primary_after_write every read sees its row although the replica applies WAL 500 ms late;
 /// with off, stale reads happen (so the test can fail).

@@ -77,6 +77,14 @@ impl Why {
                 | Self::ReadOnlyTransaction
         )
     }
+
+    /// Whether a hint, the session's `pgrouter.route` or a routing rule chose the target:
+    /// such a decision says nothing about whether the statement writes (see
+    /// [`Policy::may_write`]).
+    #[must_use]
+    pub fn forced(&self) -> bool {
+        matches!(self, Self::Hint(_) | Self::SessionSetting(_) | Self::Rule(_))
+    }
 }
 
 impl fmt::Display for Why {
@@ -209,6 +217,16 @@ impl Policy {
             return decided(Target::Primary, why);
         }
         Ok(self.read(shard, Why::Read))
+    }
+
+    /// Whether a statement may change data, as `decide` would judge it without hints,
+    /// settings or rules. A called function whose volatility is not known yet counts as a
+    /// write (nothing is looked up for this).
+    #[must_use]
+    pub fn may_write(&self, class: &Classification) -> bool {
+        matches!(class.access, Access::Write(_))
+            || class.opens_write_transaction
+            || !matches!(self.function_verdict(&class.functions), Ok(None))
     }
 
     /// The shard the hints name, else `keyed`, else the home shard; or why the hints are
@@ -444,6 +462,22 @@ mod tests {
         assert_eq!(p.transaction(true, &Hints::default(), None, None).target, Target::Replica);
         assert_eq!(p.transaction(false, &Hints::default(), None, None).target, Target::Primary);
         assert_eq!(p.transaction(false, &Hints::default(), Some(RouteHint::Replica), None).target, Target::Replica);
+    }
+
+    #[test]
+    fn a_forced_route_leaves_whether_a_statement_writes_to_the_statement() {
+        let p = policy("[databases.routing]\nread_only_functions = [\"app.price_of\"]");
+        let writes = |sql: &str| p.may_write(&classify(sql, &[]));
+        assert!(!writes("select 1"));
+        assert!(writes("insert into t values (1)"));
+        assert!(writes("begin; select 1"), "opens a transaction that is not read-only");
+        assert!(!writes("begin read only; select 1"));
+        assert!(!writes("select app.price_of(1)"));
+        assert!(writes("select my_func(1)"), "volatility not known yet");
+        p.learn_volatility([("my_func".to_owned(), false)]);
+        assert!(!writes("select my_func(1)"));
+        assert!(decide(&p, "/* pgrouter: route=primary */ select 1").unwrap().why.forced());
+        assert!(!decide(&p, "insert into t values (1)").unwrap().why.forced());
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! How a routed request gets its server connection: picking the server (health, lag,
+//! How a routed request gets its server connection: the attachment itself (`Attached`, and
+//! what its statements do to the session: `Effects`), picking the server (health, lag,
 //! read-your-writes, load balancing, fallback), waiting for the pool, starting a held
 //! transaction, looking up function volatility, and recording writes for read-your-writes.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Attached, Effects, LOOKUP_TIMEOUT, RESET_TIMEOUT, Session};
+use super::{LOOKUP_TIMEOUT, RESET_TIMEOUT, Session};
 use crate::backend::health::{BanReason, parse_lsn};
 use crate::backend::{Checkout, Pool, ReadNeeds, ShardPools};
 use crate::config::{ReadYourWrites, ReplicaFallback};
@@ -15,12 +16,62 @@ use crate::frontend::clients::ClientState;
 use crate::frontend::routing::{Routed, WriteMark};
 use crate::frontend::settings;
 use crate::protocol::messages::TxStatus;
+use crate::router::classify::Classification;
 use crate::router::policy::volatility_query;
 use crate::router::{Decision, Role, Target, Why};
 
 /// How often applying a client's settings is tried on a connection with a statement_timeout
 /// (see `apply_settings`).
 const APPLY_ATTEMPTS: usize = 5;
+
+/// A server connection lent to the session, with the decision that chose it.
+pub(super) struct Attached {
+    pub(super) checkout: Checkout,
+    pub(super) decision: Decision,
+    /// The attachment began outside a transaction block, so losing the server loses no
+    /// state the client relies on.
+    pub(super) started_idle: bool,
+    /// What the statements relayed on it do to the session.
+    pub(super) effects: Effects,
+    /// DDL on sharded tables run in this transaction, to be run on the other shards when it
+    /// commits (`schema.rs`).
+    pub(super) elsewhere: Vec<bytes::Bytes>,
+}
+
+/// What statements do to the session beyond their results.
+#[derive(Default)]
+pub(super) struct Effects {
+    /// Settings may have changed: read them back before the connection goes back.
+    pub(super) session_state: bool,
+    /// State that cannot move was created: the client keeps the connection.
+    pub(super) pins: Option<&'static str>,
+    /// DISCARD ALL: the server dropped its prepared statements.
+    pub(super) discards_all: bool,
+    /// A statement that may change data ran. Kept only when the route was forced (a hint,
+    /// `pgrouter.route` or a rule), the one case where the decision does not tell.
+    pub(super) may_write: bool,
+}
+
+impl Effects {
+    pub(super) fn add(&mut self, class: &Classification) {
+        self.session_state |= class.session_state;
+        self.discards_all |= class.discards_all;
+        self.pins = self.pins.or(class.pins);
+    }
+}
+
+impl Attached {
+    pub(super) fn role(&self) -> Role {
+        self.checkout.pool().key.role
+    }
+
+    /// Whether data may have changed on this server: the decision says so, or, for a forced
+    /// route, one of the statements relayed may write. A read sent to the primary by
+    /// `SET pgrouter.route = 'primary'` is not a write for read-your-writes.
+    fn may_have_written(&self) -> bool {
+        if self.decision.why.forced() { self.effects.may_write } else { self.decision.why.writes() }
+    }
+}
 
 impl<S: ClientIo> Session<S> {
     /// Asks the primary which of `names` are VOLATILE user functions, once per name.
@@ -312,7 +363,7 @@ impl<S: ClientIo> Session<S> {
             return;
         };
         if attached.role() != Role::Primary
-            || !attached.decision.why.writes()
+            || !attached.may_have_written()
             || !policy.has_replicas(attached.decision.shard)
         {
             return;

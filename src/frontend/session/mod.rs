@@ -27,6 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use attach::Attached;
+
 use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
 use super::clients::{ClientState, Registered};
@@ -37,12 +39,11 @@ use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
 use crate::app::App;
 use crate::backend::conn::Settings;
-use crate::backend::{Checkout, ClusterPools, WaitTimer};
+use crate::backend::{ClusterPools, WaitTimer};
 use crate::config::PoolMode;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
 use crate::protocol::messages::{self, Severity, TxStatus};
-use crate::router::classify::Classification;
 use crate::router::hint;
 use crate::router::policy::Undecided;
 use crate::router::{Decision, Policy, Role, Target, Why};
@@ -94,45 +95,6 @@ pub struct SessionParams {
     pub cancel: Registration,
     /// The config snapshot `pools` and `policy` come from.
     pub generation: u64,
-}
-
-/// A server connection lent to the session, with the decision that chose it.
-struct Attached {
-    checkout: Checkout,
-    decision: Decision,
-    /// The attachment began outside a transaction block, so losing the server loses no
-    /// state the client relies on.
-    started_idle: bool,
-    /// What the statements relayed on it do to the session.
-    effects: Effects,
-    /// DDL on sharded tables run in this transaction, to be run on the other shards when it
-    /// commits (`schema.rs`).
-    elsewhere: Vec<bytes::Bytes>,
-}
-
-/// What statements do to the session beyond their results.
-#[derive(Default)]
-struct Effects {
-    /// Settings may have changed: read them back before the connection goes back.
-    session_state: bool,
-    /// State that cannot move was created: the client keeps the connection.
-    pins: Option<&'static str>,
-    /// DISCARD ALL: the server dropped its prepared statements.
-    discards_all: bool,
-}
-
-impl Effects {
-    fn add(&mut self, class: &Classification) {
-        self.session_state |= class.session_state;
-        self.discards_all |= class.discards_all;
-        self.pins = self.pins.or(class.pins);
-    }
-}
-
-impl Attached {
-    fn role(&self) -> Role {
-        self.checkout.pool().key.role
-    }
 }
 
 pub struct Session<S> {
@@ -281,6 +243,7 @@ impl<S: ClientIo> Session<S> {
             // (a SET or LISTEN later in a transaction, say)
             let (routing, router, custom) = (&mut self.routing, &self.app.router, &mut self.custom_settings);
             let (effects, shard, policy) = (&mut attached.effects, attached.decision.shard, &self.params.policy);
+            let forced = attached.decision.why.forced();
             let commit_elsewhere = AtomicBool::new(!attached.elsewhere.is_empty());
             let elsewhere = &mut attached.elsewhere;
             let mut observe = |frame: &Frame, routed: bool| {
@@ -289,6 +252,9 @@ impl<S: ClientIo> Session<S> {
                     class.usage.note(route.code());
                 }
                 effects.add(&class);
+                if forced && !effects.may_write {
+                    effects.may_write = policy.may_write(&class);
+                }
                 let replaced = routing.guard_shard(policy, frame, &class, shard, elsewhere);
                 commit_elsewhere.store(!elsewhere.is_empty(), Ordering::Relaxed);
                 replaced

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::{Attached, Session};
+use super::Session;
+use super::attach::Attached;
 use crate::backend::Checkout;
 use crate::error::{Error, SqlState};
 use crate::frontend::client::ClientIo;
