@@ -471,10 +471,15 @@ pub fn trusted_user() -> String {
 /// Logs in as the trusted user over a raw socket; returns the stream and the cancel key
 /// pgrouter gave (pid, secret).
 pub fn raw_login(port: u16) -> (TcpStream, i32, Vec<u8>) {
+    raw_login_to(port, "app")
+}
+
+/// [`raw_login`] to `database`.
+pub fn raw_login_to(port: u16, database: &str) -> (TcpStream, i32, Vec<u8>) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", "raw"), ("database", "app")] {
+    for (k, v) in [("user", "raw"), ("database", database)] {
         body.extend_from_slice(format!("{k}\0{v}\0").as_bytes());
     }
     body.push(0);

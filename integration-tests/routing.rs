@@ -263,11 +263,14 @@ fn writes_are_never_sent_to_a_server_in_recovery() {
 /// forced read that counted as a write would fail this at once.
 #[test]
 fn a_read_forced_to_the_primary_is_not_a_write() {
-    let env = replica_env(
-        "",
-        &database("after_write", "read_your_writes = \"primary_after_write\"\nmax_replica_lag = \"60s\""),
-        &[],
-    );
+    let env = Env::start(EnvOptions {
+        replica: true,
+        proxy: "health_check_interval = \"200ms\"\nban_time = \"1s\"".into(),
+        databases: database("after_write", "read_your_writes = \"primary_after_write\"\nmax_replica_lag = \"60s\""),
+        users: crate::operations::trusted_user(),
+        pg_conf: vec!["max_connections = 150".into()],
+        ..EnvOptions::default()
+    });
     assert_ok(&env.proxy.psql("app", &["-c", "create table forced (v int)"]), "DDL");
     wait_replica_caught_up(&env);
     wait_replica_in_rotation(&env, "after_write");
@@ -290,6 +293,39 @@ fn a_read_forced_to_the_primary_is_not_a_write() {
     let answers: Vec<&str> = printed.split_whitespace().collect();
     // replica; forced; replica again; hinted; replica again; a hinted write; read-your-writes
     assert_eq!(answers, ["t", "f", "t", "f", "t", "f", "f"]);
+
+    // a FunctionCall has no text to judge: under a forced route it counts as a write
+    use std::io::Write;
+    let oid: u32 = value(&env, "after_write", "select 'pg_is_in_recovery'::regproc::oid").parse().unwrap();
+    let (mut raw, _, _) = crate::operations::raw_login_to(env.proxy.port, "after_write");
+    let mut call = vec![b'F', 0, 0, 0, 14];
+    call.extend_from_slice(&oid.to_be_bytes());
+    call.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no format codes, no arguments, text result
+    let query = |sql: &str| {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&u32::try_from(sql.len() + 5).unwrap().to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    };
+    let mut ask = |bytes: &[u8]| {
+        raw.write_all(bytes).unwrap();
+        let mut got = Vec::new();
+        loop {
+            match crate::operations::read_message(&mut raw) {
+                (b'Z', _) => return got,
+                (b'E', body) => panic!("{}", String::from_utf8_lossy(&body)),
+                (b'D', body) => got.push(body[body.len() - 1]),
+                (b'V', body) => got.push(body[body.len() - 1]),
+                _ => {}
+            }
+        }
+    };
+    assert_eq!(ask(&query("select pg_is_in_recovery()")), [b't']);
+    ask(&query("set pgrouter.route = 'primary'"));
+    assert_eq!(ask(&call), [b'f'], "the call ran on the primary");
+    ask(&query("reset pgrouter.route"));
+    assert_eq!(ask(&query("select pg_is_in_recovery()")), [b'f'], "read-your-writes after the call");
 }
 
 /// Insert a row, read it back at once, 1,000 times. With read_your_writes = lsn or

@@ -247,6 +247,8 @@ impl<S: ClientIo> Session<S> {
             let commit_elsewhere = AtomicBool::new(!attached.elsewhere.is_empty());
             let elsewhere = &mut attached.elsewhere;
             let mut observe = |frame: &Frame, routed: bool| {
+                // a FunctionCall has no text to judge: it may write
+                effects.may_write |= forced && frame.tag() == b'F';
                 let class = routing.observe(router, frame, custom, routed)?;
                 if matches!(frame.tag(), b'Q' | b'B') {
                     class.usage.note(route.code());
