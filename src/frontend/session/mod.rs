@@ -247,16 +247,16 @@ impl<S: ClientIo> Session<S> {
             let commit_elsewhere = AtomicBool::new(!attached.elsewhere.is_empty());
             let elsewhere = &mut attached.elsewhere;
             let mut observe = |frame: &Frame, routed: bool| {
-                // a FunctionCall has no text to judge: it may write
-                effects.may_write |= forced && frame.tag() == b'F';
-                let class = routing.observe(router, frame, custom, routed)?;
+                let class = routing.observe(router, frame, custom, routed);
+                if forced && !effects.may_write {
+                    // a FunctionCall has no text to judge: it may write
+                    effects.may_write = class.as_ref().map_or(frame.tag() == b'F', |c| policy.may_write(c));
+                }
+                let class = class?;
                 if matches!(frame.tag(), b'Q' | b'B') {
                     class.usage.note(route.code());
                 }
                 effects.add(&class);
-                if forced && !effects.may_write {
-                    effects.may_write = policy.may_write(&class);
-                }
                 let replaced = routing.guard_shard(policy, frame, &class, shard, elsewhere);
                 commit_elsewhere.store(!elsewhere.is_empty(), Ordering::Relaxed);
                 replaced
