@@ -6,7 +6,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, sqlstate, stderr, stdout,
+    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, frontend_message, runtime, sqlstate, stderr,
+    stdout,
 };
 
 fn startup_packet(code: u32, params: &[(&str, &str)]) -> Vec<u8> {
@@ -207,13 +208,6 @@ fn session_pooling_reuses_reset_connections() {
     assert_eq!(stdout(&out).trim(), format!("{first_pid}|4MB|0"), "same server connection, reset by DISCARD ALL");
 }
 
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
 /// Reads until a ReadyForQuery or an ErrorResponse arrives (or the socket closes).
 fn read_until_ready(stream: &mut TcpStream) -> Vec<u8> {
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -262,13 +256,13 @@ fn invalid_messages_and_terminate() {
     };
     // a password message after login is not a valid message type
     let mut s = login();
-    s.write_all(&message(b'p', b"secret\0")).unwrap();
+    s.write_all(&frontend_message(b'p', b"secret\0")).unwrap();
     let reply = read_until_ready(&mut s);
     assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{reply:?}");
     // Query + Terminate in one write: the insert still happens
     let mut s = login();
-    let mut batch = message(b'Q', b"insert into after_terminate values (1)\0");
-    batch.extend(message(b'X', b""));
+    let mut batch = frontend_message(b'Q', b"insert into after_terminate values (1)\0");
+    batch.extend(frontend_message(b'X', b""));
     s.write_all(&batch).unwrap();
     drop(s);
     let inserted = crate::harness::wait_until(Duration::from_secs(10), || {

@@ -513,11 +513,7 @@ fn a_cancel_sent_to_the_wrong_instance_still_cancels() {
     let second = crate::harness::Proxy::start(|port| crate::harness::config_text(&env.topo, &second_opts, port));
     let (mut stream, pid, secret) = raw_login(env.proxy.port);
     assert_eq!(pgrouter::frontend::cancel::instance_of(pid), 1, "the key carries its instance");
-    let query = b"select pg_sleep(30)\0";
-    let mut msg = vec![b'Q'];
-    msg.extend_from_slice(&u32::try_from(query.len() + 4).unwrap().to_be_bytes());
-    msg.extend_from_slice(query);
-    stream.write_all(&msg).unwrap();
+    stream.write_all(&crate::harness::frontend_message(b'Q', b"select pg_sleep(30)\0")).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let mut cancel = TcpStream::connect(("127.0.0.1", second.port)).unwrap();

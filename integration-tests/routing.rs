@@ -8,7 +8,8 @@ use pgrouter::router::classify::TxModes;
 use tokio_postgres::types::Type;
 
 use crate::harness::{
-    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, runtime, stdout, wait_until,
+    APP_PASSWORD, APP_USER, Env, EnvOptions, assert_ok, connect, describe, frontend_message, runtime, stdout,
+    wait_until,
 };
 
 /// An environment with a replica, quick health checks and extra databases.
@@ -298,16 +299,9 @@ fn a_read_forced_to_the_primary_is_not_a_write() {
     use std::io::Write;
     let oid: u32 = value(&env, "after_write", "select 'pg_is_in_recovery'::regproc::oid").parse().unwrap();
     let (mut raw, _, _) = crate::operations::raw_login_to(env.proxy.port, "after_write");
-    let mut call = vec![b'F', 0, 0, 0, 14];
-    call.extend_from_slice(&oid.to_be_bytes());
-    call.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no format codes, no arguments, text result
-    let query = |sql: &str| {
-        let mut m = vec![b'Q'];
-        m.extend_from_slice(&u32::try_from(sql.len() + 5).unwrap().to_be_bytes());
-        m.extend_from_slice(sql.as_bytes());
-        m.push(0);
-        m
-    };
+    // no argument format codes, no arguments, a text result
+    let call = frontend_message(b'F', &[&oid.to_be_bytes()[..], &[0, 0, 0, 0, 0, 0]].concat());
+    let query = |sql: &str| frontend_message(b'Q', format!("{sql}\0").as_bytes());
     let mut ask = |bytes: &[u8]| {
         raw.write_all(bytes).unwrap();
         let mut got = Vec::new();

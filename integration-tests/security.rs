@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::harness::{APP_PASSWORD, APP_USER, Env, EnvOptions, pg_tool, stderr, stdout};
+use crate::harness::{APP_PASSWORD, APP_USER, Env, EnvOptions, frontend_message, pg_tool, stderr, stdout};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
@@ -261,14 +261,6 @@ fn abandoned_connections_do_not_starve_clients() {
     assert!(queries > 100, "the established client kept running queries");
 }
 
-/// One frontend message.
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
 /// What the connection answers until ReadyForQuery, an error that ends it, or its close:
 /// the SQLSTATEs of its ErrorResponses, and whether it is still usable (ended with 'Z').
 fn answers(stream: &mut std::net::TcpStream) -> (Vec<String>, bool) {
@@ -333,16 +325,16 @@ fn bad_input_gets_errors_or_clean_closes() {
         report.push(format!("{what}: {codes:?} then closed"));
     }
     // after login: each case on its own session
-    let query = |sql: &[u8]| msg(b'Q', &[sql, b"\0"].concat());
-    let sync = msg(b'S', b"");
+    let query = |sql: &[u8]| frontend_message(b'Q', &[sql, b"\0"].concat());
+    let sync = frontend_message(b'S', b"");
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         ("message length 0", vec![b'Q', 0, 0, 0, 0], false),
         ("message length 3", vec![b'Q', 0, 0, 0, 3], false),
         ("message beyond max_message_size", [vec![b'Q'], 0x7fff_0000u32.to_be_bytes().to_vec()].concat(), false),
-        ("unknown message type", msg(b'!', b""), false),
-        ("Bind without Parse", [msg(b'B', b"\0nope\0\0\0\0\0\0\0"), sync.clone()].concat(), true),
-        ("Execute without Bind", [msg(b'E', b"nope\0\0\0\0\0"), sync.clone()].concat(), true),
-        ("CopyData outside COPY", [msg(b'd', b"stray"), query(b"select 1")].concat(), true),
+        ("unknown message type", frontend_message(b'!', b""), false),
+        ("Bind without Parse", [frontend_message(b'B', b"\0nope\0\0\0\0\0\0\0"), sync.clone()].concat(), true),
+        ("Execute without Bind", [frontend_message(b'E', b"nope\0\0\0\0\0"), sync.clone()].concat(), true),
+        ("CopyData outside COPY", [frontend_message(b'd', b"stray"), query(b"select 1")].concat(), true),
         ("invalid UTF-8 in SQL", query(b"select '\xff\xfe'"), true),
     ];
     for (what, bytes, stays) in cases {
@@ -364,12 +356,16 @@ fn bad_input_gets_errors_or_clean_closes() {
     let (mut s, _, _) = raw_login(port);
     s.write_all(&query(b"copy bad_copy from stdin")).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    s.write_all(&msg(b'd', b"half a row")).unwrap();
+    s.write_all(&frontend_message(b'd', b"half a row")).unwrap();
     drop(s);
     let (mut s, _, _) = raw_login(port);
     s.write_all(
-        &[msg(b'P', b"\0select pg_sleep(0.2)\0\0\0"), msg(b'B', b"\0\0\0\0\0\0\0\0"), msg(b'E', b"\0\0\0\0\0")]
-            .concat(),
+        &[
+            frontend_message(b'P', b"\0select pg_sleep(0.2)\0\0\0"),
+            frontend_message(b'B', b"\0\0\0\0\0\0\0\0"),
+            frontend_message(b'E', b"\0\0\0\0\0"),
+        ]
+        .concat(),
     )
     .unwrap();
     drop(s);
