@@ -173,17 +173,22 @@ pub struct RoutingState {
 }
 
 impl RoutingState {
-    /// The classification of `sql`: the one just made if `sql` is the text last classified,
-    /// else from the router (its shape cache, or a parse). Leaves `sql`'s shape in `scratch`.
+    /// The classification of `sql`: the one just made if `sql` is the text last classified
+    /// or has its shape, else from the router (its shape cache, or a parse). Leaves `sql`'s
+    /// shape in `scratch`.
     fn classify(&mut self, router: &Router, sql: &[u8]) -> Arc<Classification> {
-        if let Some(class) = &self.shaped_class
-            && self.shaped == sql
-        {
+        if self.shaped != sql {
+            self.shape(sql);
+            if let Some(class) = &self.shaped_class {
+                // the shape of the statement before, run again with other values
+                router.count_hit();
+                return Arc::clone(class);
+            }
+        }
+        if let Some(class) = &self.shaped_class {
             return Arc::clone(class);
         }
-        let class = router.classify(sql, &mut self.scratch);
-        self.shaped.clear();
-        self.shaped.extend_from_slice(sql);
+        let class = router.classify_shaped(sql, &self.scratch);
         self.shaped_class = Some(Arc::clone(&class));
         class
     }
@@ -199,14 +204,21 @@ impl RoutingState {
         hint::session_command(sql)
     }
 
-    /// Leaves `sql`'s shape in `scratch`, shaping it only if it is not there already.
+    /// Leaves `sql`'s shape in `scratch`, shaping it only if it is not there already. The
+    /// classification known stays when `sql` has the shape of the text before and the class
+    /// holds for every text of that shape (`cacheable`).
     fn shape(&mut self, sql: &[u8]) {
-        if self.shaped != sql {
+        if self.shaped == sql {
+            return;
+        }
+        if !self.scratch.relit(&self.shaped, sql) {
             self.scratch.of(sql);
-            self.shaped.clear();
-            self.shaped.extend_from_slice(sql);
+            self.shaped_class = None;
+        } else if self.shaped_class.as_ref().is_some_and(|class| !class.cacheable) {
             self.shaped_class = None;
         }
+        self.shaped.clear();
+        self.shaped.extend_from_slice(sql);
     }
 
     /// The transaction status the client believes in while no server is attached.

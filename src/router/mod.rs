@@ -42,19 +42,30 @@ impl Router {
     /// and the positions of the text's literals (where shard-key values are read from).
     pub fn classify(&self, sql: &[u8], scratch: &mut Shape) -> Arc<Classification> {
         scratch.of(sql);
-        if let Some(hit) = self.cache.get(scratch.text.as_slice()) {
+        self.classify_shaped(sql, scratch)
+    }
+
+    /// [`Router::classify`] for a `sql` whose shape `shape` is already.
+    pub fn classify_shaped(&self, sql: &[u8], shape: &Shape) -> Arc<Classification> {
+        if let Some(hit) = self.cache.get(shape.text.as_slice()) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return hit;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let class = Arc::new(match std::str::from_utf8(sql) {
-            Ok(text) => classify(text, &scratch.literals),
+            Ok(text) => classify(text, &shape.literals),
             Err(_) => classify::Classification::unparsable("the text is not valid UTF-8"),
         });
         if class.cacheable {
-            self.cache.insert(scratch.text.as_slice().into(), Arc::clone(&class));
+            self.cache.insert(shape.text.as_slice().into(), Arc::clone(&class));
         }
         class
+    }
+
+    /// Counts a classification the caller knew without the cache: a statement of the shape
+    /// it classified last (see `Shape::relit`).
+    pub fn count_hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The cached shapes with their classifications (SHOW ROUTES).

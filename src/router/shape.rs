@@ -23,6 +23,37 @@ impl Shape {
         self.literals.clear();
         scan(sql, &mut self.text, &mut self.literals);
     }
+
+    /// Moves this shape, made of `last`, over to `sql` without scanning it, if the two texts
+    /// differ only inside their quoted strings and numbers (a statement run again with other
+    /// values inlined, as drivers that interpolate parameters send it): the shape stays and
+    /// the literals' ranges become `sql`'s. Returns false when that cannot be shown; the
+    /// literals are then left half moved, and the caller shapes `sql` with [`Shape::of`].
+    ///
+    /// Why this gives [`Shape::of`]'s answer: the bytes before a literal are the same, so the
+    /// scanner reaches it in the same state; the new literal opens the way the old one did
+    /// (the same quote, or a digit), so the scanner takes it the same way and it ends where
+    /// the same skip ends it; what follows is the same again, and the state after a literal
+    /// is the same whatever its value (a `?` written, no space pending).
+    pub fn relit(&mut self, last: &[u8], sql: &[u8]) -> bool {
+        let (mut old, mut new) = (0, 0);
+        for literal in &mut self.literals {
+            let (start, end) = *literal;
+            let same = &last[old..start];
+            if sql.get(new..new + same.len()) != Some(same) {
+                return false;
+            }
+            new += same.len();
+            let next = match (last[start], sql.get(new)) {
+                (b'\'', Some(b'\'')) => skip_string(sql, new + 1, false),
+                (b'0'..=b'9', Some(c)) if c.is_ascii_digit() => skip_number(sql, new),
+                _ => return false,
+            };
+            *literal = (new, next);
+            (old, new) = (end, next);
+        }
+        last[old..] == sql[new..]
+    }
 }
 
 /// Writes the shape of `sql` into `out` (cleared first).
@@ -290,6 +321,90 @@ mod tests {
     #[test]
     fn line_comments_end_at_carriage_returns() {
         assert_ne!(shape("SELECT 1 --x\r; DELETE FROM t"), shape("SELECT 1"));
+    }
+
+    /// Shapes `sql` by moving the shape of `last` over, if `relit` can.
+    fn relit(last: &str, sql: &str) -> Option<Shape> {
+        let mut shape = Shape::default();
+        shape.of(last.as_bytes());
+        shape.relit(last.as_bytes(), sql.as_bytes()).then_some(shape)
+    }
+
+    #[test]
+    fn relit_moves_a_shape_to_other_values() {
+        let last = "SELECT abalance FROM pgbench_accounts WHERE aid = 7;";
+        let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = 1234567;";
+        let moved = relit(last, sql).expect("only the number differs");
+        let mut full = Shape::default();
+        full.of(sql.as_bytes());
+        assert_eq!(moved.text, full.text);
+        assert_eq!(moved.literals, full.literals);
+        assert_eq!(&sql[full.literals[0].0..full.literals[0].1], "1234567");
+        assert!(
+            relit("select * from t where a = 'x' and b = 1.5", "select * from t where a = 'it''s' and b = 22e3")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn relit_refuses_what_it_cannot_show() {
+        // a different statement, a literal of another kind, a longer or shorter text
+        assert!(relit("select 1 from t", "select 1 from u").is_none());
+        assert!(relit("select * from t where a = 1", "select * from t where a = '1'").is_none());
+        assert!(relit("select * from t where a = 1", "select * from t where a = 1 and b = 2").is_none());
+        assert!(relit("select * from t where a = 1 and b = 2", "select * from t where a = 1").is_none());
+        assert!(relit("select 1 -- x", "select 1 -- y").is_none());
+        // kinds it leaves to the scanner: E'', X'', dollar quotes
+        assert!(relit("select E'a'", "select E'b'").is_none());
+        assert!(relit("select X'1F'", "select X'2F'").is_none());
+        assert!(relit("select $$a$$", "select $$b$$").is_none());
+    }
+
+    /// Whenever `relit` moves a shape, it is the shape a full pass gives, with the same
+    /// literals: checked over pairs of statements that differ in their literals and
+    /// elsewhere, including values that run into the text around them.
+    #[test]
+    fn relit_agrees_with_a_full_pass() {
+        let templates = [
+            "SELECT a FROM t WHERE id = {} AND name = {}",
+            "select {}, {} from t1",
+            "update t set x = {} where y = {} -- note",
+            "select * from t where a in ({}, {}) /* c */",
+            "select 'x'||{}||{}",
+            "select a{}b, {}",
+            "insert into t values ({},{})",
+            "select {}{}",
+        ];
+        let values = [
+            "1", "22", "3.5", "4e10", "5e-3", "6_000", "'a'", "'b''c'", "''", "'x", "1a", "'q'r", "1.2.3", "7 ", " 8",
+            "'", "E'e'", "$$d$$", "9--c", "0/*c*/", "x", "1e", "'''", "'s' 't'", ".5", "$1",
+        ];
+        let mut texts = Vec::new();
+        for t in templates {
+            for a in values {
+                for b in ["1", "'b'", "33", "'it''s'", "4.0e+5"] {
+                    texts.push(t.replacen("{}", a, 1).replacen("{}", b, 1));
+                }
+            }
+        }
+        let mut moved = 0;
+        for last in &texts {
+            let mut first = Shape::default();
+            first.of(last.as_bytes());
+            for sql in &texts {
+                let mut shape = first.clone();
+                if !shape.relit(last.as_bytes(), sql.as_bytes()) {
+                    continue;
+                }
+                moved += 1;
+                let mut full = Shape::default();
+                full.of(sql.as_bytes());
+                assert_eq!(shape.text, full.text, "{last:?} -> {sql:?}");
+                assert_eq!(shape.literals, full.literals, "{last:?} -> {sql:?}");
+            }
+        }
+        // the check must have checked something
+        assert!(moved > texts.len() * 4, "only {moved} moves");
     }
 
     #[test]
