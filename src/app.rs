@@ -24,6 +24,7 @@ use std::path::PathBuf;
 
 use crate::backend::Pools;
 use crate::backend::health::{CheckSettings, run_checks};
+use crate::backend::tick::Ticker;
 use crate::config::Config;
 use crate::frontend::auth::Verifiers;
 use crate::frontend::cancel::CancelRegistry;
@@ -329,12 +330,11 @@ fn start_health_checks(snapshot: &Snapshot) {
 
 /// Expires idle server connections and keeps min_pool_size, for every pool.
 async fn upkeep(app: Arc<App>) {
-    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = Ticker::new(UPKEEP_INTERVAL);
     loop {
         tokio::select! {
             () = app.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tick.tick() => {}
         }
         // Each pool on its own task, so one unreachable server (waiting out its connect
         // timeout) does not hold up the others.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{ConnectSpec, ServerConn};
+use super::tick::Ticker;
 use crate::config::ServerAddr;
 use crate::router::{Role, ShardId};
 
@@ -215,13 +216,12 @@ const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
 pub async fn run_checks(shard: Arc<ShardHealth>, settings: CheckSettings, shutdown: CancellationToken) {
     let mut conns: Vec<Option<ServerConn>> = std::iter::repeat_with(|| None).take(1 + shard.replicas.len()).collect();
     let servers: Vec<Arc<ServerHealth>> = std::iter::once(&shard.primary).chain(&shard.replicas).cloned().collect();
-    let mut tick = tokio::time::interval(settings.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = Ticker::new(settings.interval);
     let mut primary = PrimaryHistory::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tick.tick() => {}
         }
         // before the checks: the primary's position is read after this
         let started = Instant::now();

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod health;
 pub mod pool;
 pub mod statements;
+pub mod tick;
 pub mod tls;
 
 use std::collections::HashMap;
