@@ -1,5 +1,6 @@
 //! Classification cost: a shape-cache hit (shape computation included) against a full
-//! sqlparser parse, for the kind of statements ORMs send. DESIGN §4 targets a hit under 1 µs.
+//! sqlparser parse, for the kind of statements ORMs send, and the shape moved over from the
+//! same statement with other literals. DESIGN §4 targets a hit under 1 µs.
 //! Also shard placement: a key read from its text and hashed as PostgreSQL hashes it.
 //!
 //! Run with `cargo bench --bench routing`.
@@ -44,6 +45,21 @@ fn classification(c: &mut Criterion) {
             b.iter(|| scratch.of(black_box(sql.as_bytes())));
         });
         group.bench_function(format!("full parse: {name}"), |b| b.iter(|| black_box(classify(black_box(sql), &[]))));
+        // the same statement with other numbers: the shape of one moved over to the other
+        // (`Shape::relit`, what a session does for a statement of its previous one's shape)
+        let other: String =
+            sql.chars().map(|c| c.to_digit(10).map_or(c, |d| char::from_digit((d + 1) % 10, 10).unwrap())).collect();
+        let texts = [sql.as_bytes(), other.as_bytes()];
+        let mut moved = Shape::default();
+        moved.of(texts[0]);
+        assert!(moved.relit(texts[0], texts[1]) && moved.relit(texts[1], texts[0]), "{name}");
+        let mut at = 0;
+        group.bench_function(format!("shape moved over: {name}"), |b| {
+            b.iter(|| {
+                assert!(moved.relit(texts[at], black_box(texts[1 - at])));
+                at = 1 - at;
+            });
+        });
     }
     group.finish();
 }
