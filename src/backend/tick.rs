@@ -3,8 +3,9 @@
 //!
 //! While tokio's wheel holds any timer, every time the runtime sleeps it reads the clock to
 //! compute the next deadline, and its `epoll_wait` gets a timeout, which the kernel arms and
-//! cancels as a timer of its own. With one client that is two sleeps per query, a few hundred
-//! instructions and more than a microsecond of system time (docs/BENCHMARKS.md). A timerfd is
+//! cancels as a timer of its own. With one client that is two sleeps per query: about 330
+//! instructions per query in the runtime (docs/BENCHMARKS.md), and the kernel's timer on top
+//! (not measured apart: below this machine's noise). A timerfd is
 //! a socket-like descriptor the kernel makes readable at each period: the runtime waits for
 //! it as for any socket, and its wheel stays empty while clients' requests are relayed.
 
