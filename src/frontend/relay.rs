@@ -259,7 +259,9 @@ impl Pump {
             {
                 return Poll::Ready(Ok(RelayEnd::Idle));
             }
-            if !wrote {
+            // With both sides waiting for the runtime, another pass can only find what this one
+            // found: a write frees buffer room only for a side that was not read for lack of it.
+            if !wrote || (client_waits && server_waits) {
                 if client_drained || server_drained {
                     // about to sleep: read the drained sides once more, so they wake this task
                     (client_drained, server_drained) = (false, false);
