@@ -54,28 +54,46 @@ fn demo_starts_serves_and_cleans_up() {
     use std::process::Stdio;
     use std::time::Duration;
 
-    let port = pgrouter::cluster::free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgrouter"))
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start demo");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    let mut config = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(path) = line.trim().strip_prefix(&format!("pgrouter on 127.0.0.1:{port}, config ")) {
-            config = Some(std::path::PathBuf::from(path));
+    // A free port can be taken by another test between picking it and the demo binding it:
+    // then the demo says so in its log, and it is started again on another.
+    let mut attempts = 3;
+    let (mut child, lines, logs, seen, config) = loop {
+        let port = pgrouter::cluster::free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pgrouter"))
+            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start demo");
+        // the demo's log, drained meanwhile so the pipe never fills, for the message of a failure
+        let stderr = child.stderr.take().unwrap();
+        let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        let mut config = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(path) = line.trim().strip_prefix(&format!("pgrouter on 127.0.0.1:{port}, config ")) {
+                config = Some(std::path::PathBuf::from(path));
+            }
+            let done = line.contains("Press Ctrl-C to stop");
+            seen.push(line);
+            if done {
+                break;
+            }
         }
-        let done = line.contains("Press Ctrl-C to stop");
-        seen.push(line);
-        if done {
-            break;
+        if let Some(config) = config {
+            break (child, lines, logs, seen, config);
         }
-    }
-    let config = config.unwrap_or_else(|| panic!("demo did not start:\n{}", seen.join("\n")));
+        let _ = child.wait();
+        let log = logs.join().unwrap_or_default();
+        attempts -= 1;
+        assert!(
+            attempts > 0 && log.contains("Address already in use"),
+            "demo did not start:\n{}\nits log:\n{log}",
+            seen.join("\n")
+        );
+    };
     let base = config.parent().unwrap().to_owned();
     let psql_line = seen.iter().find(|l| l.trim_start().starts_with("psql ")).expect("a psql line");
     let url = psql_line.trim().trim_start_matches("psql ").trim_matches('"').to_owned();
@@ -87,7 +105,8 @@ fn demo_starts_serves_and_cleans_up() {
     assert!(ok);
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
-    assert!(status.success(), "{status}: {rest:?}");
+    let log = logs.join().unwrap_or_default();
+    assert!(status.success(), "{status}: {rest:?}\n{log}");
     assert!(rest.iter().any(|l| l.contains("stopped pgrouter and PostgreSQL")), "{rest:?}");
     assert!(crate::harness::wait_until(Duration::from_secs(5), || !base.exists()), "{} left behind", base.display());
 }
