@@ -177,15 +177,12 @@ impl RoutingState {
     /// or has its shape, else from the router (its shape cache, or a parse). Leaves `sql`'s
     /// shape in `scratch`.
     fn classify(&mut self, router: &Router, sql: &[u8]) -> Arc<Classification> {
-        if self.shaped != sql {
-            self.shape(sql);
-            if let Some(class) = &self.shaped_class {
+        let new_text = self.shape(sql);
+        if let Some(class) = &self.shaped_class {
+            if new_text {
                 // the shape of the statement before, run again with other values
                 router.count_hit();
-                return Arc::clone(class);
             }
-        }
-        if let Some(class) = &self.shaped_class {
             return Arc::clone(class);
         }
         let class = router.classify_shaped(sql, &self.scratch);
@@ -204,12 +201,12 @@ impl RoutingState {
         hint::session_command(sql)
     }
 
-    /// Leaves `sql`'s shape in `scratch`, shaping it only if it is not there already. The
-    /// classification known stays when `sql` has the shape of the text before and the class
-    /// holds for every text of that shape (`cacheable`).
-    fn shape(&mut self, sql: &[u8]) {
+    /// Leaves `sql`'s shape in `scratch`, shaping it only if it is not there already; true if
+    /// `sql` is not the text shaped last. The classification known stays when `sql` has the
+    /// shape of the text before and the class holds for every text of that shape (`cacheable`).
+    fn shape(&mut self, sql: &[u8]) -> bool {
         if self.shaped == sql {
-            return;
+            return false;
         }
         if !self.scratch.relit(&self.shaped, sql) {
             self.scratch.of(sql);
@@ -219,6 +216,7 @@ impl RoutingState {
         }
         self.shaped.clear();
         self.shaped.extend_from_slice(sql);
+        true
     }
 
     /// The transaction status the client believes in while no server is attached.
