@@ -309,8 +309,7 @@ fn a_read_forced_to_the_primary_is_not_a_write() {
             match crate::operations::read_message(&mut raw) {
                 (b'Z', _) => return got,
                 (b'E', body) => panic!("{}", String::from_utf8_lossy(&body)),
-                (b'D', body) => got.push(body[body.len() - 1]),
-                (b'V', body) => got.push(body[body.len() - 1]),
+                (b'D' | b'V', body) => got.push(body[body.len() - 1]),
                 _ => {}
             }
         }

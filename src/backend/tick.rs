@@ -25,35 +25,42 @@ use tokio::time::{Interval, MissedTickBehavior};
 /// left, say), with a warning: the chores must go on.
 pub struct Ticker {
     period: Duration,
-    kernel: Option<AsyncFd<OwnedFd>>,
-    fallback: Option<Interval>,
+    source: Source,
+}
+
+enum Source {
+    Kernel(AsyncFd<OwnedFd>),
+    Wheel(Interval),
 }
 
 impl Ticker {
     #[must_use]
     pub fn new(period: Duration) -> Self {
         let period = period.max(Duration::from_millis(1));
-        match timer_fd(period) {
-            Ok(fd) => Self { period, kernel: Some(fd), fallback: None },
-            Err(e) => {
+        let source = timer_fd(period).map_or_else(
+            |e| {
                 tracing::warn!(error = %e, "no kernel timer for a periodic chore; using tokio's");
-                Self { period, kernel: None, fallback: Some(interval(period)) }
-            }
-        }
+                Source::Wheel(interval(period))
+            },
+            Source::Kernel,
+        );
+        Self { period, source }
     }
 
     /// Waits for the next tick.
     pub async fn tick(&mut self) {
-        if let Some(fd) = &self.kernel {
+        if let Source::Kernel(fd) = &self.source {
             match read_tick(fd).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "a periodic chore's kernel timer failed; using tokio's");
-                    self.kernel = None;
+                    self.source = Source::Wheel(interval(self.period));
                 }
             }
         }
-        self.fallback.get_or_insert_with(|| interval(self.period)).tick().await;
+        if let Source::Wheel(interval) = &mut self.source {
+            interval.tick().await;
+        }
     }
 }
 
@@ -102,7 +109,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_tick_comes_at_once_and_the_next_waits_a_period() {
         let mut ticker = Ticker::new(Duration::from_secs(3600));
-        assert!(ticker.kernel.is_some());
+        assert!(matches!(ticker.source, Source::Kernel(_)));
         tokio::time::timeout(HANG, ticker.tick()).await.expect("the first tick is not an hour away");
         let next = tokio::time::timeout(Duration::from_millis(50), ticker.tick()).await;
         assert!(next.is_err(), "the second tick waits for the period");
