@@ -382,3 +382,139 @@ fn min_pool_size_is_kept_open() {
     assert_ok(&out, "query on the warm pool");
     assert!(before.contains(&stdout(&out).trim().to_owned()), "the query used a pre-opened connection");
 }
+
+/// The pool's queue, driven directly against a real server: a returned connection goes to the
+/// oldest waiting client, a newcomer does not jump the queue, a closed connection hands on its
+/// slot, a waiter that times out or is dropped leaves the queue (passing on a turn that came
+/// meanwhile), and a reload's resize grants new slots to waiters first and takes slots out as
+/// they come back.
+#[test]
+fn pool_queue_hands_slots_to_the_oldest_waiter() {
+    use std::sync::Arc;
+
+    use pgrouter::backend::health::ServerHealth;
+    use pgrouter::backend::{Checkout, ConnectSpec, Pool, PoolKey, PoolMetrics, PoolSettings};
+    use pgrouter::cluster::{AuthMethod, Topology, TopologyOptions, UserSpec};
+    use pgrouter::config::ServerAddr;
+    use pgrouter::error::Error;
+    use pgrouter::router::{Role, ShardId};
+
+    let topo = Topology::start(TopologyOptions {
+        users: vec![UserSpec { name: APP_USER.into(), password: APP_PASSWORD.into(), auth: AuthMethod::ScramSha256 }],
+        databases: vec!["app".into()],
+        ..TopologyOptions::default()
+    })
+    .expect("start PostgreSQL");
+    let addr = ServerAddr { host: "127.0.0.1".into(), port: topo.primary.port };
+    let settings = |size, wait_ms| PoolSettings {
+        size,
+        min_size: 0,
+        wait_timeout: Duration::from_millis(wait_ms),
+        idle_timeout: Duration::from_secs(60),
+        lifetime: Duration::from_secs(3600),
+    };
+    let pool = |size, wait_ms| {
+        Pool::new(
+            PoolKey {
+                database: "app".into(),
+                user: APP_USER.into(),
+                shard: ShardId(0),
+                role: Role::Primary,
+                server: addr.clone(),
+            },
+            ConnectSpec {
+                addr: addr.clone(),
+                user: APP_USER.into(),
+                password: Some(APP_PASSWORD.into()),
+                database: "app".into(),
+                connect_timeout: Duration::from_secs(10),
+                application_name: None,
+                tls: None,
+            },
+            settings(size, wait_ms),
+            ServerHealth::new("app", ShardId(0), Role::Primary, addr.clone()),
+            PoolMetrics::default(),
+        )
+    };
+    let pid = |c: &Checkout| c.conn_ref().cancel.key.pid;
+    // each step waits for the queue to reach a state, with a bound so a broken pool fails
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let limit = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < limit, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        // FIFO handoff, no queue jumping, a closed connection's slot handed on
+        let p = pool(2, 20_000);
+        let (c1, c2) = (p.checkout().await.unwrap(), p.checkout().await.unwrap());
+        let (pid1, pid2) = (pid(&c1), pid(&c2));
+        let first = tokio::spawn({
+            let p = Arc::clone(&p);
+            async move { p.checkout().await }
+        });
+        until("one waiter", || p.stats.waiting.load(std::sync::atomic::Ordering::Relaxed) == 1).await;
+        let (tx, mut second_got) = tokio::sync::mpsc::unbounded_channel();
+        let second = tokio::spawn({
+            let p = Arc::clone(&p);
+            async move {
+                let c = p.checkout().await.unwrap();
+                tx.send(pid(&c)).unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                c.release();
+            }
+        });
+        until("two waiters", || p.stats.waiting.load(std::sync::atomic::Ordering::Relaxed) == 2).await;
+        c1.release();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(pid(&first), pid1, "the oldest waiter gets the returned connection");
+        assert!(p.try_checkout().is_none(), "a newcomer does not take a slot while a client waits");
+        drop(c2); // closed, not returned: its slot goes to the next waiter, who opens a connection
+        let opened = second_got.recv().await.unwrap();
+        assert!(opened != pid2 && opened != pid1, "a new connection on the closed one's slot");
+        second.await.unwrap();
+        first.release();
+        assert_eq!(p.stats.waiting.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(p.idle_count(), 2, "both connections idle again: {:?}", p.servers());
+
+        // a waiter that times out leaves the queue: the connection returned later stays free
+        let p = pool(1, 100);
+        let held = p.checkout().await.unwrap();
+        let held_pid = pid(&held);
+        match p.checkout().await {
+            Err(Error::PoolTimeout { .. }) => {}
+            other => panic!("expected a pool timeout, got {:?}", other.map(|c| pid(&c))),
+        }
+        held.release();
+        let again = p.try_checkout().expect("the returned connection is free, not given to the gone waiter");
+        assert_eq!(pid(&again), held_pid);
+
+        // a waiter dropped after its turn came, before it ran, passes the connection on
+        let mut waiting = Box::pin(p.checkout());
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending(), "queued");
+        again.release(); // handed to the queued waiter
+        drop(waiting);
+        let third = p.try_checkout().expect("the dropped waiter's turn was passed back to the pool");
+        assert_eq!(pid(&third), held_pid);
+
+        // a grow grants the new slot to the waiter at once; a shrink takes slots as they come back
+        let waiter = tokio::spawn({
+            let p = Arc::clone(&p);
+            async move { p.checkout().await.map(|c| pid(&c)) }
+        });
+        until("a waiter", || p.stats.waiting.load(std::sync::atomic::Ordering::Relaxed) == 1).await;
+        p.resize(settings(2, 100));
+        let got = waiter.await.unwrap().expect("the grown pool serves the waiter before its timeout");
+        assert_ne!(got, held_pid, "a new connection on the new slot");
+        let fourth = p.checkout().await.unwrap(); // the new connection, idle again
+        p.resize(settings(1, 100));
+        third.release();
+        assert!(p.try_checkout().is_none(), "the first slot back is taken out of circulation");
+        fourth.release();
+        let last = p.try_checkout().expect("one slot left after the shrink");
+        assert!(p.try_checkout().is_none(), "only one");
+        last.release();
+    });
+}

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use conn::{ConnectSpec, ServerConn};
-pub use pool::{Checkout, Pool, PoolKey, PoolMetrics, PoolSettings, WaitTimer};
+pub use pool::{Checkout, Pool, PoolKey, PoolMetrics, PoolSettings, Waiting};
 
 use crate::config::{Config, DatabaseConfig, LoadBalance, ServerAddr, UserConfig};
 use crate::router::{Role, Route, ShardId, Target};

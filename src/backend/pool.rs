@@ -1,7 +1,8 @@
 //! A pool of server connections for one (database, user, server).
 //!
-//! A semaphore with `pool_size` permits bounds the connections in use; a waiting client holds
-//! no connection and gives up after `query_wait_timeout` with an error naming the pool. Idle
+//! `pool_size` slots bound the connections in use. A client that finds none free waits in a
+//! queue, holding no connection, and gives up after `query_wait_timeout` with an error naming
+//! the pool; a connection coming back goes straight to the oldest waiting client. Idle
 //! connections are kept most-recently-used first, so surplus ones age out through
 //! `server_idle_timeout`. A connection is checked (nothing unread, still open, within
 //! `server_lifetime`) every time before it is handed out: a broken one is dropped and
@@ -11,12 +12,12 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram};
-use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 
 use super::conn::{ConnectSpec, ServerConn};
@@ -95,16 +96,11 @@ pub struct Pool {
     /// more): `wait_timeout` and `lifetime`, in microseconds.
     wait_timeout_us: AtomicU64,
     lifetime_us: AtomicU64,
-    /// A lent connection's permit is forgotten when taken and added back by its
-    /// [`Checkout`]'s drop: borrowing the semaphore costs no reference count.
-    permits: Semaphore,
-    /// Permits to take out of circulation as they come back (a reload shrank the pool
-    /// while they were lent).
-    owed: AtomicUsize,
+    /// The free slots, the idle connections and the waiting clients, under one lock: a
+    /// checkout takes it once and a return takes it once.
+    slots: Mutex<Slots>,
     /// A reload removed the pool: connections coming back are closed.
     retired: AtomicBool,
-    /// Boxed, as a checkout holds it: lending one moves a pointer, not the connection.
-    idle: Mutex<VecDeque<Box<ServerConn>>>,
     /// ParameterStatus values reported by the newest connection, shown to logging-in clients.
     params: Mutex<Option<ServerParams>>,
     pub stats: PoolStats,
@@ -113,6 +109,105 @@ pub struct Pool {
     open_since: Mutex<std::collections::BTreeMap<i32, SystemTime>>,
     /// Set while an upkeep round runs, so rounds never overlap.
     maintaining: AtomicBool,
+}
+
+/// What the pool's lock guards.
+struct Slots {
+    /// Slots that may be lent now: `pool_size` less the lent ones (and less those a reload
+    /// that shrank the pool took out of circulation).
+    free: usize,
+    /// Lent slots to take out of circulation as they come back (a reload shrank the pool
+    /// while they were lent).
+    owed: usize,
+    /// Boxed, as a checkout holds it: lending one moves a pointer, not the connection. The
+    /// most recently used is last.
+    idle: VecDeque<Box<ServerConn>>,
+    /// Clients waiting for a slot, oldest first. A slot that comes back goes straight to the
+    /// oldest, with its connection, so `free` is 0 while anyone waits.
+    waiters: VecDeque<Arc<Waiter>>,
+}
+
+/// What a waiting client is handed when its turn comes.
+enum Grant {
+    /// A slot, with the connection that was just returned on it.
+    Conn(Box<ServerConn>),
+    /// A slot alone: its connection was closed, or a reload grew the pool.
+    Slot,
+}
+
+/// A client's place in a pool's queue, reused from wait to wait.
+#[derive(Default)]
+pub struct Waiter(Mutex<Turn>);
+
+#[derive(Default)]
+struct Turn {
+    /// In a pool's queue; set and cleared under that pool's lock.
+    queued: bool,
+    grant: Option<Grant>,
+    waker: Option<Waker>,
+}
+
+impl Waiter {
+    fn lock(&self) -> MutexGuard<'_, Turn> {
+        self.0.lock().expect("waiter lock")
+    }
+
+    /// Hands the waiter its turn (the caller holds the pool's lock and has taken it off the
+    /// queue); the waker to call once that lock is let go.
+    fn grant(&self, grant: Grant) -> Option<Waker> {
+        let mut turn = self.lock();
+        turn.queued = false;
+        turn.grant = Some(grant);
+        turn.waker.take()
+    }
+
+    /// Ready with the grant when the turn has come.
+    fn poll_turn(&self, cx: &mut Context<'_>) -> Poll<Grant> {
+        let mut turn = self.lock();
+        if let Some(grant) = turn.grant.take() {
+            return Poll::Ready(grant);
+        }
+        if !turn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            turn.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// A place in a pool's queue: leaves it when dropped before the turn came, passing on a
+/// grant that came meanwhile (the wait timed out, or the waiting future was dropped).
+struct Queued<'a> {
+    pool: &'a Pool,
+    waiter: Option<&'a Waiter>,
+}
+
+impl Queued<'_> {
+    /// The turn came: nothing to leave.
+    fn served(mut self) {
+        self.waiter = None;
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let Some(waiter) = self.waiter else {
+            return;
+        };
+        let grant = {
+            let mut slots = self.pool.lock();
+            let mut turn = waiter.lock();
+            if turn.queued {
+                turn.queued = false;
+                slots.waiters.retain(|w| !std::ptr::eq(Arc::as_ptr(w), waiter));
+            }
+            turn.grant.take()
+        };
+        match grant {
+            Some(Grant::Conn(conn)) => self.pool.restore(Some(conn)),
+            Some(Grant::Slot) => self.pool.restore(None),
+            None => {}
+        }
+    }
 }
 
 impl Pool {
@@ -128,62 +223,92 @@ impl Pool {
             metrics,
             open_since: Mutex::new(std::collections::BTreeMap::new()),
             health,
-            permits: Semaphore::new(settings.size),
-            owed: AtomicUsize::new(0),
+            slots: Mutex::new(Slots { free: settings.size, owed: 0, idle: VecDeque::new(), waiters: VecDeque::new() }),
             retired: AtomicBool::new(false),
             key,
             spec,
             wait_timeout_us: AtomicU64::new(crate::telemetry::micros(settings.wait_timeout)),
             lifetime_us: AtomicU64::new(crate::telemetry::micros(settings.lifetime)),
             settings: ArcSwap::from_pointee(settings),
-            idle: Mutex::new(VecDeque::new()),
             params: Mutex::new(None),
             stats: PoolStats::default(),
             maintaining: AtomicBool::new(false),
         })
     }
 
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        self.slots.lock().expect("pool lock")
+    }
+
     /// A clean idle connection if one is free right now, taken without waiting, a clock
     /// reading or a timer (the usual case under transaction pooling).
     pub fn try_checkout(self: &Arc<Self>) -> Option<Checkout> {
-        let permit = self.permits.try_acquire().ok()?;
         if self.retired.load(Ordering::Acquire) {
             return None;
         }
-        let conn = self.take_idle()?;
-        permit.forget();
+        let conn = {
+            let mut slots = self.lock();
+            if slots.free == 0 {
+                return None;
+            }
+            let conn = self.take_idle(&mut slots)?;
+            slots.free -= 1;
+            conn
+        };
         self.metrics.wait.record(0.0);
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
-        Some(Checkout { conn: Some(conn), pool: Arc::clone(self), permit: true })
+        Some(Checkout { conn: Some(conn), pool: Arc::clone(self), slot: true })
     }
 
     /// Waits (up to `query_wait_timeout`) for a free slot, then hands out a clean idle
     /// connection or opens a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, Error> {
-        self.checkout_timed(&mut WaitTimer::default(), Instant::now()).await
+        self.checkout_timed(&mut Waiting::default(), Instant::now()).await
     }
 
-    /// [`Pool::checkout`], timing the wait with the caller's reusable `timer`; a wait counts
-    /// from `started`. It goes straight to the semaphore: a caller that wants the clock-free
-    /// path for a free connection tries [`Pool::try_checkout`] first (the session does).
-    pub async fn checkout_timed(self: &Arc<Self>, timer: &mut WaitTimer, started: Instant) -> Result<Checkout, Error> {
-        match self.permits.try_acquire() {
-            Ok(permit) => {
-                permit.forget();
-                self.metrics.wait.record(0.0);
+    /// [`Pool::checkout`], waiting with the caller's reusable `waiting`; a wait counts from
+    /// `started`. A caller that wants the clock-free path for a free connection tries
+    /// [`Pool::try_checkout`] first (the session does).
+    pub async fn checkout_timed(self: &Arc<Self>, waiting: &mut Waiting, started: Instant) -> Result<Checkout, Error> {
+        let waiter = waiting.waiter.get_or_insert_with(Arc::default);
+        let taken = {
+            let mut slots = self.lock();
+            if slots.free > 0 {
+                slots.free -= 1;
+                Some(self.take_idle(&mut slots))
+            } else {
+                waiter.lock().queued = true;
+                slots.waiters.push_back(Arc::clone(waiter));
+                None
             }
-            Err(_) => self.wait_for_slot(timer, started).await?,
-        }
-        // holds the permit from here: an early return gives it back
-        let mut checkout = Checkout { conn: None, pool: Arc::clone(self), permit: true };
+        };
+        let conn = match taken {
+            Some(conn) => {
+                self.metrics.wait.record(0.0);
+                conn
+            }
+            None => match self.wait_turn(waiter, &mut waiting.timer, started).await? {
+                Grant::Conn(conn) if conn.is_clean() => Some(conn),
+                Grant::Conn(conn) => {
+                    self.close(conn, "not reusable");
+                    None
+                }
+                Grant::Slot => None,
+            },
+        };
+        // the slot is held from here: an early return gives it back
+        let mut checkout = Checkout { conn: None, pool: Arc::clone(self), slot: true };
         if self.retired.load(Ordering::Acquire) {
+            if let Some(conn) = conn {
+                self.close(conn, "pool removed by a config reload");
+            }
             // a reload removed the pool while this client waited: no new connection to it
             return Err(Error::Connect {
                 server: self.key.server.to_string(),
                 reason: "the pool was removed by a config reload; run the request again".into(),
             });
         }
-        let conn = match self.take_idle() {
+        let conn = match conn.or_else(|| self.take_idle(&mut self.lock())) {
             Some(conn) => conn,
             // boxed: connecting (TLS, authentication) is a large future, rarely run
             None => Box::pin(self.open()).await?,
@@ -193,25 +318,30 @@ impl Pool {
         Ok(checkout)
     }
 
-    /// Waits up to `query_wait_timeout` for a free slot; the permit is the caller's then
-    /// (forgotten here, to be added back by a [`Checkout`]).
-    async fn wait_for_slot(&self, timer: &mut WaitTimer, started: Instant) -> Result<(), Error> {
+    /// Waits up to `query_wait_timeout` for the turn of `waiter` (queued by the caller); the
+    /// slot granted is the caller's then.
+    async fn wait_turn(
+        &self,
+        waiter: &Waiter,
+        timer: &mut Option<Pin<Box<Sleep>>>,
+        started: Instant,
+    ) -> Result<Grant, Error> {
+        let queued = Queued { pool: self, waiter: Some(waiter) };
         let deadline = started + Duration::from_micros(self.wait_timeout_us.load(Ordering::Relaxed));
         let _waiting = Gauge::enter(&self.stats.waiting);
-        let mut acquire = std::pin::pin!(self.permits.acquire());
+        let mut turn = std::future::poll_fn(|cx| waiter.poll_turn(cx));
         let waited = loop {
             tokio::select! {
                 biased;
-                permit = &mut acquire => {
+                grant = &mut turn => {
+                    queued.served();
                     let waited = started.elapsed();
                     self.metrics.wait.record(waited.as_secs_f64());
                     self.stats.wait_us.fetch_add(crate::telemetry::micros(waited), Ordering::Relaxed);
-                    return permit
-                        .map(tokio::sync::SemaphorePermit::forget)
-                        .map_err(|_| Error::Internal("pool semaphore closed".into()));
+                    return Ok(grant);
                 }
                 // the timer may have been set by an earlier wait, to fire before this deadline
-                () = timer.by(deadline) => {
+                () = timer_by(timer, deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
                         break now - started;
@@ -219,6 +349,8 @@ impl Pool {
                 }
             }
         };
+        // leaves the queue; a turn that came meanwhile is passed on
+        drop(queued);
         self.metrics.wait.record(waited.as_secs_f64());
         self.metrics.wait_timeouts.increment(1);
         self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -227,12 +359,34 @@ impl Pool {
         Err(Error::PoolTimeout { pool: self.key.to_string(), waited })
     }
 
+    /// A lent slot comes back, with its connection if that may be lent again: to the oldest
+    /// waiting client if there is one, else to the free slots and the idle list.
+    fn restore(&self, conn: Option<Box<ServerConn>>) {
+        let mut slots = self.lock();
+        if slots.owed > 0 {
+            // a shrink takes the slot out of circulation; the connection ages out if surplus
+            slots.owed -= 1;
+            slots.idle.extend(conn);
+            return;
+        }
+        if let Some(waiter) = slots.waiters.pop_front() {
+            let waker = waiter.grant(conn.map_or(Grant::Slot, Grant::Conn));
+            drop(slots);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+            return;
+        }
+        slots.idle.extend(conn);
+        slots.free += 1;
+    }
+
     /// Pops idle connections until one is clean; the others are closed. Its age was judged
     /// when it came back (no clock reading per checkout): one that outlived server_lifetime
     /// while idle is closed by the upkeep round.
-    fn take_idle(&self) -> Option<Box<ServerConn>> {
+    fn take_idle(&self, slots: &mut Slots) -> Option<Box<ServerConn>> {
         loop {
-            let conn = self.idle.lock().expect("pool lock").pop_back()?;
+            let conn = slots.idle.pop_back()?;
             if conn.is_clean() {
                 return Some(conn);
             }
@@ -247,6 +401,20 @@ impl Pool {
     /// Within server_lifetime at `now`.
     fn young(&self, conn: &ServerConn, now: Instant) -> bool {
         now.duration_since(conn.created) < Duration::from_micros(self.lifetime_us.load(Ordering::Relaxed))
+    }
+
+    /// Why a connection coming back, last used at `last_used`, may not be lent again.
+    fn unfit(&self, conn: &ServerConn, last_used: Instant) -> Option<&'static str> {
+        if conn.status != TxStatus::Idle {
+            Some("released inside a transaction")
+        } else if self.retired.load(Ordering::Acquire) {
+            Some("pool removed by a config reload")
+        } else if !conn.is_settled() || !self.young(conn, last_used) {
+            // the socket is asked when the connection is next lent (`take_idle`)
+            Some("not clean or past server_lifetime")
+        } else {
+            None
+        }
     }
 
     async fn open(&self) -> Result<Box<ServerConn>, Error> {
@@ -271,21 +439,6 @@ impl Pool {
                 Err(e)
             }
         }
-    }
-
-    /// Puts a connection back if it is idle and clean; otherwise closes it.
-    fn give_back(&self, mut conn: Box<ServerConn>, last_used: Instant) {
-        if self.retired.load(Ordering::Acquire) {
-            self.close(conn, "pool removed by a config reload");
-            return;
-        }
-        // the socket is asked when the connection is next lent (`take_idle`)
-        if !conn.is_settled() || !self.young(&conn, last_used) {
-            self.close(conn, "not clean or past server_lifetime");
-            return;
-        }
-        conn.last_used = last_used;
-        self.idle.lock().expect("pool lock").push_back(conn);
     }
 
     fn close(&self, conn: Box<ServerConn>, why: &str) {
@@ -317,7 +470,9 @@ impl Pool {
             && self.stats.open.load(Ordering::Relaxed) < self.settings().min_size
         {
             match self.open().await {
-                Ok(conn) => self.give_back(conn, Instant::now()),
+                // a new connection on no slot: idle, for the next checkout
+                Ok(conn) if !self.retired.load(Ordering::Acquire) => self.lock().idle.push_back(conn),
+                Ok(conn) => self.close(conn, "pool removed by a config reload"),
                 Err(_) => break,
             }
         }
@@ -326,16 +481,13 @@ impl Pool {
 
     fn expire_idle(&self) {
         let now = Instant::now();
-        let expired: Vec<Box<ServerConn>> = {
-            let mut idle = self.idle.lock().expect("pool lock");
-            let mut expired = Vec::new();
-            for conn in std::mem::take(&mut *idle) {
-                if self.fit(&conn, now) && now.duration_since(conn.last_used) < self.settings().idle_timeout {
-                    idle.push_back(conn);
-                } else {
-                    expired.push(conn);
-                }
-            }
+        let idle_timeout = self.settings().idle_timeout;
+        let expired: VecDeque<Box<ServerConn>> = {
+            let mut slots = self.lock();
+            let (kept, expired) = std::mem::take(&mut slots.idle)
+                .into_iter()
+                .partition(|conn| self.fit(conn, now) && now.duration_since(conn.last_used) < idle_timeout);
+            slots.idle = kept;
             expired
         };
         for conn in expired {
@@ -349,39 +501,44 @@ impl Pool {
         **self.settings.load()
     }
 
-    /// Applies new settings (a config reload). A larger pool_size takes effect at once; a
-    /// smaller one as lent connections come back.
+    /// Applies new settings (a config reload). A larger pool_size takes effect at once (the
+    /// new slots go to waiting clients first); a smaller one as lent connections come back.
     pub fn resize(&self, settings: PoolSettings) {
         let old = self.settings.swap(Arc::new(settings));
         self.wait_timeout_us.store(crate::telemetry::micros(settings.wait_timeout), Ordering::Relaxed);
         self.lifetime_us.store(crate::telemetry::micros(settings.lifetime), Ordering::Relaxed);
-        if settings.size > old.size {
-            let mut grow = settings.size - old.size;
-            // permits still owed from an earlier shrink are cancelled first
-            while grow > 0 && self.take_owed() {
-                grow -= 1;
+        let mut wakers = Vec::new();
+        {
+            let mut slots = self.lock();
+            if settings.size > old.size {
+                // slots still owed from an earlier shrink are cancelled first
+                let grow = settings.size - old.size;
+                let cancelled = grow.min(slots.owed);
+                slots.owed -= cancelled;
+                for _ in cancelled..grow {
+                    match slots.waiters.pop_front() {
+                        Some(waiter) => wakers.extend(waiter.grant(Grant::Slot)),
+                        None => slots.free += 1,
+                    }
+                }
+            } else if settings.size < old.size {
+                let shrink = old.size - settings.size;
+                let now = shrink.min(slots.free);
+                slots.free -= now;
+                slots.owed += shrink - now;
             }
-            self.permits.add_permits(grow);
-        } else if settings.size < old.size {
-            let shrink = old.size - settings.size;
-            let forgotten = self.permits.forget_permits(shrink);
-            self.owed.fetch_add(shrink - forgotten, Ordering::AcqRel);
         }
+        wakers.into_iter().for_each(Waker::wake);
         if settings != *old {
             tracing::info!(pool = %self.key, pool_size = settings.size, "pool settings changed by reload");
         }
-    }
-
-    /// Takes one owed permit, if any is owed.
-    fn take_owed(&self) -> bool {
-        self.owed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
     }
 
     /// A reload removed the pool: its idle connections close now, lent ones when they
     /// come back.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
-        let idle: Vec<Box<ServerConn>> = self.idle.lock().expect("pool lock").drain(..).collect();
+        let idle = std::mem::take(&mut self.lock().idle);
         for conn in idle {
             self.close(conn, "pool removed by a config reload");
         }
@@ -397,44 +554,48 @@ impl Pool {
     /// in the pool (otherwise a client holds it).
     #[must_use]
     pub fn servers(&self) -> Vec<(i32, SystemTime, bool)> {
-        let idle: Vec<i32> = self.idle.lock().expect("pool lock").iter().map(|c| c.cancel.key.pid).collect();
+        let idle: Vec<i32> = self.lock().idle.iter().map(|c| c.cancel.key.pid).collect();
         let open = self.open_since.lock().expect("pool lock");
         open.iter().map(|(pid, since)| (*pid, *since, idle.contains(pid))).collect()
     }
 
     #[must_use]
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
+        self.lock().idle.len()
     }
 }
 
-/// The timer a client's waits for a connection share. Arming a timer for each wait and
-/// removing it when the wait ends early (the usual end) cost more than the rest of a
-/// checkout; this one stays armed from wait to wait and is moved only when it would fire too
-/// late. So most waits arm nothing: one that finds the timer set by an earlier wait, to
-/// fire early, looks at the clock when it fires and sets it again.
+/// What a client's waits for a connection reuse: its place in a pool's queue (made at its
+/// first wait) and its timer. Arming a timer for each wait and removing it when the wait
+/// ends early (the usual end) cost more than the rest of a checkout; this one stays armed
+/// from wait to wait and is moved only when it would fire too late. So most waits arm
+/// nothing: one that finds the timer set by an earlier wait, to fire early, looks at the
+/// clock when it fires and sets it again.
 #[derive(Default)]
-pub struct WaitTimer(Option<Pin<Box<Sleep>>>);
-
-impl WaitTimer {
-    /// The timer, set to fire at `deadline` or earlier.
-    fn by(&mut self, deadline: Instant) -> Pin<&mut Sleep> {
-        let deadline = tokio::time::Instant::from_std(deadline);
-        let sleep = self.0.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() > deadline || sleep.is_elapsed() {
-            sleep.as_mut().reset(deadline);
-        }
-        sleep.as_mut()
-    }
+pub struct Waiting {
+    waiter: Option<Arc<Waiter>>,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
-/// A server connection lent to one session. Dropping it without [`Checkout::release`] closes
-/// the connection: that is the safe default for a connection in an unknown state.
+/// The timer, set to fire at `deadline` or earlier.
+fn timer_by(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant) -> Pin<&mut Sleep> {
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if sleep.deadline() > deadline || sleep.is_elapsed() {
+        sleep.as_mut().reset(deadline);
+    }
+    sleep.as_mut()
+}
+
+/// A server connection lent to one session, on one of the pool's slots. Dropping it without
+/// [`Checkout::release`] closes the connection: that is the safe default for a connection in
+/// an unknown state.
 pub struct Checkout {
     conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
-    /// Holds one of the pool's permits (forgotten when taken; added back on drop).
-    permit: bool,
+    /// Holds one of the pool's slots (given back on drop, unless passed on with the
+    /// connection by `release`).
+    slot: bool,
 }
 
 impl Checkout {
@@ -459,12 +620,16 @@ impl Checkout {
 
     /// [`Checkout::release`], with the time the connection was last used known already.
     pub fn release_at(mut self, last_used: Instant) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
             self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
-            if conn.status == TxStatus::Idle {
-                self.pool.give_back(conn, last_used);
-            } else {
-                self.pool.close(conn, "released inside a transaction");
+            match self.pool.unfit(&conn, last_used) {
+                // the slot comes back with the drop
+                Some(why) => self.pool.close(conn, why),
+                None => {
+                    conn.last_used = last_used;
+                    self.slot = false;
+                    self.pool.restore(Some(conn));
+                }
             }
         }
     }
@@ -472,13 +637,12 @@ impl Checkout {
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        // a permit owed to a shrink is kept out of circulation
-        if std::mem::take(&mut self.permit) && !self.pool.take_owed() {
-            self.pool.permits.add_permits(1);
-        }
         if let Some(conn) = self.conn.take() {
             self.pool.stats.in_use.fetch_sub(1, Ordering::Relaxed);
             self.pool.close(conn, "discarded by its session");
+        }
+        if std::mem::take(&mut self.slot) {
+            self.pool.restore(None);
         }
     }
 }

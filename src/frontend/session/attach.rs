@@ -342,7 +342,7 @@ impl<S: ClientIo> Session<S> {
         self.me.entry.set_waiting_since(started);
         let checkout = tokio::select! {
             biased;
-            checkout = pool.checkout_timed(&mut self.wait_timer, started) => checkout.map(Some),
+            checkout = pool.checkout_timed(&mut self.waiting, started) => checkout.map(Some),
             said_goodbye = self.client.closed() => {
                 if said_goodbye { pool.checkout().await.map(Some) } else { Ok(None) }
             }

@@ -39,7 +39,7 @@ use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
 use crate::app::App;
 use crate::backend::conn::Settings;
-use crate::backend::{ClusterPools, WaitTimer};
+use crate::backend::{ClusterPools, Waiting};
 use crate::config::PoolMode;
 use crate::error::{Error, SqlState};
 use crate::protocol::framing::Frame;
@@ -134,7 +134,7 @@ pub struct Session<S> {
     /// `client_idle_timeout` of the config snapshot the session follows.
     idle_timeout: Duration,
     /// Times the session's waits for a pool slot (`query_wait_timeout`).
-    wait_timer: WaitTimer,
+    waiting: Waiting,
 }
 
 impl<S: ClientIo> Session<S> {
@@ -169,7 +169,7 @@ impl<S: ClientIo> Session<S> {
             custom_settings: BTreeSet::new(),
             skip_until_sync: false,
             left: None,
-            wait_timer: WaitTimer::default(),
+            waiting: Waiting::default(),
         }
     }
 
