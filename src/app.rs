@@ -277,7 +277,7 @@ impl Running {
         app.tracker.close();
         let limit = app.now().config.proxy.shutdown_timeout;
         tracing::info!(clients = app.tracker.len(), timeout = ?limit, "draining");
-        let done = tokio::time::timeout(limit, app.tracker.wait()).await.is_ok();
+        let done = crate::timer::timeout(limit, app.tracker.wait()).await.is_ok();
         if !done {
             tracing::warn!(clients = app.tracker.len(), "shutdown_timeout reached with clients still connected");
         }

@@ -198,16 +198,17 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, ready: impl FnOnce())
 }
 
 /// The tokio runtime for `workers` threads (0: one per core). With one, it is tokio's
-/// current-thread scheduler: no work stealing, no cross-thread wake-ups.
+/// current-thread scheduler: no work stealing, no cross-thread wake-ups. Without tokio's
+/// time driver, which costs every park of the runtime: timers come from [`crate::timer`].
 pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers == 1 {
-        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+        return tokio::runtime::Builder::new_current_thread().enable_io().build();
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         builder.worker_threads(workers);
     }
-    builder.enable_all().build()
+    builder.enable_io().build()
 }
 
 /// Logs go to stderr; `RUST_LOG` overrides the default level (info).

@@ -15,6 +15,7 @@
 //!   builders, SCRAM and md5.
 //! - [`config`]: load, validate (every error with its path), immutable snapshot.
 //! - [`error`]: the error type, with the SQLSTATE each error shows to clients.
+//! - [`timer`]: sleeps and timeouts on the reactor (the runtime has no tokio time driver).
 //! - [`cluster`]: local PostgreSQL clusters for `pgrouter demo` and the integration tests.
 //! - [`cli`]: the command-line entry points behind `main`; [`demo`]: `pgrouter demo`.
 
@@ -31,3 +32,4 @@ pub mod frontend;
 pub mod protocol;
 pub mod router;
 pub mod sharding;
+pub mod timer;

@@ -81,7 +81,7 @@ pub struct ServerConn {
 impl ServerConn {
     /// Connects and authenticates, within `spec.connect_timeout`.
     pub async fn connect(spec: &ConnectSpec) -> Result<Self, Error> {
-        match tokio::time::timeout(spec.connect_timeout, Self::connect_inner(spec)).await {
+        match crate::timer::timeout(spec.connect_timeout, Self::connect_inner(spec)).await {
             Ok(result) => result,
             Err(_) => Err(connect_error(
                 spec,
@@ -291,7 +291,7 @@ impl ServerConn {
                 }
             }
         };
-        let outcome = tokio::time::timeout(limit, work)
+        let outcome = crate::timer::timeout(limit, work)
             .await
             .unwrap_or_else(|_| Err(format!("no answer to {sql} within {limit:?}")));
         outcome.unwrap_or_else(|dirty| {
@@ -346,7 +346,7 @@ impl ServerConn {
 
     /// Says goodbye politely; errors do not matter, the socket is dropped either way.
     pub async fn terminate(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.send(messages::TERMINATE)).await;
+        let _ = crate::timer::timeout(Duration::from_secs(1), self.send(messages::TERMINATE)).await;
     }
 }
 
@@ -377,7 +377,7 @@ pub async fn send_cancel_packet(addr: &ServerAddr, code: u32, key: &CancelKey, l
         let _ = stream.read(&mut sink).await;
         Ok(())
     };
-    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    crate::timer::timeout(limit, work).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 fn connect_error(spec: &ConnectSpec, reason: String) -> Error {

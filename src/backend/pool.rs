@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -18,7 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram};
-use tokio::time::Sleep;
 
 use super::conn::{ConnectSpec, ServerConn};
 use super::health::ServerHealth;
@@ -29,6 +27,7 @@ use crate::config::ServerAddr;
 use crate::error::Error;
 use crate::protocol::messages::TxStatus;
 use crate::router::{Role, ShardId};
+use crate::timer::Sleep;
 
 /// What a pool serves; also its name in logs and errors (`app/alice@10.0.0.5:5432`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -320,12 +319,7 @@ impl Pool {
 
     /// Waits up to `query_wait_timeout` for the turn of `waiter` (queued by the caller); the
     /// slot granted is the caller's then.
-    async fn wait_turn(
-        &self,
-        waiter: &Waiter,
-        timer: &mut Option<Pin<Box<Sleep>>>,
-        started: Instant,
-    ) -> Result<Grant, Error> {
+    async fn wait_turn(&self, waiter: &Waiter, timer: &mut Option<Sleep>, started: Instant) -> Result<Grant, Error> {
         let queued = Queued { pool: self, waiter: Some(waiter) };
         let deadline = started + Duration::from_micros(self.wait_timeout_us.load(Ordering::Relaxed));
         let _waiting = Gauge::enter(&self.stats.waiting);
@@ -574,17 +568,16 @@ impl Pool {
 #[derive(Default)]
 pub struct Waiting {
     waiter: Option<Arc<Waiter>>,
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Option<Sleep>,
 }
 
 /// The timer, set to fire at `deadline` or earlier.
-fn timer_by(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant) -> Pin<&mut Sleep> {
-    let deadline = tokio::time::Instant::from_std(deadline);
-    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+fn timer_by(timer: &mut Option<Sleep>, deadline: Instant) -> &mut Sleep {
+    let sleep = timer.get_or_insert_with(|| Sleep::until(deadline));
     if sleep.deadline() > deadline || sleep.is_elapsed() {
-        sleep.as_mut().reset(deadline);
+        sleep.reset(deadline);
     }
-    sleep.as_mut()
+    sleep
 }
 
 /// A server connection lent to one session, on one of the pool's slots. Dropping it without

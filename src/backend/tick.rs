@@ -1,28 +1,21 @@
-//! Periodic ticks from a kernel timer (`timerfd`) rather than tokio's timer wheel, for the
-//! chores that run forever (health checks, pool upkeep).
+//! Periodic ticks from a kernel timer (`timerfd`) of their own, for the chores that run
+//! forever (health checks, pool upkeep).
 //!
-//! While tokio's wheel holds any timer, every time the runtime sleeps it reads the clock to
-//! compute the next deadline, and its `epoll_wait` gets a timeout, which the kernel arms and
-//! cancels as a timer of its own. With one client that is two sleeps per query: about 330
-//! instructions per query in the runtime (docs/BENCHMARKS.md), and the kernel's timer on top
-//! (not measured apart: below this machine's noise). A timerfd is
-//! a socket-like descriptor the kernel makes readable at each period: the runtime waits for
-//! it as for any socket, and its wheel stays empty while clients' requests are relayed.
+//! A timerfd is a socket-like descriptor the kernel makes readable at each period; the
+//! runtime waits for it as for any socket. A chore could instead sleep on [`crate::timer`]
+//! each period; a repeating kernel timer of its own costs no lock and no re-arming per tick,
+//! and these chores last as long as the process.
 
-use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
-use rustix::time::{
-    Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create, timerfd_settime,
-};
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::time::{Interval, MissedTickBehavior};
+
+use crate::timer;
 
 /// Ticks every `period`, the first at once. Ticks missed while the owner was busy come as
-/// one, at once. Falls back to tokio's timer if the kernel's cannot be had (no descriptor
-/// left, say), with a warning: the chores must go on.
+/// one, at once. Falls back to a [`timer::sleep`] per period if a kernel timer of its own
+/// cannot be had (no descriptor left, say), with a warning: the chores must go on.
 pub struct Ticker {
     period: Duration,
     source: Source,
@@ -30,17 +23,19 @@ pub struct Ticker {
 
 enum Source {
     Kernel(AsyncFd<OwnedFd>),
-    Wheel(Interval),
+    Sleeps { first: bool },
 }
 
 impl Ticker {
     #[must_use]
     pub fn new(period: Duration) -> Self {
         let period = period.max(Duration::from_millis(1));
-        let source = timer_fd(period).map_or_else(
+        // the first tick one nanosecond away (`set_timer`'s least), then every period
+        let source = timer::timer_fd().and_then(|fd| timer::set_timer(&fd, Duration::ZERO, period).map(|()| fd));
+        let source = source.map_or_else(
             |e| {
-                tracing::warn!(error = %e, "no kernel timer for a periodic chore; using tokio's");
-                Source::Wheel(interval(period))
+                tracing::warn!(error = %e, "no kernel timer of its own for a periodic chore; sleeping instead");
+                Source::Sleeps { first: true }
             },
             Source::Kernel,
         );
@@ -50,52 +45,20 @@ impl Ticker {
     /// Waits for the next tick.
     pub async fn tick(&mut self) {
         if let Source::Kernel(fd) = &self.source {
-            match read_tick(fd).await {
+            match timer::expired(fd).await {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "a periodic chore's kernel timer failed; using tokio's");
-                    self.source = Source::Wheel(interval(self.period));
+                    tracing::warn!(error = %e, "a periodic chore's kernel timer failed; sleeping instead");
+                    self.source = Source::Sleeps { first: false };
                 }
             }
         }
-        if let Source::Wheel(interval) = &mut self.source {
-            interval.tick().await;
+        if let Source::Sleeps { first } = &mut self.source {
+            if !std::mem::take(first) {
+                timer::sleep(self.period).await;
+            }
         }
     }
-}
-
-fn timer_fd(period: Duration) -> io::Result<AsyncFd<OwnedFd>> {
-    let fd = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC)?;
-    let every = Timespec {
-        tv_sec: i64::try_from(period.as_secs()).unwrap_or(i64::MAX),
-        tv_nsec: i64::from(period.subsec_nanos()),
-    };
-    // a zero it_value would disarm the timer: the first tick is one nanosecond away
-    let first = Timespec { tv_sec: 0, tv_nsec: 1 };
-    timerfd_settime(&fd, TimerfdTimerFlags::empty(), &Itimerspec { it_interval: every, it_value: first })?;
-    // Deprecated since tokio 1.54 for types whose descriptor could change or close under the
-    // reactor; an `OwnedFd` owns its one descriptor until dropped, which is the condition the
-    // `unsafe` replacement states. (This crate forbids `unsafe`.)
-    #[allow(deprecated)]
-    AsyncFd::with_interest(fd, Interest::READABLE)
-}
-
-async fn read_tick(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
-    loop {
-        let mut ready = fd.readable().await?;
-        // the descriptor reads as the number of periods elapsed since the last read
-        let mut expirations = [0u8; 8];
-        if let Ok(result) = ready.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut expirations[..])?)) {
-            return result.map(drop);
-        }
-        // woken without a tick to read: wait again
-    }
-}
-
-fn interval(period: Duration) -> Interval {
-    let mut interval = tokio::time::interval(period);
-    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    interval
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener) {
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly rather than spin.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -53,5 +53,5 @@ async fn refuse(stream: TcpStream, max_message: usize) {
         SqlState::TOO_MANY_CONNECTIONS,
         "sorry, too many clients already (max_client_connections)",
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.send(&msg)).await;
+    let _ = crate::timer::timeout(Duration::from_secs(1), client.send(&msg)).await;
 }

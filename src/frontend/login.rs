@@ -38,7 +38,7 @@ const LOGIN_MESSAGE_MAX: usize = 65_535;
 pub async fn serve_client<S: ClientIo>(app: Arc<App>, io: S, peer: SocketAddr, tls: Option<Arc<[u8]>>) {
     let mut client = ClientStream::new(io, LOGIN_MESSAGE_MAX.min(app.now().config.proxy.max_message_size));
     let login_timeout = app.now().config.proxy.client_login_timeout;
-    let params = match tokio::time::timeout(login_timeout, Box::pin(login(&app, &mut client, tls))).await {
+    let params = match crate::timer::timeout(login_timeout, Box::pin(login(&app, &mut client, tls))).await {
         Ok(Ok(Some(LoggedIn::Session(params)))) => params,
         Ok(Ok(Some(LoggedIn::Admin(user)))) => {
             client.max_message = app.now().config.proxy.max_message_size;

@@ -146,7 +146,7 @@ pub async fn drain(server: &mut ServerConn, flow: &mut Flow, limit: Duration) ->
         }
         scanner.at_boundary()
     };
-    tokio::time::timeout(limit, work).await.unwrap_or(false)
+    crate::timer::timeout(limit, work).await.unwrap_or(false)
 }
 
 #[derive(Default)]

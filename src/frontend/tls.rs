@@ -105,7 +105,7 @@ pub async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAdd
             }
         }
     };
-    match tokio::time::timeout(limit, handshake).await {
+    match crate::timer::timeout(limit, handshake).await {
         Ok(Ok(Negotiated::Tls(tls))) => serve_client(app, tls, peer, Some(end_point)).await,
         Ok(Ok(Negotiated::Plain(tcp))) => serve_client(app, tcp, peer, None).await,
         Ok(Err(e)) => tracing::info!(client = %peer, error = %e, "TLS handshake failed"),
@@ -131,6 +131,6 @@ async fn first_packet(tcp: &TcpStream) -> std::io::Result<Option<[u8; 8]>> {
             return Ok(None);
         }
         // fewer than 8 bytes so far: wait for more
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        crate::timer::sleep(Duration::from_millis(5)).await;
     }
 }

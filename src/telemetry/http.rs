@@ -32,14 +32,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::timer::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
 async fn answer(app: Arc<App>, mut stream: TcpStream) {
-    let Ok(Some(path)) = tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await else {
+    let Ok(Some(path)) = crate::timer::timeout(READ_TIMEOUT, read_request(&mut stream)).await else {
         return;
     };
     let (status, content_type, body) = match path.as_deref() {

@@ -109,7 +109,7 @@ async fn run(app: &Arc<App>, user: &str, sql: &str) -> Result<Bytes, Error> {
                 if app.shutdown.is_cancelled() {
                     return Err(Error::Shutdown);
                 }
-                tokio::time::sleep(PAUSE_POLL).await;
+                crate::timer::sleep(PAUSE_POLL).await;
             }
             Ok(messages::command_complete("PAUSE"))
         }

@@ -122,7 +122,7 @@ impl<S: ClientIo> Session<S> {
             let conn = checkout.conn();
             let addr = conn.addr.to_string();
             conn.send(end.as_bytes()).await.map_err(|e| shard_lost(*id, addr.clone(), &e.to_string()))?;
-            let answer = tokio::time::timeout(FINISH_TIMEOUT, read_answer(checkout)).await;
+            let answer = crate::timer::timeout(FINISH_TIMEOUT, read_answer(checkout)).await;
             match answer.unwrap_or_else(|_| Err(format!("no answer to CopyDone within {FINISH_TIMEOUT:?}"))) {
                 Ok(Ok(n)) => count += n,
                 Ok(Err(error)) => {

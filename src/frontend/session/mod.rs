@@ -557,6 +557,6 @@ async fn sleep_unless_zero(d: Duration) {
     if d.is_zero() {
         std::future::pending::<()>().await;
     } else {
-        tokio::time::sleep(d).await;
+        crate::timer::sleep(d).await;
     }
 }
