@@ -334,6 +334,25 @@ mod tests {
         assert!(past.is_elapsed(), "a timer polled past its deadline is elapsed, as the pool's reuse needs");
     }
 
+    /// The default runtime (`workers = 0`) has a worker per core: timers set from tasks on
+    /// any of them fire, each at its own deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn timers_fire_on_a_multi_thread_runtime() {
+        let start = Instant::now();
+        let tasks: Vec<_> = (1..=20u64)
+            .map(|i| {
+                tokio::spawn(async move {
+                    sleep(Duration::from_millis(5 * i)).await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        for (i, task) in (1..=20u64).zip(tasks) {
+            let fired = within(task).await.unwrap();
+            assert!(fired.duration_since(start) >= Duration::from_millis(5 * i), "timer {i} fired early");
+        }
+    }
+
     #[tokio::test]
     async fn timeout_ends_the_work_or_lets_it_finish() {
         assert_eq!(within(timeout(Duration::from_millis(10), std::future::pending::<()>())).await, Err(Elapsed));
