@@ -8,7 +8,7 @@
 //! to the earliest, which the reactor waits for like a socket. A park costs nothing for it;
 //! setting a timer takes a lock, and a system call only when the timer is the new earliest.
 //!
-//! [`sleep`], [`sleep_until`], [`timeout`] and [`Sleep`] stand in for tokio's; they work on
+//! [`sleep`], [`timeout`] and [`Sleep`] stand in for tokio's; they work on
 //! any runtime with I/O enabled, the tests' included.
 
 use std::collections::BTreeMap;
@@ -261,14 +261,9 @@ impl Future for Sleep {
 }
 
 /// Waits `duration`.
+#[must_use]
 pub fn sleep(duration: Duration) -> Sleep {
     Sleep::until(Instant::now() + duration)
-}
-
-/// Waits until `deadline`.
-#[must_use]
-pub fn sleep_until(deadline: Instant) -> Sleep {
-    Sleep::until(deadline)
 }
 
 /// `work` did not finish within its time.
@@ -329,7 +324,7 @@ mod tests {
         within(&mut a).await;
         assert!(start.elapsed() >= Duration::from_millis(60));
         // a deadline already past: ready at once, nothing set
-        let mut past = sleep_until(start);
+        let mut past = Sleep::until(start);
         assert!(futures_util::poll!(&mut past).is_ready());
         assert!(past.is_elapsed(), "a timer polled past its deadline is elapsed, as the pool's reuse needs");
     }
