@@ -11,6 +11,7 @@ pub mod pool;
 pub mod statements;
 pub mod tick;
 pub mod tls;
+pub mod waiting;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use conn::{ConnectSpec, ServerConn};
-pub use pool::{Checkout, Pool, PoolKey, PoolMetrics, PoolSettings, Waiting};
+pub use pool::{Checkout, Pool, PoolKey, PoolMetrics, PoolSettings};
+pub use waiting::Waiting;
 
 use crate::config::{Config, DatabaseConfig, LoadBalance, ServerAddr, UserConfig};
 use crate::router::{Role, Route, ShardId, Target};

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::Waker;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -20,6 +20,7 @@ use metrics::{Counter, Histogram};
 
 use super::conn::{ConnectSpec, ServerConn};
 use super::health::ServerHealth;
+use super::waiting::{Grant, Queued, Waiter, Waiting, timer_by};
 
 /// ParameterStatus name/value pairs as a server reported them.
 pub type ServerParams = Arc<Vec<(String, String)>>;
@@ -111,7 +112,7 @@ pub struct Pool {
 }
 
 /// What the pool's lock guards.
-struct Slots {
+pub(super) struct Slots {
     /// Slots that may be lent now: `pool_size` less the lent ones (and less those a reload
     /// that shrank the pool took out of circulation).
     free: usize,
@@ -123,90 +124,7 @@ struct Slots {
     idle: VecDeque<Box<ServerConn>>,
     /// Clients waiting for a slot, oldest first. A slot that comes back goes straight to the
     /// oldest, with its connection, so `free` is 0 while anyone waits.
-    waiters: VecDeque<Arc<Waiter>>,
-}
-
-/// What a waiting client is handed when its turn comes.
-enum Grant {
-    /// A slot, with the connection that was just returned on it.
-    Conn(Box<ServerConn>),
-    /// A slot alone: its connection was closed, or a reload grew the pool.
-    Slot,
-}
-
-/// A client's place in a pool's queue, reused from wait to wait.
-#[derive(Default)]
-pub struct Waiter(Mutex<Turn>);
-
-#[derive(Default)]
-struct Turn {
-    /// In a pool's queue; set and cleared under that pool's lock.
-    queued: bool,
-    grant: Option<Grant>,
-    waker: Option<Waker>,
-}
-
-impl Waiter {
-    fn lock(&self) -> MutexGuard<'_, Turn> {
-        self.0.lock().expect("waiter lock")
-    }
-
-    /// Hands the waiter its turn (the caller holds the pool's lock and has taken it off the
-    /// queue); the waker to call once that lock is let go.
-    fn grant(&self, grant: Grant) -> Option<Waker> {
-        let mut turn = self.lock();
-        turn.queued = false;
-        turn.grant = Some(grant);
-        turn.waker.take()
-    }
-
-    /// Ready with the grant when the turn has come.
-    fn poll_turn(&self, cx: &mut Context<'_>) -> Poll<Grant> {
-        let mut turn = self.lock();
-        if let Some(grant) = turn.grant.take() {
-            return Poll::Ready(grant);
-        }
-        if !turn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            turn.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-}
-
-/// A place in a pool's queue: leaves it when dropped before the turn came, passing on a
-/// grant that came meanwhile (the wait timed out, or the waiting future was dropped).
-struct Queued<'a> {
-    pool: &'a Pool,
-    waiter: Option<&'a Waiter>,
-}
-
-impl Queued<'_> {
-    /// The turn came: nothing to leave.
-    fn served(mut self) {
-        self.waiter = None;
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        let Some(waiter) = self.waiter else {
-            return;
-        };
-        let grant = {
-            let mut slots = self.pool.lock();
-            let mut turn = waiter.lock();
-            if turn.queued {
-                turn.queued = false;
-                slots.waiters.retain(|w| !std::ptr::eq(Arc::as_ptr(w), waiter));
-            }
-            turn.grant.take()
-        };
-        match grant {
-            Some(Grant::Conn(conn)) => self.pool.restore(Some(conn)),
-            Some(Grant::Slot) => self.pool.restore(None),
-            None => {}
-        }
-    }
+    pub(super) waiters: VecDeque<Arc<Waiter>>,
 }
 
 impl Pool {
@@ -235,7 +153,7 @@ impl Pool {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Slots> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Slots> {
         self.slots.lock().expect("pool lock")
     }
 
@@ -286,13 +204,14 @@ impl Pool {
                 self.metrics.wait.record(0.0);
                 conn
             }
+            // a slot that came without a usable connection takes an idle one if there is one
             None => match self.wait_turn(waiter, &mut waiting.timer, started).await? {
                 Grant::Conn(conn) if conn.is_clean() => Some(conn),
                 Grant::Conn(conn) => {
                     self.close(conn, "not reusable");
-                    None
+                    self.take_idle(&mut self.lock())
                 }
-                Grant::Slot => None,
+                Grant::Slot => self.take_idle(&mut self.lock()),
             },
         };
         // the slot is held from here: an early return gives it back
@@ -307,7 +226,7 @@ impl Pool {
                 reason: "the pool was removed by a config reload; run the request again".into(),
             });
         }
-        let conn = match conn.or_else(|| self.take_idle(&mut self.lock())) {
+        let conn = match conn {
             Some(conn) => conn,
             // boxed: connecting (TLS, authentication) is a large future, rarely run
             None => Box::pin(self.open()).await?,
@@ -355,7 +274,7 @@ impl Pool {
 
     /// A lent slot comes back, with its connection if that may be lent again: to the oldest
     /// waiting client if there is one, else to the free slots and the idle list.
-    fn restore(&self, conn: Option<Box<ServerConn>>) {
+    pub(super) fn restore(&self, conn: Option<Box<ServerConn>>) {
         let mut slots = self.lock();
         if slots.owed > 0 {
             // a shrink takes the slot out of circulation; the connection ages out if surplus
@@ -557,27 +476,6 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.lock().idle.len()
     }
-}
-
-/// What a client's waits for a connection reuse: its place in a pool's queue (made at its
-/// first wait) and its timer. Arming a timer for each wait and removing it when the wait
-/// ends early (the usual end) cost more than the rest of a checkout; this one stays armed
-/// from wait to wait and is moved only when it would fire too late. So most waits arm
-/// nothing: one that finds the timer set by an earlier wait, to fire early, looks at the
-/// clock when it fires and sets it again.
-#[derive(Default)]
-pub struct Waiting {
-    waiter: Option<Arc<Waiter>>,
-    timer: Option<Sleep>,
-}
-
-/// The timer, set to fire at `deadline` or earlier.
-fn timer_by(timer: &mut Option<Sleep>, deadline: Instant) -> &mut Sleep {
-    let sleep = timer.get_or_insert_with(|| Sleep::until(deadline));
-    if sleep.deadline() > deadline || sleep.is_elapsed() {
-        sleep.reset(deadline);
-    }
-    sleep
 }
 
 /// A server connection lent to one session, on one of the pool's slots. Dropping it without
