@@ -84,18 +84,33 @@ pub struct RelayOptions<'a> {
 pub type Observer<'a> = dyn FnMut(&Frame, bool) -> Option<Frame> + Send + 'a;
 
 /// Relays until the pair is idle or the client is gone. `first` are messages already read
-/// from the client that go to the server first.
+/// from the client that go to the server first. `exchange` keeps the replies owed while
+/// statements are renamed (it is left empty, its allocations kept for the next relay).
 pub async fn run<S: ClientIo>(
     client: &mut ClientStream<S>,
     server: &mut ServerConn,
     flow: &mut Flow,
+    exchange: &mut Exchange,
     first: impl IntoIterator<Item = Frame>,
     mut opts: RelayOptions<'_>,
 ) -> Result<RelayEnd, Error> {
     // the connection's buffers, so relaying a request allocates nothing once they have grown
     let (to_server, to_client) = server.take_buffers();
-    let exchange = opts.renaming.as_mut().map(|r| std::mem::take(&mut *r.exchange)).unwrap_or_default();
-    let mut pump = Pump { to_server, to_client, exchange, ..Pump::default() };
+    let mut pump = Pump {
+        to_server,
+        to_client,
+        scanner: Scanner::default(),
+        client_eof: false,
+        terminated: false,
+        gated: false,
+        server_closed: false,
+        exchange,
+        client_flush: false,
+        server_flush: false,
+        received: 0,
+        sent: 0,
+        client_waits: false,
+    };
     for frame in first {
         pump.forward(frame, flow, server, &mut opts, true);
     }
@@ -106,11 +121,10 @@ pub async fn run<S: ClientIo>(
     if let Some((metrics, _)) = opts.metrics {
         metrics.relayed(pump.received, pump.sent);
     }
-    server.keep_buffers(pump.to_server, pump.to_client);
-    if let Some(r) = opts.renaming.as_mut() {
+    if opts.renaming.is_some() {
         pump.exchange.clear();
-        *r.exchange = pump.exchange;
     }
+    server.keep_buffers(pump.to_server, pump.to_client);
     end
 }
 
@@ -119,8 +133,6 @@ pub async fn run<S: ClientIo>(
 pub struct Renaming<'a> {
     pub registry: &'a Registry,
     pub client: &'a mut ClientStatements,
-    /// Kept by the session between relays so its allocations are reused.
-    pub exchange: &'a mut Exchange,
 }
 
 /// Reads and discards server output until every request is answered, for a client that has
@@ -149,8 +161,7 @@ pub async fn drain(server: &mut ServerConn, flow: &mut Flow, limit: Duration) ->
     crate::timer::timeout(limit, work).await.unwrap_or(false)
 }
 
-#[derive(Default)]
-struct Pump {
+struct Pump<'x> {
     to_server: BytesMut,
     to_client: BytesMut,
     scanner: Scanner,
@@ -159,8 +170,9 @@ struct Pump {
     /// The client's next message starts a new request, held back until this one is done.
     gated: bool,
     server_closed: bool,
-    /// Replies owed, and statement renaming (transaction pooling).
-    exchange: Exchange,
+    /// Replies owed, and statement renaming (transaction pooling); the session's, so its
+    /// allocations are reused from one relay to the next.
+    exchange: &'x mut Exchange,
     /// A write went out and its flush has not completed yet (matters for TLS streams).
     client_flush: bool,
     server_flush: bool,
@@ -172,7 +184,7 @@ struct Pump {
     client_waits: bool,
 }
 
-impl Pump {
+impl Pump<'_> {
     fn poll<S: ClientIo>(
         &mut self,
         cx: &mut Context<'_>,

@@ -232,11 +232,8 @@ impl<S: ClientIo> Session<S> {
                 }
             };
             let route = self.route_label();
-            let renaming = (self.params.mode == PoolMode::Transaction).then(|| Renaming {
-                registry: &self.app.statements,
-                client: &mut self.statements,
-                exchange: &mut self.exchange,
-            });
+            let renaming = (self.params.mode == PoolMode::Transaction)
+                .then(|| Renaming { registry: &self.app.statements, client: &mut self.statements });
             let movable = self.params.mode == PoolMode::Transaction && self.pinned.is_none();
             let attached = self.server.as_mut().expect("attached above");
             // every statement of the attachment counts, not only the request that routed it
@@ -275,7 +272,9 @@ impl<S: ClientIo> Session<S> {
             };
             let (one, mut batch) = first.map_or((None, Vec::new()), Request::into_parts);
             let first = one.into_iter().chain(batch.drain(..));
-            let outcome = relay::run(&mut self.client, attached.checkout.conn(), &mut self.flow, first, opts).await;
+            let outcome =
+                relay::run(&mut self.client, attached.checkout.conn(), &mut self.flow, &mut self.exchange, first, opts)
+                    .await;
             if batch.capacity() > 0 {
                 self.batch = batch;
             }
