@@ -251,6 +251,9 @@ pub struct Exchange {
     /// The server reported an error and discards everything up to the next Sync, including
     /// messages the client sends only now (after a Flush, say).
     skipping: bool,
+    /// An answer of the proxy's own may be queued. Set when one is queued, cleared when the
+    /// queue is empty, so most requests (no named statement) never look for one.
+    locals: bool,
 }
 
 const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
@@ -262,6 +265,7 @@ impl Exchange {
         self.queue.clear();
         self.portals.clear();
         self.skipping = false;
+        self.locals = false;
     }
 
     /// True when no reply is owed.
@@ -324,7 +328,7 @@ impl Exchange {
                 if frame.tag() == b'C' {
                     // other clients may share the server-side statement: answer it here
                     ctx.client.remove(name);
-                    self.queue.push_back(Expect::Local(Bytes::from_static(CLOSE_COMPLETE)));
+                    self.push_local(CLOSE_COMPLETE);
                 } else {
                     match self.prepare_for(name, ctx, to_server) {
                         Some((id, _)) => push_named(to_server, b'D', b"S", id, b""),
@@ -355,6 +359,11 @@ impl Exchange {
         self.emit_due(to_client);
     }
 
+    fn push_local(&mut self, answer: &'static [u8]) {
+        self.queue.push_back(Expect::Local(Bytes::from_static(answer)));
+        self.locals = true;
+    }
+
     fn expect(&mut self, kind: Kind, statement: Option<(u64, Key)>) {
         self.queue.push_back(Expect::Reply { kind, hidden: false, statement, copying: false });
     }
@@ -370,7 +379,7 @@ impl Exchange {
         }
         let (id, key) = ctx.client.define(name, rest, ctx.registry);
         if ctx.server.has(id) {
-            self.queue.push_back(Expect::Local(Bytes::from_static(PARSE_COMPLETE)));
+            self.push_local(PARSE_COMPLETE);
         } else {
             self.send_parse(id, &key, false, ctx, to_server);
         }
@@ -474,7 +483,7 @@ impl Exchange {
                 self.copy_starts();
                 true
             }
-            Effect::Answers if !matches!(self.queue.get(1), Some(Expect::Local(_))) => {
+            Effect::Answers if !(self.locals && matches!(self.queue.get(1), Some(Expect::Local(_)))) => {
                 self.queue.pop_front();
                 true
             }
@@ -525,11 +534,19 @@ impl Exchange {
     }
 
     /// Writes the proxy's own answers that are now at the head of the queue.
+    #[inline]
     pub fn emit_due(&mut self, to_client: &mut BytesMut) {
+        if self.locals {
+            self.emit_locals(to_client);
+        }
+    }
+
+    fn emit_locals(&mut self, to_client: &mut BytesMut) {
         while let Some(Expect::Local(bytes)) = self.queue.front() {
             to_client.extend_from_slice(bytes);
             self.queue.pop_front();
         }
+        self.locals = !self.queue.is_empty();
     }
 }
 

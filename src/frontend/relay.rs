@@ -71,16 +71,17 @@ pub struct RelayOptions<'a> {
     pub intercept_commit: Option<&'a AtomicBool>,
     /// Named prepared statements are renamed (transaction pooling), or passed through.
     pub renaming: Option<Renaming<'a>>,
-    /// Sees every client message before it goes on (transaction pooling notes what each
-    /// statement does to the session), and may replace it (a statement for another shard).
+    /// Sees every client message that carries or runs a statement (Query, Parse, Bind,
+    /// FunctionCall) before it goes on (transaction pooling notes what each statement does to
+    /// the session), and may replace it (a statement for another shard).
     /// Told whether the message is one of the request the session routed (`first` of `run`).
     pub observe: Option<&'a mut Observer<'a>>,
     /// Where each answered request is counted, with its latency.
     pub metrics: Option<(&'a DatabaseMetrics, RouteLabel)>,
 }
 
-/// Sees a client message before it is relayed (and whether routing saw it already); returns
-/// a replacement, if any.
+/// Sees a client message of type Q, P, B or F before it is relayed (and whether routing saw
+/// it already); returns a replacement, if any.
 pub type Observer<'a> = dyn FnMut(&Frame, bool) -> Option<Frame> + Send + 'a;
 
 /// Relays until the pair is idle or the client is gone. `first` are messages already read
@@ -327,10 +328,11 @@ impl Pump<'_> {
     ) {
         flow.on_client(frame.tag());
         self.received += frame.as_bytes().len() as u64;
-        let frame = match opts.observe.as_mut().and_then(|observe| observe(&frame, routed)) {
-            Some(replacement) => replacement,
-            None => frame,
+        let replaced = match opts.observe.as_mut() {
+            Some(observe) if matches!(frame.tag(), b'Q' | b'P' | b'B' | b'F') => observe(&frame, routed),
+            _ => None,
         };
+        let frame = replaced.unwrap_or(frame);
         match &mut opts.renaming {
             Some(r) => {
                 let mut ctx =
