@@ -28,7 +28,7 @@ use crate::protocol::messages::parse_error_fields;
 
 mod deallocate;
 
-pub use deallocate::{Deallocate, deallocate};
+pub use deallocate::{Deallocate, deallocate, may_deallocate};
 
 /// Proxy-wide statement ids, by statement (query text and parameter types).
 #[derive(Default)]

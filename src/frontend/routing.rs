@@ -20,12 +20,14 @@ use crate::protocol::messages::{self, TxStatus};
 use crate::router::classify::{Access, Classification, TxControl, TxModes};
 use crate::router::hint::{self, Hints, RouteHint, SessionCommand};
 use crate::router::policy::Undecided;
-mod shards;
-
 use crate::router::sharded::Shards;
 use crate::router::{Decision, Policy, Router, Target};
 use crate::telemetry::RouteLabel;
 pub use shards::{CopySplit, Scatter};
+
+mod shards;
+#[cfg(test)]
+mod tests;
 
 /// Prepared statements remembered per session for routing their Binds; beyond this the
 /// oldest knowledge is simply forgotten (a Bind of a forgotten statement goes to the primary).
@@ -166,8 +168,7 @@ pub struct RoutingState {
     /// The shape of `shaped` (and where its literals are, for shard keys).
     scratch: crate::router::shape::Shape,
     /// The text last shaped, and its classification once looked up: routing, the shard-key
-    /// reader and the relay's observer meet the same text in turn, and it is shaped and
-    /// looked up once.
+    /// reader and the relay's observer meet the same text in turn, shaped and looked up once.
     shaped: Vec<u8>,
     shaped_class: Option<Arc<Classification>>,
 }
@@ -188,6 +189,13 @@ impl RoutingState {
         let class = router.classify_shaped(sql, &self.scratch);
         self.shaped_class = Some(Arc::clone(&class));
         class
+    }
+
+    /// A Query body's text; the text shaped last (the Query just routed, which the relay
+    /// observes) is known without a search for its end, as no shaped text holds a zero byte.
+    fn query_text<'a>(&self, body: &'a [u8]) -> Option<&'a [u8]> {
+        let known = matches!(body.split_last(), Some((0, text)) if *text == self.shaped[..]);
+        known.then(|| &body[..body.len() - 1]).or_else(|| messages::query_text(body))
     }
 
     /// `sql` as a command about pgrouter's own settings (`hint::session_command`), if it is
@@ -448,7 +456,7 @@ impl RoutingState {
     ) -> Option<Arc<Classification>> {
         let (class, sql) = match frame.tag() {
             b'Q' => {
-                let sql = messages::query_text(frame.body())?;
+                let sql = self.query_text(frame.body())?;
                 (self.classify(router, sql), sql)
             }
             b'P' => {

@@ -14,10 +14,7 @@ pub enum Deallocate {
 /// statements too, so the proxy answers it for the client's renamed ones).
 #[must_use]
 pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
-    // asked of every Query: most are turned away by their first letter
-    if !matches!(sql.trim_ascii_start().first(), Some(b'd' | b'D'))
-        || !crate::router::hint::first_word(sql).eq_ignore_ascii_case(b"deallocate")
-    {
+    if !may_deallocate(sql) || !crate::router::hint::first_word(sql).eq_ignore_ascii_case(b"deallocate") {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
@@ -40,6 +37,13 @@ pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
         None => name.to_ascii_lowercase(),
     };
     Some(Deallocate::Name(name.into_bytes()))
+}
+
+/// False if `text` (a statement, or the start of one) cannot be a DEALLOCATE: asked of every
+/// Query, so most are turned away by their first letter, before their end is looked for.
+#[must_use]
+pub fn may_deallocate(text: &[u8]) -> bool {
+    matches!(text.trim_ascii_start().first(), Some(b'd' | b'D'))
 }
 
 impl ClientStatements {

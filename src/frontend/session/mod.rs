@@ -33,7 +33,7 @@ use super::cancel::Registration;
 use super::client::{ClientIo, ClientStream};
 use super::clients::{ClientState, Registered};
 use super::flow::Flow;
-use super::prepared::{ClientStatements, Deallocate, Exchange};
+use super::prepared::{self, ClientStatements, Deallocate, Exchange};
 use super::relay::Renaming;
 use super::relay::{self, RelayEnd, RelayOptions};
 use super::routing::{Plan, PlanError, Request, Routed, RoutingState};
@@ -409,6 +409,7 @@ impl<S: ClientIo> Session<S> {
             return Ok(None);
         }
         if let Request::Query(frame) = request
+            && prepared::may_deallocate(frame.body())
             && let Some(answer) = self
                 .answer_deallocate(messages::query_text(frame.body()).unwrap_or_default(), self.routing.client_status())
         {
