@@ -13,8 +13,9 @@
 #      (about 3 ms in libpq here) is part of every connection, whoever is behind the port
 # and prints, per cell and target, the median over the rounds of: TPS, the median and mean
 # latency (from pgbench's per-transaction log), and the proxy's CPU seconds per 1,000 queries
-# (utime + stime from /proc/<pid>/stat); with the ratio of TPS to direct and the latency added
-# over direct.
+# (utime + stime from /proc/<pid>/stat); with the ratio of TPS to direct, the latency added
+# over direct and the lowest and highest TPS of the rounds. Under each cell, pgrouter's TPS
+# over PgBouncer's in each round (the two ran seconds apart) and the median of those ratios.
 # Last, IDLE (10,000) clients log in to pgrouter and stay idle while its resident memory is
 # read (benches/idle_clients.py).
 #
@@ -221,7 +222,7 @@ for mode in $MODES; do for clients in $CLIENTS; do cells+=("$mode $clients 0"); 
 [ "$CONNECT" = 1 ] && for auth in scram md5; do for clients in $CLIENTS; do cells+=("simple $clients $auth"); done; done
 
 echo "pgbench -S, scale $SCALE, $ROUNDS rounds of ${DURATION} s per target and cell (medians shown), pool $POOL (transaction mode), $(nproc) CPUs, pgrouter workers = $WORKERS, $(pgbouncer --version 2>/dev/null | head -1 || echo 'no PgBouncer')"
-printf '%-10s %7s %-9s %10s %7s %10s %9s %11s %11s\n' mode clients target tps ratio "median ms" "mean ms" "added us" "cpu s/1k q"
+printf '%-10s %7s %-9s %10s %7s %10s %9s %11s %11s  %s\n' mode clients target tps ratio "median ms" "mean ms" "added us" "cpu s/1k q" "tps range"
 # the median of the numbers on stdin
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 for cell in "${cells[@]}"; do
@@ -249,10 +250,18 @@ for cell in "${cells[@]}"; do
         med=$(awk 'NF { print $2 }' <<<"${runs[$target]}" | median)
         mean=$(awk 'NF { print $3 }' <<<"${runs[$target]}" | median)
         cpu=$(awk 'NF { print $4 }' <<<"${runs[$target]}" | median)
+        range=$(awk 'NF { print $1 }' <<<"${runs[$target]}" | sort -g | awk 'NR == 1 { lo = $1 } END { printf "%.0f-%.0f", lo, $1 }')
         [ "$target" = direct ] && { dtps=$tps; dmed=$med; }
-        awk -v l="$label" -v c="$clients" -v t="$target" -v tps="$tps" -v d="$dtps" -v med="$med" -v dm="$dmed" -v mean="$mean" -v cpu="$cpu" 'BEGIN {
-            printf "%-10s %7d %-9s %10.0f %7.2f %10.3f %9.3f %11.0f %11s\n", l, c, t, tps, tps / d, med, mean, (med - dm) * 1000, cpu }'
+        awk -v l="$label" -v c="$clients" -v t="$target" -v tps="$tps" -v d="$dtps" -v med="$med" -v dm="$dmed" -v mean="$mean" -v cpu="$cpu" -v r="$range" 'BEGIN {
+            printf "%-10s %7d %-9s %10.0f %7.2f %10.3f %9.3f %11.0f %11s  %s\n", l, c, t, tps, tps / d, med, mean, (med - dm) * 1000, cpu, r }'
     done
+    # pgrouter's TPS over PgBouncer's in each round: the two ran a few seconds apart, so the
+    # machine's slower and faster minutes mostly cancel out of each ratio
+    if [ -n "${runs[pgbouncer]:-}" ] && ! grep -q '^failed' <<<"${runs[pgbouncer]}${runs[pgrouter]}"; then
+        ratios=$(paste <(awk 'NF { print $1 }' <<<"${runs[pgrouter]}") <(awk 'NF { print $1 }' <<<"${runs[pgbouncer]}") |
+            awk '{ printf "%.2f\n", $1 / $2 }')
+        echo "  pgrouter / pgbouncer by round: $(echo $ratios) (median $(median <<<"$ratios"))"
+    fi
     unset runs
 done
 
