@@ -11,6 +11,7 @@
 //! [`sleep`], [`timeout`] and [`Sleep`] stand in for tokio's; they work on
 //! any runtime with I/O enabled, the tests' included.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
@@ -89,10 +90,28 @@ struct State {
 /// The services by runtime (a process has one runtime, the tests many).
 static SERVICES: Mutex<Vec<(Id, Weak<Service>)>> = Mutex::new(Vec::new());
 
+thread_local! {
+    /// The service this thread found last: most timers are set without the lock of the list
+    /// all threads share (an idle timeout sets one per request).
+    static LAST: RefCell<Option<(Id, Weak<Service>)>> = const { RefCell::new(None) };
+}
+
 impl Service {
     /// The current runtime's service, started at its first timer.
     fn current() -> io::Result<Arc<Service>> {
         let handle = Handle::try_current().map_err(io::Error::other)?;
+        let id = handle.id();
+        let last = LAST.with_borrow(|last| last.as_ref().filter(|(i, _)| *i == id).and_then(|(_, s)| s.upgrade()));
+        if let Some(service) = last {
+            return Ok(service);
+        }
+        let service = Self::shared(&handle)?;
+        LAST.set(Some((id, Arc::downgrade(&service))));
+        Ok(service)
+    }
+
+    /// The runtime's service from the shared list, started if it has none yet.
+    fn shared(handle: &Handle) -> io::Result<Arc<Service>> {
         let id = handle.id();
         let mut services = SERVICES.lock().expect("timer services lock");
         if let Some(service) = services.iter().find(|(i, _)| *i == id).and_then(|(_, s)| s.upgrade()) {
@@ -345,6 +364,17 @@ mod tests {
         for (i, task) in (1..=20u64).zip(tasks) {
             let fired = within(task).await.unwrap();
             assert!(fired.duration_since(start) >= Duration::from_millis(5 * i), "timer {i} fired early");
+        }
+    }
+
+    /// Two runtimes driven in turn on one thread: each timer goes to its own runtime's
+    /// service (one set with the other's would only fire while that one runs: it would hang).
+    #[test]
+    fn runtimes_taking_turns_on_a_thread_fire_their_own_timers() {
+        let build = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (a, b) = (build(), build());
+        for runtime in [&a, &b, &a, &b] {
+            runtime.block_on(within(sleep(Duration::from_millis(5))));
         }
     }
 
