@@ -230,13 +230,16 @@ for cell in "${cells[@]}"; do
     label=$mode
     [ "$connect" != 0 ] && label="-C $connect"
     # the targets take turns, round after round, so that a noisy minute on this shared
-    # machine falls on all of them rather than on whichever ran then
+    # machine falls on all of them rather than on whichever ran then; each round starts one
+    # target further on, so none always runs right after the same other one (the direct
+    # run's 32 backends, say, exiting while the next target starts)
     declare -A runs=()
     cell_targets=("${targets[@]}")
     # the bare relay has no pool: a -C run through it is a direct run with one more hop
-    [ "$connect" != 0 ] && cell_targets=("${targets[@]/bare/}")
-    for _ in $(seq 1 "$ROUNDS"); do
-        for target in ${cell_targets[@]}; do
+    [ "$connect" != 0 ] && cell_targets=(${targets[@]/bare/})
+    for round in $(seq 0 $((ROUNDS - 1))); do
+        first=$((round % ${#cell_targets[@]}))
+        for target in "${cell_targets[@]:first}" "${cell_targets[@]:0:first}"; do
             runs[$target]+="$(bench "$target" "$mode" "$clients" "$connect")"$'\n'
         done
     done
