@@ -122,9 +122,7 @@ pub async fn run<S: ClientIo>(
     if let Some((metrics, _)) = opts.metrics {
         metrics.relayed(pump.received, pump.sent);
     }
-    if opts.renaming.is_some() {
-        pump.exchange.clear();
-    }
+    pump.exchange.clear();
     server.keep_buffers(pump.to_server, pump.to_client);
     end
 }
